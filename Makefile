@@ -1,0 +1,26 @@
+# Two commands set up a fresh machine and run: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python -m streamssl demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/attention_memory.py
+	$(BIN)/python benchmarks/streaming_rtf.py
+
+clean:
+	rm -rf $(VENV) runs

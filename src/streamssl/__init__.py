@@ -1,0 +1,10 @@
+"""streamssl: streaming, low-latency speech transformers and self-supervised speech representation learning."""
+
+from streamssl.config import EncoderConfig
+from streamssl.encoder import Encoder, EncoderState
+from streamssl.latency import Latency, MeasuredLookahead, measure_lookahead
+from streamssl.mixers import MIXERS
+
+__all__ = ["EncoderConfig", "Encoder", "EncoderState", "Latency", "MeasuredLookahead", "measure_lookahead",
+           "MIXERS"]
+__version__ = "0.1.0"

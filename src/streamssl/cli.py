@@ -1,0 +1,138 @@
+"""The ``streamssl`` command line. Each feature area adds its subcommands through ``add_commands``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+import torch
+import yaml
+
+from streamssl.config import EncoderConfig
+from streamssl.encoder import Encoder
+from streamssl.mixers import MIXERS
+
+# Modules that provide ``add_commands(subparsers)``; each registers its own subcommands.
+COMMAND_MODULES: list[str] = []
+
+
+def _left_frames(text: str) -> int | None:
+    return None if text.lower() in ("none", "inf", "unlimited") else int(text)
+
+
+def _right_frames(text: str) -> int | list[int]:
+    values = [int(v) for v in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that describe an :class:`EncoderConfig`: a preset or file, then overrides."""
+    group = parser.add_argument_group("encoder configuration")
+    group.add_argument("--config", help="EncoderConfig as YAML or JSON (overrides --preset)")
+    group.add_argument("--preset", choices=("base", "tiny"), default="base",
+                       help="starting configuration: wav2vec 2.0 BASE size, or a tiny test encoder")
+    group.add_argument("--mixer", choices=sorted(MIXERS), help="mixer family")
+    group.add_argument("--layers", type=int, dest="n_layers", help="number of blocks")
+    group.add_argument("--d-model", type=int, help="model width")
+    group.add_argument("--heads", type=int, dest="n_heads", help="attention heads")
+    group.add_argument("--left-frames", type=_left_frames, default=argparse.SUPPRESS,
+                       help="left context in frames, or 'none' for unlimited")
+    group.add_argument("--right-frames", type=_right_frames,
+                       help="look-ahead per layer in frames: one int, or a comma list with one per layer")
+    group.add_argument("--mixer-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                       help="an option of the mixer family (repeatable)")
+
+
+def encoder_config_from_args(args: argparse.Namespace) -> EncoderConfig:
+    if args.config:
+        data = EncoderConfig.load(args.config).to_dict()
+    else:
+        data = (EncoderConfig.tiny() if args.preset == "tiny" else EncoderConfig.base()).to_dict()
+    for key in ("mixer", "n_layers", "d_model", "n_heads", "right_frames"):
+        value = getattr(args, key, None)
+        if value is not None:
+            data[key] = value
+    if hasattr(args, "left_frames"):
+        data["left_frames"] = args.left_frames
+    if args.mixer_option:
+        data["mixer_options"] = dict(args.mixer_option)
+    return EncoderConfig.from_dict(data)
+
+
+def declared_latency(config: EncoderConfig):
+    """Declared latency without allocating weights (the model is built on the meta device)."""
+    with torch.device("meta"):
+        return Encoder(config).latency()
+
+
+def _ms(value: float | None) -> str:
+    return "whole utterance" if value is None else f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
+
+
+def latency_table(latencies: list) -> str:
+    """A plain-text table of declared latencies."""
+    rows = [("mixer", "layers", "encoder look-ahead", "frames", "frontend", "total", "streams")]
+    for lat in latencies:
+        frames = "-" if lat.encoder_lookahead_frames is None else str(lat.encoder_lookahead_frames)
+        rows.append((lat.mixer, str(lat.n_layers), _ms(lat.encoder_lookahead_ms), frames,
+                     _ms(lat.frontend_lookahead_ms), _ms(lat.total_lookahead_ms), "yes" if lat.streamable else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    config = encoder_config_from_args(args)
+    latency = declared_latency(config)
+    if args.json:
+        print(json.dumps(latency.to_dict(), indent=2))
+    else:
+        print(latency_table([latency]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print("Declared look-ahead of a wav2vec 2.0 BASE-sized encoder (12 layers, 20 ms frames, "
+          "right_frames=8, left_frames=64):\n")
+    names = [name for name in ("full", "maa", "sa", "llsa") if name in MIXERS]
+    names += sorted(set(MIXERS) - set(names))
+    print(latency_table([declared_latency(EncoderConfig.base(mixer=name)) for name in names]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamssl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    latency = sub.add_parser("latency", help="print the declared latency of an encoder configuration")
+    add_encoder_arguments(latency)
+    latency.add_argument("--json", action="store_true", help="machine-readable output")
+    latency.set_defaults(func=cmd_latency)
+
+    demo = sub.add_parser("demo", help="the README's main job")
+    demo.set_defaults(func=cmd_demo)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as error:
+        print(f"streamssl {args.command}: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,6 @@
+"""Mixer families, found by name in :data:`MIXERS`. Importing a family's module registers it."""
+
+from streamssl.mixers.base import MIXERS, Block, LayerMixer, LayerStack, MixerStack, build_stack, register_mixer
+from streamssl.mixers import attention  # noqa: F401  (registers full, maa, sa, llsa)
+
+__all__ = ["MIXERS", "Block", "LayerMixer", "LayerStack", "MixerStack", "build_stack", "register_mixer"]

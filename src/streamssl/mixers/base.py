@@ -1,0 +1,195 @@
+"""The mixer contract, the registry, and the pre-LayerNorm block shared by every family.
+
+A *mixer family* is registered by name and builds a :class:`MixerStack`: the whole stack of
+transformer blocks of an encoder, because some methods (LLSA, augmented memory) couple the layers.
+Families whose layers are independent build a :class:`LayerStack` of :class:`Block` s around a
+per-layer :class:`LayerMixer`.
+
+Streaming protocol, shared by stacks, blocks and layer mixers::
+
+    state = m.init_state(batch_size, device, dtype)
+    y, state = m.step(x_new, state, final=False)   # x_new (B, n, D) -> y (B, m, D), m >= 0
+    y, state = m.step(x_empty, state, final=True)  # end of stream: emit everything still held
+
+Outputs come in time order; their concatenation equals the offline ``forward``. Streams of a batch
+advance together, so the counters in a state are plain ints shared by the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+State = dict[str, Any]
+
+
+class MixerStack(nn.Module):
+    """A stack of blocks mapping frames ``(B, T, D)`` to frames ``(B, T, D)``."""
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """Offline form. ``x`` (B, T, D); ``lengths`` (B,) valid frames. Returns (B, T, D)."""
+        raise NotImplementedError
+
+    def lookahead_frames(self) -> int | None:
+        """Future input frames an output frame may depend on (worst case); ``None``: the whole input."""
+        raise NotImplementedError
+
+    def mean_lookahead_frames(self) -> float | None:
+        """Average over frames of the look-ahead; equals the worst case unless a family says otherwise."""
+        return self.lookahead_frames()
+
+    def stream_error(self) -> str | None:
+        """Why this configuration cannot stream, or ``None`` if it can."""
+        return None
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
+        raise NotImplementedError
+
+    def step(self, x: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+
+class LayerMixer(nn.Module):
+    """The token mixer of one block: sees LayerNorm-ed frames, returns the residual branch."""
+
+    def forward(self, u: Tensor, lengths: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def lookahead_frames(self) -> int | None:
+        raise NotImplementedError
+
+    def stream_error(self) -> str | None:
+        return None
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
+        raise NotImplementedError
+
+    def step(self, u: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float):
+        super().__init__(nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: ``x + mixer(LN(x))`` then ``x + FFN(LN(x))``.
+
+    In streaming, a mixer with look-ahead emits its outputs later than their inputs arrive, so the
+    block holds the residual of every frame whose mixer output is still pending.
+    """
+
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float, mixer: LayerMixer):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.mixer = mixer
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, ffn_dim, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def finish(self, x: Tensor, mixed: Tensor) -> Tensor:
+        """Residual add of a mixer output, then the feed-forward half of the block."""
+        x = x + self.dropout(mixed)
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        return self.finish(x, self.mixer(self.norm1(x), lengths))
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
+        d_model = self.norm1.normalized_shape[0]
+        return {"pending": torch.zeros(batch_size, 0, d_model, device=device, dtype=dtype),
+                "mixer": self.mixer.init_state(batch_size, device, dtype)}
+
+    def step(self, x: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
+        pending = torch.cat([state["pending"], x], dim=1)
+        mixed, mixer_state = self.mixer.step(self.norm1(x), state["mixer"], final)
+        n_out = mixed.shape[1]
+        y = self.finish(pending[:, :n_out], mixed)
+        return y, {"pending": pending[:, n_out:], "mixer": mixer_state}
+
+
+class LayerStack(MixerStack):
+    """Independent blocks in sequence; look-ahead adds up over layers."""
+
+    def __init__(self, blocks: list[Block]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x, lengths)
+        return x
+
+    def lookahead_frames(self) -> int | None:
+        total = 0
+        for block in self.blocks:
+            frames = block.mixer.lookahead_frames()
+            if frames is None:
+                return None
+            total += frames
+        return total
+
+    def stream_error(self) -> str | None:
+        for block in self.blocks:
+            error = block.mixer.stream_error()
+            if error is not None:
+                return error
+        return None
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
+        return {"blocks": [b.init_state(batch_size, device, dtype) for b in self.blocks]}
+
+    def step(self, x: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
+        new_states = []
+        for block, block_state in zip(self.blocks, state["blocks"]):
+            x, block_state = block.step(x, block_state, final)
+            new_states.append(block_state)
+        return x, {"blocks": new_states}
+
+
+@dataclass
+class MixerFamily:
+    """A registry entry: how to parse a family's options and build its stack."""
+
+    name: str
+    build: Callable[[Any], MixerStack]
+    options: type | None = None
+
+    def parse_options(self, options: dict[str, Any]) -> Any:
+        if self.options is None:
+            if options:
+                raise ValueError(f"mixer {self.name!r} takes no mixer_options, got {sorted(options)}")
+            return None
+        known = {f.name for f in dataclasses.fields(self.options)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown mixer_options for {self.name!r}: {unknown}; known: {sorted(known)}")
+        return self.options(**options)
+
+
+MIXERS: dict[str, MixerFamily] = {}
+
+
+def register_mixer(name: str, options: type | None = None) -> Callable:
+    """Register ``build(config) -> MixerStack`` under ``name``.
+
+    ``options`` is a dataclass for ``EncoderConfig.mixer_options``; it should raise ``ValueError`` on
+    impossible values in ``__post_init__``.
+    """
+
+    def decorator(build: Callable[[Any], MixerStack]) -> Callable[[Any], MixerStack]:
+        if name in MIXERS:
+            raise ValueError(f"mixer {name!r} is already registered")
+        MIXERS[name] = MixerFamily(name, build, options)
+        return build
+
+    return decorator
+
+
+def build_stack(config: Any) -> MixerStack:
+    return MIXERS[config.mixer].build(config)
