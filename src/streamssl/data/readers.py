@@ -80,6 +80,10 @@ def _decode_problem(path: Path, expected_frames: int) -> str | None:
 
 def _check_audio(path: Path, scan: Scan, decode: bool) -> float | None:
     """Check one audio file; return its duration in seconds, or None after recording a problem."""
+    if path.stat().st_size == 0:
+        # What libsndfile writes for an empty FLAC; reading it would only say "format not recognised".
+        scan.problems.append(Problem(str(path), "zero-length", "the file is empty (0 bytes)"))
+        return None
     try:
         info = audio_info(path)
     except ValueError as error:
