@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from streamssl.data.check import check_report
 from streamssl.data.manifest import write_manifest
@@ -35,8 +34,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``corpus manifest``, ``corpus check`` and ``corpus synth``."""
-    # Loaders report skipped files and resampling through logging; make sure a command-line user sees them.
-    logging.basicConfig(format="%(levelname)s: %(message)s")
     corpus = subparsers.add_parser("corpus", help="speech corpora: manifests, checks, a synthetic corpus")
     sub = corpus.add_subparsers(dest="corpus_command", required=True)
 

@@ -149,6 +149,10 @@ def scan_librispeech(root: str | Path, decode: bool = False, progress: bool = Fa
             if not _LIBRISPEECH_ID.match(utt_id) or not raw.strip():
                 scan.problems.append(Problem(where, "malformed", f"expected 'SPEAKER-CHAPTER-UTT TEXT', got {line!r}"))
                 continue
+            chapter_prefix = transcript.name.removesuffix(TRANSCRIPT_SUFFIX) + "-"
+            if not utt_id.startswith(chapter_prefix):
+                scan.problems.append(Problem(where, "malformed", f"{utt_id} does not belong in {transcript.name}"))
+                continue
             if utt_id in seen_ids:
                 scan.problems.append(Problem(where, "duplicate-id", f"{utt_id} already appears at {seen_ids[utt_id]}"))
                 continue
