@@ -165,6 +165,20 @@ class MemoryStack(MixerStack):
         start = segment * self.segment_frames
         return 0 if self.left_frames is None else max(0, start - self.left_frames)
 
+    def _starts(self, first: int, n_segments: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """First frame of the left context and of the centre of segments ``first ..``: ``(S,)`` each."""
+        centres = torch.arange(first, first + n_segments, device=device) * self.segment_frames
+        if self.left_frames is None:
+            return torch.zeros_like(centres), centres
+        return (centres - self.left_frames).clamp(min=0), centres
+
+    def _width(self, first: int, n_segments: int) -> int:
+        """Frames from the left context's start to the centre's end of the widest of segments ``first ..``."""
+        last = first + n_segments - 1
+        if self.left_frames is None:
+            return (last + 1) * self.segment_frames
+        return min(self.left_frames, last * self.segment_frames) + self.segment_frames
+
     def _ready(self, first: int, frames_in: int, final: bool) -> int:
         """Segments from ``first`` on whose outputs can be computed with ``frames_in`` frames known."""
         c = self.segment_frames
@@ -190,13 +204,11 @@ class AMTRFStack(MemoryStack):
             blocks ``(B, S, W, D)`` (block ``s`` left-aligned from its first context frame), valid frames per
             block ``(B, S)``, position of the centre in each block ``(S,)``, valid centre frames ``(B, S)``.
         """
-        c, device = self.segment_frames, x.device
-        segments = range(first, first + n_segments)
-        starts = torch.tensor([self._left_start(i) for i in segments], device=device)
-        centres = torch.tensor([i * c for i in segments], device=device)
+        c = self.segment_frames
+        starts, centres = self._starts(first, n_segments, x.device)
         ends = centres + c + self.right_frames
-        width = max(i * c + c + self.right_frames - self._left_start(i) for i in segments)
-        index = starts.unsqueeze(1) + torch.arange(width, device=device)
+        width = self._width(first, n_segments) + self.right_frames
+        index = starts.unsqueeze(1) + torch.arange(width, device=x.device)
         blocks = _gather_frames(x, x_start, index)
         return blocks, _counts(lengths, starts, ends), centres - starts, _counts(lengths, centres, centres + c)
 
@@ -351,11 +363,10 @@ class EmformerStack(MemoryStack):
                  lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Left context and centre ``[iC - L, iC + C)`` of each segment, from main-sequence keys ``(B, H, n, dh)``
         whose first frame is ``k_start``. Returns ``(B * S, H, W, dh)`` twice and valid counts ``(B, S)``."""
-        c, device = self.segment_frames, k.device
-        segments = range(first, first + n_segments)
-        starts = torch.tensor([self._left_start(i) for i in segments], device=device)
-        ends = torch.tensor([i * c + c for i in segments], device=device)
-        width = max(i * c + c - self._left_start(i) for i in segments)
+        device = k.device
+        starts, centres = self._starts(first, n_segments, device)
+        ends = centres + self.segment_frames
+        width = self._width(first, n_segments)
         index = (starts.unsqueeze(1) + torch.arange(width, device=device) - k_start).clamp(0, k.shape[2] - 1)
         batch, heads, _, dh = k.shape
 
