@@ -1,6 +1,6 @@
 """Augmented-memory mixers (AM-TRF, Emformer) against SA and LLSA at equal worst-case look-ahead, on CPU.
 
-    PYTHONPATH=src python benchmarks/memory_mixers.py [--frames 500 1000 2000 4000] [--out benchmarks/out]
+    PYTHONPATH=src python benchmarks/memory_mixers.py [--frames 500 1000 2000 4000] [--out docs/benchmarks]
 
 Three measurements, one thread, d_model 256, 4 heads, ffn 1024, 4 layers, frame input (no frontend):
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,6 +91,19 @@ def streaming_cost(mixer: str, segment: int, segments: int = 40, warmup: int = 8
             "rtf": ms / (segment * FRAME_MS), "lookahead_frames": encoder.latency().encoder_lookahead_frames}
 
 
+def _peak_rss_bytes() -> int:
+    """The process's peak resident memory since the last :func:`_reset_peak_rss` (Linux ``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
+def _reset_peak_rss() -> None:
+    # ru_maxrss cannot be used: a child made by fork inherits its parent's peak.
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_child(mixer: str, frames: int) -> dict:
     """Run in a fresh process: extra peak RSS of one forward+backward over ``frames`` frames."""
     import psutil
@@ -102,10 +114,11 @@ def peak_memory_child(mixer: str, frames: int) -> dict:
     encoder.zero_grad(set_to_none=True)
     x = torch.randn(1, frames, 80)
     baseline = psutil.Process().memory_info().rss
+    _reset_peak_rss()
     start = time.perf_counter()
     train_step(encoder, x)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = _peak_rss_bytes()
     return {"mixer": mixer, "frames": frames, "peak_mb": max(0, peak - baseline) / 2**20, "time_s": seconds}
 
 
@@ -134,10 +147,10 @@ def plot(results: dict, path: Path) -> None:
     left.legend()
     for mixer in sorted({p["mixer"] for p in results["streaming"]}):
         points = [p for p in results["streaming"] if p["mixer"] == mixer]
-        right.plot([p["segment_frames"] for p in points], [p["ms_per_segment"] for p in points], marker="o",
-                   label=mixer)
-    right.set(xlabel="segment C (frames)", ylabel="ms per segment", title="streaming cost per segment",
-              xscale="log", xticks=[4, 8, 16, 32], xticklabels=["4", "8", "16", "32"])
+        right.plot([p["segment_frames"] for p in points], [p["rtf"] for p in points], marker="o", label=mixer)
+    segments = sorted({p["segment_frames"] for p in results["streaming"]})
+    right.set(xlabel="segment C (frames)", ylabel="real-time factor (compute / audio)",
+              title="streaming, one segment per step", xticks=segments)
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -147,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[500, 1000, 2000, 4000])
     parser.add_argument("--segments", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--child", nargs=2, metavar=("MIXER", "FRAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
