@@ -23,6 +23,14 @@ are known, so a frame at position ``k`` of its segment waits ``C - 1 - k + R`` f
 A short last segment sees exactly what the streaming form sees at the end of a stream: only the
 frames that exist. Offline, every block is laid out left-aligned from its first existing frame and
 all frames at or past an utterance's length are masked, so padding never reaches a valid output.
+Both forms run the same segment code (``_segments``); streaming runs it on the segments that became
+ready, with the lengths set to the frames received, which is how the offline form treats a shorter
+utterance. The attention core masks keys by a per-row count, so each segment's keys (memory, context,
+right context) are packed valid-first before the softmax.
+
+``left_frames=None`` means unlimited left context: AM-TRF then recomputes the whole past in every block
+(cost quadratic in T), Emformer caches every past key (state grows with the stream). ``right_frames``
+must be one value for every layer: it is the right context of a segment's block, not a per-layer band.
 """
 
 from __future__ import annotations
@@ -142,7 +150,11 @@ def _last(t: Tensor, n: int | None) -> Tensor:
 
 
 class MemoryStack(MixerStack):
-    """Shared geometry, latency and streaming loop of the segment-based families."""
+    """Shared options, segment geometry and latency of the segment-based families.
+
+    Each layer is a pre-LN :class:`Block` whose :class:`SelfAttention` provides the projections
+    (``heads``/``merge``); the attention pattern is the family's own, not the band of that class.
+    """
 
     def __init__(self, config, options: MemoryOptions):
         super().__init__()
