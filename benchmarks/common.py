@@ -1,14 +1,14 @@
 """Shared measuring tools for the benchmark scripts (not a test: numbers go to docs/benchmarks.md).
 
 Peak memory on CPU is measured in a fresh subprocess per point, as the growth of the peak resident set
-size (``ru_maxrss``) over the resident size just before the measured forward+backward; on CUDA it is
-``torch.cuda.max_memory_allocated`` over the memory allocated before.
+size over the resident size just before the measured forward+backward. The peak is Linux's ``VmHWM``,
+reset first through ``/proc/self/clear_refs`` (``ru_maxrss`` would not do: a child inherits its
+parent's peak). On CUDA it is ``torch.cuda.max_memory_allocated`` over the memory allocated before.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -21,14 +21,22 @@ from streamssl import Encoder, EncoderConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status: CPU peak memory needs Linux")
+
+
+def reset_peak_rss() -> float:
+    """Reset the peak resident set size to the current one, and return it in MB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size since the last :func:`reset_peak_rss`, in MB."""
+    return _status_mb("VmHWM")
 
 
 def fwd_bwd_point(config: dict, frames: int, batch: int, device: str, repeats: int) -> dict:
@@ -49,7 +57,7 @@ def fwd_bwd_point(config: dict, frames: int, batch: int, device: str, repeats: i
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
     else:
-        before = current_rss_mb()
+        before = reset_peak_rss()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
