@@ -18,18 +18,15 @@ Prints markdown tables, writes ``memory_mixers.json`` and ``memory_mixers.png`` 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from common import ROOT, markdown_table, measure_in_subprocess, write_json
 from streamssl import Encoder, EncoderConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS, SEGMENT, RIGHT, LEFT, MEMORY = 4, 16, 4, 32, 4
 LATENCY_FRAMES = SEGMENT - 1 + RIGHT
 FRAME_MS = 20.0
@@ -91,46 +88,10 @@ def streaming_cost(mixer: str, segment: int, segments: int = 40, warmup: int = 8
             "rtf": ms / (segment * FRAME_MS), "lookahead_frames": encoder.latency().encoder_lookahead_frames}
 
 
-def _peak_rss_bytes() -> int:
-    """The process's peak resident memory since the last :func:`_reset_peak_rss` (Linux ``VmHWM``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
-
-
-def _reset_peak_rss() -> None:
-    # ru_maxrss cannot be used: a child made by fork inherits its parent's peak.
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_child(mixer: str, frames: int) -> dict:
-    """Run in a fresh process: extra peak RSS of one forward+backward over ``frames`` frames."""
-    import psutil
-
-    torch.manual_seed(0)
-    encoder = Encoder(config(mixer)).train()
-    train_step(encoder, torch.randn(1, 64, 80))  # load kernels and allocator pools before the baseline
-    encoder.zero_grad(set_to_none=True)
-    x = torch.randn(1, frames, 80)
-    baseline = psutil.Process().memory_info().rss
-    _reset_peak_rss()
-    start = time.perf_counter()
-    train_step(encoder, x)
-    seconds = time.perf_counter() - start
-    peak = _peak_rss_bytes()
-    return {"mixer": mixer, "frames": frames, "peak_mb": max(0, peak - baseline) / 2**20, "time_s": seconds}
-
-
 def peak_memory(mixer: str, frames: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", mixer, str(frames)], capture_output=True,
-                          text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    """Extra peak RSS and time of one forward+backward over ``frames`` frames, in a fresh process."""
+    point = measure_in_subprocess(config(mixer).to_dict(), frames, threads=1)
+    return {"mixer": mixer, "frames": frames, **point}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -161,22 +122,17 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[500, 1000, 2000, 4000])
     parser.add_argument("--segments", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
-    parser.add_argument("--child", nargs=2, metavar=("MIXER", "FRAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.child:
-        print(json.dumps(peak_memory_child(args.child[0], int(args.child[1]))))
-        return
 
     results = {"training": [throughput(m) for m in ("amtrf", "emformer", "sa", "llsa")],
                "streaming": [streaming_cost(m, c) for m in ("amtrf", "emformer") for c in args.segments],
                "memory": [peak_memory(m, t) for m in ("amtrf", "emformer", "sa") for t in args.frames]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory_mixers.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out / "memory_mixers.json", results)
     plot(results, args.out / "memory_mixers.png")
 
     print(f"Training throughput, forward+backward, 2 x 1000 frames, {N_LAYERS} layers, one thread")
-    print(table(["mixer", "look-ahead worst / mean (frames)", "frames/s", "s per step"],
+    print(markdown_table(["mixer", "look-ahead worst / mean (frames)", "frames/s", "s per step"],
                 [[p["mixer"], f"{p['lookahead_frames']} / {p['mean_lookahead_frames']:g}",
                   f"{p['frames_per_s']:.0f}", f"{p['step_s']:.2f}"] for p in results["training"]]))
     print("\nStreaming cost per segment (one stream, one segment per step, no_grad)")
@@ -187,7 +143,7 @@ def main() -> None:
             p = next(p for p in results["streaming"] if (p["mixer"], p["segment_frames"]) == (mixer, c))
             row.append(f"{p['ms_per_segment']:.2f} ms (RTF {p['rtf']:.3f})")
         rows.append(row)
-    print(table(["C", "worst look-ahead (frames)", "amtrf", "emformer"], rows))
+    print(markdown_table(["C", "worst look-ahead (frames)", "amtrf", "emformer"], rows))
     print("\nPeak memory (extra RSS, MB) / time (s) of one forward+backward, batch 1")
     rows = []
     for t in args.frames:
@@ -196,7 +152,7 @@ def main() -> None:
             p = next(p for p in results["memory"] if (p["mixer"], p["frames"]) == (mixer, t))
             row.append(f"{p['peak_mb']:.0f} / {p['time_s']:.2f}")
         rows.append(row)
-    print(table(["T (frames)", "amtrf", "emformer", "sa"], rows))
+    print(markdown_table(["T (frames)", "amtrf", "emformer", "sa"], rows))
 
 
 if __name__ == "__main__":
