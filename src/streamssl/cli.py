@@ -81,11 +81,12 @@ def _ms(value: float | None) -> str:
 
 def latency_table(latencies: list) -> str:
     """A plain-text table of declared latencies."""
-    rows = [("mixer", "layers", "encoder look-ahead", "frames", "frontend", "total", "streams")]
+    rows = [("mixer", "layers", "encoder look-ahead", "frames", "mean", "frontend", "total", "streams")]
     for lat in latencies:
         frames = "-" if lat.encoder_lookahead_frames is None else str(lat.encoder_lookahead_frames)
         rows.append((lat.mixer, str(lat.n_layers), _ms(lat.encoder_lookahead_ms), frames,
-                     _ms(lat.frontend_lookahead_ms), _ms(lat.total_lookahead_ms), "yes" if lat.streamable else "no"))
+                     _ms(lat.encoder_mean_lookahead_ms), _ms(lat.frontend_lookahead_ms),
+                     _ms(lat.total_lookahead_ms), "yes" if lat.streamable else "no"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
