@@ -100,10 +100,12 @@ def window_means(prefix: Tensor, prefix_start: int, first: int, n: int, w_left: 
     """Means over ``[t - w_left, t + w_right]``, clipped to the valid frames, for ``t = first .. first+n-1``.
 
     Args:
-        prefix: ``(B, K + 1, D)`` float64; ``prefix[:, k]`` is the sum of the values at absolute frames
-            ``< prefix_start + k`` (values before ``prefix_start`` included); values at padded frames are 0.
-        prefix_start: absolute frame of ``prefix[:, 0]``. With a finite ``w_left`` no window may start
-            before it; with ``w_left=None`` windows start at frame 0.
+        prefix: ``(B, K + 1, D)`` float64 prefix sums of values at absolute frames
+            ``prefix_start .. prefix_start + K - 1`` (values at padded frames are 0): ``prefix[:, k+1] -
+            prefix[:, k]`` is the value at frame ``prefix_start + k``. With ``w_left=None`` windows start at
+            frame 0, so ``prefix[:, 0]`` must be the sum of all values before ``prefix_start``; with a finite
+            ``w_left`` no window may start before ``prefix_start`` and any offset cancels.
+        prefix_start: absolute frame of the first value.
         lengths: ``(B,)`` valid frames per stream; counts are taken over ``[0, lengths)``.
     Returns:
         ``(B, n, D)`` in ``dtype``. Outputs past a stream's length are finite but meaningless.
@@ -137,9 +139,9 @@ class SummaryMixer(LayerMixer):
         windows: resolved ``(w_left, w_right)`` pairs of the local windows, in frames.
 
     Streaming state: ``f(x)`` of the frames waiting for look-ahead; ``s(x)`` of the last ``left_frames``
-    emitted frames and of the waiting ones; ``s_l(x)`` of the last ``max w_left`` emitted frames and the
-    waiting ones; and, per summary, the float64 sum of everything dropped (only an unlimited left
-    context reads it).
+    emitted frames and of the waiting ones (with an unlimited left context: of the waiting ones only,
+    plus the float64 sum of all earlier ones); ``s_l(x)`` of the last ``max w_left`` emitted frames and
+    of the waiting ones.
     """
 
     def __init__(self, name: str, d_model: int, summary: str, left_frames: int | None,
@@ -195,15 +197,13 @@ class SummaryMixer(LayerMixer):
         def empty(width: int) -> Tensor:
             return torch.zeros(batch_size, 0, width, device=device, dtype=dtype)
 
-        def dropped(width: int) -> Tensor:
-            return torch.zeros(batch_size, width, device=device, dtype=torch.float64)
-
         summary_dim = self.s[0].out_features
         state: State = {"f": empty(self.f[0].out_features), "s": empty(summary_dim), "s_start": 0,
-                        "s_dropped": dropped(summary_dim), "t_in": 0, "t_out": 0}
+                        "t_in": 0, "t_out": 0}
+        if self.left_frames is None:
+            state["s_before"] = torch.zeros(batch_size, summary_dim, device=device, dtype=torch.float64)
         if self.s_local is not None:
-            window_dim = self.s_local[0].out_features
-            state.update(l=empty(window_dim), l_start=0, l_dropped=dropped(window_dim))
+            state.update(l=empty(self.s_local[0].out_features), l_start=0)
         return state
 
     def step(self, u: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
@@ -222,27 +222,29 @@ class SummaryMixer(LayerMixer):
 
         if self.s_local is not None:
             values = torch.cat([state["l"], self.s_local(u)], dim=1)
-            prefix = state["l_dropped"].unsqueeze(1) + prefix_sums(values)
+            prefix = prefix_sums(values)
             parts += [window_means(prefix, state["l_start"], t_out, ready, w_left, w_right, lengths, u.dtype)
                       for w_left, w_right in self.windows]
-            keep_from = t_out + ready - max(w_left for w_left, _ in self.windows)
-            new["l"], new["l_start"], new["l_dropped"] = self._drop(values, state["l_start"], keep_from,
-                                                                    state["l_dropped"])
+            n_drop = self._n_drop(values, state["l_start"], t_out + ready - max(w for w, _ in self.windows))
+            new["l"], new["l_start"] = values[:, n_drop:], state["l_start"] + n_drop
 
         values = torch.cat([state["s"], self.s(u)], dim=1)
-        prefix = state["s_dropped"].unsqueeze(1) + prefix_sums(values)
+        prefix = prefix_sums(values)
+        if self.left_frames is None:
+            # Frames already emitted are only needed through their running sum.
+            n_drop = self._n_drop(values, state["s_start"], t_out + ready)
+            prefix = prefix + state["s_before"].unsqueeze(1)
+            new["s_before"] = state["s_before"] + values[:, :n_drop].to(torch.float64).sum(1)
+        else:
+            n_drop = self._n_drop(values, state["s_start"], t_out + ready - self.left_frames)
         parts.append(window_means(prefix, state["s_start"], t_out, ready, self.left_frames, 0, lengths, u.dtype))
-        keep_from = t_out + ready - (0 if self.left_frames is None else self.left_frames)
-        new["s"], new["s_start"], new["s_dropped"] = self._drop(values, state["s_start"], keep_from,
-                                                                state["s_dropped"])
+        new["s"], new["s_start"] = values[:, n_drop:], state["s_start"] + n_drop
         return self.combine(torch.cat(parts, dim=-1)), new
 
     @staticmethod
-    def _drop(values: Tensor, start: int, keep_from: int, dropped: Tensor) -> tuple[Tensor, int, Tensor]:
-        """Forget the frames before ``keep_from``, folding them into the float64 running sum."""
-        n_drop = min(max(0, keep_from - start), values.shape[1])
-        dropped = dropped + values[:, :n_drop].to(torch.float64).sum(1)
-        return values[:, n_drop:], start + n_drop, dropped
+    def _n_drop(values: Tensor, start: int, keep_from: int) -> int:
+        """How many of ``values`` (first at absolute frame ``start``) lie before frame ``keep_from``."""
+        return min(max(0, keep_from - start), values.shape[1])
 
 
 def _build(config: Any, name: str, windowed: bool) -> MixerStack:
