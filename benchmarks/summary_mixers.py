@@ -3,15 +3,16 @@
 The timed part is the encoder's block stack (mixer + feed-forward per block, the only part that differs
 between mixers) on ``(1, T, 256)`` frames: d_model 256, 4 heads, ffn 1024, left 64, right 8, float32 on
 CPU with one thread; one layer and a 6-layer stack. Time is the process's CPU time (the best of
-``--repeats`` passes), which on a shared machine is far steadier than wall-clock time. The shared frontend and positional convolution are
-left out: on CPU the backward of the 128-tap positional convolution alone costs about as much as a whole
-summary block and would blur the comparison. Each point runs in a fresh process so that its peak
+``--repeats`` passes), which on a shared machine is far steadier than wall-clock time. The shared
+frontend and positional convolution are left out: on CPU the backward of the 128-tap positional
+convolution alone costs about as much as a whole summary block and would blur the comparison. Each point runs in a fresh process so that its peak
 resident memory is its own: *peak memory* is the growth of the process's peak RSS over its RSS just
 before the measured forward+backward (weights, gradients and a warm-up already in place), with glibc
 told to return every block of 64 KiB or more to the system on free, so RSS follows live tensors.
 ``full`` is skipped where its ``T x T`` score tensors would exceed ``--budget-gb``.
 
-    python benchmarks/summary_mixers.py                 # table on stdout, docs/summary_mixers.png
+    python benchmarks/summary_mixers.py --json docs/benchmarks/summary_mixers.json
+    # table on stdout, plot in docs/benchmarks/summary_mixers.png
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def main() -> None:
     parser.add_argument("--one", nargs=3, metavar=("MIXER", "LAYERS", "FRAMES"), help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per point (the least CPU time is kept)")
     parser.add_argument("--budget-gb", type=float, default=3.0, help="skip full where it would need more")
-    parser.add_argument("--png", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "summary_mixers.png")
+    parser.add_argument("--png", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "summary_mixers.png")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--load", type=Path, help="skip measuring: tabulate and plot results written by --json")
     args = parser.parse_args()

@@ -76,7 +76,7 @@ class MeasuredLookahead:
 
 
 def _dependency_ends(fn: Callable[[Tensor], Tensor], x: Tensor, probes: list[int],
-                     own_end: Callable[[int], int]) -> list[int | None]:
+                     own_end: Callable[[int], int], noise_seed: int) -> list[int | None]:
     """For each output frame in ``probes``, the last input index it depends on (``None``: the last one
     of ``x``, i.e. unbounded). Binary search on the start of a perturbation of the input's tail; all
     probes are searched at once, one batched forward per halving."""
@@ -85,7 +85,8 @@ def _dependency_ends(fn: Callable[[Tensor], Tensor], x: Tensor, probes: list[int
         reference = fn(x)[0]
         lo = [own_end(t) for t in probes]
         hi = [n_units] * len(probes)
-        generator = torch.Generator().manual_seed(0)
+        # Independent of x: noise proportional to x would be undone by the per-frame LayerNorms.
+        generator = torch.Generator().manual_seed(noise_seed)
         noise = torch.randn(x.shape[1:], generator=generator, dtype=x.dtype)
         while any(h - low > 1 for low, h in zip(lo, hi)):
             mid = [(low + h) // 2 for low, h in zip(lo, hi)]
@@ -129,10 +130,10 @@ def measure_lookahead(encoder, probe_frames: int = 16, seed: int = 0) -> Measure
     def own_end(t: int) -> int:
         return t * hop + hop - 1
 
-    ends = _dependency_ends(lambda batch: model(batch)[0], x, probes, own_end)
+    ends = _dependency_ends(lambda batch: model(batch)[0], x, probes, own_end, seed + 1)
     frontend_samples = 0
     if model.frontend is not None:
-        frontend_ends = _dependency_ends(model.frontend, x, probes, own_end)
+        frontend_ends = _dependency_ends(model.frontend, x, probes, own_end, seed + 1)
         frontend_samples = max(end - own_end(t) for t, end in zip(probes, frontend_ends))
     if any(end is None for end in ends):
         dependency, dependency_mean = None, None

@@ -165,31 +165,33 @@ class LLSAStack(MixerStack):
         return {"layers": layers}
 
     def _layer_step(self, layer: int, c_new: Tensor, a_new: Tensor, st: State,
-                    final: bool) -> tuple[Tensor | None, Tensor, State]:
+                    final: bool) -> tuple[Tensor, Tensor, State]:
+        """One layer of both streams. Their frames go through the shared projections and feed-forward
+        as one sequence, because with small chunks reading the weights, not arithmetic, is the cost."""
         block = self.blocks[layer]
         att: SelfAttention = block.mixer
         right, lo = self.right[layer], self._lo()
-        qc, kc, vc = att.heads(block.norm1(c_new))
-        keys_c = torch.cat([st["kc"], kc], dim=2)
-        values_c = torch.cat([st["vc"], vc], dim=2)
-        c_first, c_in = st["c_in"], st["c_in"] + c_new.shape[1]
-        c_out = None
-        if layer < len(self.blocks) - 1:
-            oc = dense_band_attention(qc, [KeySource(keys_c, values_c, lo, 0, st["kc_start"])], c_first)
-            c_out = block.finish(c_new, att.merge(oc))
-
-        qa, ka, va = att.heads(block.norm1(a_new))
-        queries = torch.cat([st["qa"], qa], dim=2)
-        keys_a = torch.cat([st["ka"], ka], dim=2)
-        values_a = torch.cat([st["va"], va], dim=2)
+        n_c = c_new.shape[1]
+        q, k, v = att.heads(block.norm1(torch.cat([c_new, a_new], dim=1)))
+        keys_c = torch.cat([st["kc"], k[:, :, :n_c]], dim=2)
+        values_c = torch.cat([st["vc"], v[:, :, :n_c]], dim=2)
+        queries = torch.cat([st["qa"], q[:, :, n_c:]], dim=2)
+        keys_a = torch.cat([st["ka"], k[:, :, n_c:]], dim=2)
+        values_a = torch.cat([st["va"], v[:, :, n_c:]], dim=2)
         residual = torch.cat([st["a_res"], a_new], dim=1)
+        c_first, c_in = st["c_in"], st["c_in"] + n_c
         a_in, a_first = st["a_in"] + a_new.shape[1], st["a_next"]
         limit = a_in if final else min(a_in, c_in - right)
         ready = max(0, limit - a_first)
         sources = [KeySource(keys_a, values_a, lo, 0, st["ka_start"]),
                    KeySource(keys_c, values_c, 1, right, st["kc_start"])]
         oa = dense_band_attention(queries[:, :, :ready], sources, a_first)
-        a_out = block.finish(residual[:, :ready], att.merge(oa))
+        # c^N is never read, so the last layer computes only the look-ahead stream.
+        n_c_out = n_c if layer < len(self.blocks) - 1 else 0
+        oc = dense_band_attention(q[:, :, :n_c_out], [KeySource(keys_c, values_c, lo, 0, st["kc_start"])], c_first)
+        out = block.finish(torch.cat([c_new[:, :n_c_out], residual[:, :ready]], dim=1),
+                           att.merge(torch.cat([oc, oa], dim=2)))
+        c_out, a_out = out[:, :n_c_out], out[:, n_c_out:]
         a_next = a_first + ready
 
         ka_start, kc_start = st["ka_start"], st["kc_start"]

@@ -1,0 +1,203 @@
+"""Augmented-memory mixers (AM-TRF, Emformer) against SA and LLSA at equal worst-case look-ahead, on CPU.
+
+    PYTHONPATH=src python benchmarks/memory_mixers.py [--frames 500 1000 2000 4000] [--out docs/benchmarks]
+
+Three measurements, one thread, d_model 256, 4 heads, ffn 1024, 4 layers, frame input (no frontend):
+
+1. Training throughput: forward+backward frames per second on a batch of 2 x 1000 frames.
+   ``amtrf``/``emformer`` use C=16, R=4, L=32, M=4 (worst look-ahead C-1+R = 19 frames, mean 11.5);
+   ``sa`` spreads 19 frames of look-ahead over its layers (5+5+5+4, it compounds), ``llsa`` has R=19.
+2. Streaming cost per segment: one stream fed one segment (C frames) per step, C in {4, 8, 16, 32},
+   milliseconds per step at steady state and the real-time factor at 20 ms frames.
+3. Peak memory vs T: extra resident memory (peak RSS minus RSS before) of one forward+backward,
+   each point in a fresh process so earlier peaks cannot hide later ones.
+
+Prints markdown tables, writes ``memory_mixers.json`` and ``memory_mixers.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from streamssl import Encoder, EncoderConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+N_LAYERS, SEGMENT, RIGHT, LEFT, MEMORY = 4, 16, 4, 32, 4
+LATENCY_FRAMES = SEGMENT - 1 + RIGHT
+FRAME_MS = 20.0
+
+
+def config(mixer: str, segment: int = SEGMENT) -> EncoderConfig:
+    """The benchmark encoder for ``mixer`` at a worst-case look-ahead of ``segment - 1 + RIGHT`` frames."""
+    latency = segment - 1 + RIGHT
+    options, right = {}, RIGHT
+    if mixer in ("amtrf", "emformer"):
+        options = {"segment_frames": segment, "memory_size": MEMORY}
+    elif mixer == "sa":
+        right = [latency // N_LAYERS + (layer < latency % N_LAYERS) for layer in range(N_LAYERS)]
+    elif mixer == "llsa":
+        right = latency
+    return EncoderConfig(frontend="none", input_dim=80, d_model=256, n_heads=4, ffn_dim=1024, dropout=0.0,
+                         n_layers=N_LAYERS, mixer=mixer, left_frames=LEFT, right_frames=right,
+                         pos_conv_kernel=16, pos_conv_groups=16, mixer_options=options)
+
+
+def train_step(encoder: Encoder, x: torch.Tensor) -> None:
+    y, _ = encoder(x)
+    y.pow(2).mean().backward()
+
+
+def throughput(mixer: str, batch: int = 2, frames: int = 1000, repeats: int = 3) -> dict:
+    """Forward+backward frames per second (median of ``repeats`` after one warm-up)."""
+    torch.manual_seed(0)
+    encoder = Encoder(config(mixer)).train()
+    x = torch.randn(batch, frames, 80)
+    train_step(encoder, x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        train_step(encoder, x)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    latency = encoder.latency()
+    return {"mixer": mixer, "frames_per_s": batch * frames / seconds, "step_s": seconds,
+            "lookahead_frames": latency.encoder_lookahead_frames,
+            "mean_lookahead_frames": latency.encoder_mean_lookahead_frames}
+
+
+def streaming_cost(mixer: str, segment: int, segments: int = 40, warmup: int = 8) -> dict:
+    """Milliseconds per step when one stream is fed one segment (``segment`` frames) per step."""
+    torch.manual_seed(0)
+    encoder = Encoder(config(mixer, segment)).eval()
+    x = torch.randn(1, (segments + warmup) * segment, 80)
+    state = encoder.init_state(1)
+    times = []
+    with torch.no_grad():
+        for i in range(segments + warmup):
+            start = time.perf_counter()
+            _, state = encoder.step(x[:, i * segment:(i + 1) * segment], state)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    ms = 1000 * statistics.median(times)
+    return {"mixer": mixer, "segment_frames": segment, "ms_per_segment": ms,
+            "rtf": ms / (segment * FRAME_MS), "lookahead_frames": encoder.latency().encoder_lookahead_frames}
+
+
+def _peak_rss_bytes() -> int:
+    """The process's peak resident memory since the last :func:`_reset_peak_rss` (Linux ``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
+def _reset_peak_rss() -> None:
+    # ru_maxrss cannot be used: a child made by fork inherits its parent's peak.
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_child(mixer: str, frames: int) -> dict:
+    """Run in a fresh process: extra peak RSS of one forward+backward over ``frames`` frames."""
+    import psutil
+
+    torch.manual_seed(0)
+    encoder = Encoder(config(mixer)).train()
+    train_step(encoder, torch.randn(1, 64, 80))  # load kernels and allocator pools before the baseline
+    encoder.zero_grad(set_to_none=True)
+    x = torch.randn(1, frames, 80)
+    baseline = psutil.Process().memory_info().rss
+    _reset_peak_rss()
+    start = time.perf_counter()
+    train_step(encoder, x)
+    seconds = time.perf_counter() - start
+    peak = _peak_rss_bytes()
+    return {"mixer": mixer, "frames": frames, "peak_mb": max(0, peak - baseline) / 2**20, "time_s": seconds}
+
+
+def peak_memory(mixer: str, frames: int) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", mixer, str(frames)], capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for mixer in sorted({p["mixer"] for p in results["memory"]}):
+        points = [p for p in results["memory"] if p["mixer"] == mixer]
+        left.plot([p["frames"] for p in points], [p["peak_mb"] for p in points], marker="o", label=mixer)
+    left.set(xlabel="T (frames)", ylabel="extra peak RSS (MB)", title="forward+backward peak memory")
+    left.legend()
+    for mixer in sorted({p["mixer"] for p in results["streaming"]}):
+        points = [p for p in results["streaming"] if p["mixer"] == mixer]
+        right.plot([p["segment_frames"] for p in points], [p["rtf"] for p in points], marker="o", label=mixer)
+    segments = sorted({p["segment_frames"] for p in results["streaming"]})
+    right.set(xlabel="segment C (frames)", ylabel="real-time factor (compute / audio)",
+              title="streaming, one segment per step", xticks=segments)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[500, 1000, 2000, 4000])
+    parser.add_argument("--segments", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--child", nargs=2, metavar=("MIXER", "FRAMES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.child:
+        print(json.dumps(peak_memory_child(args.child[0], int(args.child[1]))))
+        return
+
+    results = {"training": [throughput(m) for m in ("amtrf", "emformer", "sa", "llsa")],
+               "streaming": [streaming_cost(m, c) for m in ("amtrf", "emformer") for c in args.segments],
+               "memory": [peak_memory(m, t) for m in ("amtrf", "emformer", "sa") for t in args.frames]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "memory_mixers.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / "memory_mixers.png")
+
+    print(f"Training throughput, forward+backward, 2 x 1000 frames, {N_LAYERS} layers, one thread")
+    print(table(["mixer", "look-ahead worst / mean (frames)", "frames/s", "s per step"],
+                [[p["mixer"], f"{p['lookahead_frames']} / {p['mean_lookahead_frames']:g}",
+                  f"{p['frames_per_s']:.0f}", f"{p['step_s']:.2f}"] for p in results["training"]]))
+    print("\nStreaming cost per segment (one stream, one segment per step, no_grad)")
+    rows = []
+    for c in args.segments:
+        row = [str(c), str(c - 1 + RIGHT)]
+        for mixer in ("amtrf", "emformer"):
+            p = next(p for p in results["streaming"] if (p["mixer"], p["segment_frames"]) == (mixer, c))
+            row.append(f"{p['ms_per_segment']:.2f} ms (RTF {p['rtf']:.3f})")
+        rows.append(row)
+    print(table(["C", "worst look-ahead (frames)", "amtrf", "emformer"], rows))
+    print("\nPeak memory (extra RSS, MB) / time (s) of one forward+backward, batch 1")
+    rows = []
+    for t in args.frames:
+        row = [str(t)]
+        for mixer in ("amtrf", "emformer", "sa"):
+            p = next(p for p in results["memory"] if (p["mixer"], p["frames"]) == (mixer, t))
+            row.append(f"{p['peak_mb']:.0f} / {p['time_s']:.2f}")
+        rows.append(row)
+    print(table(["T (frames)", "amtrf", "emformer", "sa"], rows))
+
+
+if __name__ == "__main__":
+    main()
