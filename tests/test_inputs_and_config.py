@@ -116,3 +116,11 @@ def test_cli_latency_from_config_file_and_bad_values(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["encoder_lookahead_frames"] == 3
     assert main(["latency", "--mixer", "sa", "--layers", "3", "--right-frames", "1,2"]) == 2
     assert "2 entries but n_layers is 3" in capsys.readouterr().err
+
+
+def test_config_with_nested_tuples_saves_as_yaml(tmp_path):
+    config = EncoderConfig.tiny(mixer="wsm", mixer_options={"windows": ((4, 2), (8, None))})
+    config.save(tmp_path / "c.yaml")
+    loaded = EncoderConfig.load(tmp_path / "c.yaml")
+    assert loaded.to_dict() == config.to_dict()
+    assert Encoder(loaded).latency().encoder_lookahead_frames == Encoder(config).latency().encoder_lookahead_frames
