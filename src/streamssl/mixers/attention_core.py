@@ -11,9 +11,11 @@ future). Two forms compute the same function:
   its key window of ``C + hi - lo`` frames, so memory is ``O(T * (C + L + R))`` and no ``T x T``
   tensor is formed (SA, LLSA).
 
-Masked scores are filled with the dtype's most negative finite value rather than ``-inf``, and masked
-probabilities are then zeroed: a query with no visible key (padding) yields zeros, never NaN, in the
-forward and the backward pass, and future input has an exactly zero effect.
+Masked keys get exactly zero weight, so padding and the future have no effect at all, not merely a
+small one. The dense form fills masked scores with the dtype's most negative finite value rather than
+``-inf``: a query that sees no key (only a padded query can) averages all keys instead of producing
+NaN, and its output is padding anyway. The blocked form uses PyTorch's fused attention, whose ``-inf``
+masking would give NaN for such a row, so there a padded query may see its own key.
 """
 
 from __future__ import annotations
@@ -40,18 +42,9 @@ class KeySource:
         return self.lo is not None and self.hi is not None and self.hi < self.lo
 
 
-def _masked_softmax(scores: list[Tensor], masks: list[Tensor]) -> list[Tensor]:
-    widths = [s.shape[-1] for s in scores]
-    joined = torch.cat(scores, dim=-1)
-    mask = torch.cat([m.expand(*joined.shape[:-1], m.shape[-1]) for m in masks], dim=-1)
-    joined = joined.masked_fill(~mask, torch.finfo(joined.dtype).min)
-    probs = torch.softmax(joined, dim=-1).masked_fill(~mask, 0.0)
-    return list(torch.split(probs, widths, dim=-1))
-
-
 def dense_band_attention(q: Tensor, sources: list[KeySource], q_start: int = 0,
                          key_lengths: Tensor | None = None) -> Tensor:
-    """Attention with an explicit ``(Tq, Tk)`` mask.
+    """Attention with an explicit ``(Tq, Tk)`` mask per source.
 
     Args:
         q: queries ``(B, H, Tq, dh)`` at absolute frames ``q_start .. q_start + Tq - 1``.
@@ -62,29 +55,35 @@ def dense_band_attention(q: Tensor, sources: list[KeySource], q_start: int = 0,
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     t = torch.arange(q.shape[2], device=q.device).unsqueeze(1) + q_start
-    scores, masks, values = [], [], []
+    scores, hidden, values = [], [], []
     for src in sources:
         if src.is_empty():
             continue
         j = torch.arange(src.k.shape[2], device=q.device).unsqueeze(0) + src.start
         rel = j - t
-        mask = torch.ones_like(rel, dtype=torch.bool)
+        hide = torch.zeros_like(rel, dtype=torch.bool)
         if src.lo is not None:
-            mask &= rel >= src.lo
+            hide |= rel < src.lo
         if src.hi is not None:
-            mask &= rel <= src.hi
-        mask = mask[None, None]
+            hide |= rel > src.hi
+        hide = hide[None, None]
         if key_lengths is not None:
-            mask = mask & (j < key_lengths.view(-1, 1, 1, 1))
+            hide = hide | (j >= key_lengths.view(-1, 1, 1, 1))
         scores.append(torch.matmul(q, src.k.transpose(-1, -2)) * scale)
-        masks.append(mask)
+        hidden.append(hide)
         values.append(src.v)
-    probs = _masked_softmax(scores, masks)
-    return sum(torch.matmul(p, v) for p, v in zip(probs, values))
+    if len(scores) == 1:
+        joined, hide = scores[0], hidden[0]
+    else:
+        joined = torch.cat(scores, dim=-1)
+        hide = torch.cat([h.expand(*joined.shape[:-1], h.shape[-1]) for h in hidden], dim=-1)
+    probs = torch.softmax(joined.masked_fill(hide, torch.finfo(joined.dtype).min), dim=-1)
+    widths = [s.shape[-1] for s in scores]
+    return sum(torch.matmul(p, v) for p, v in zip(torch.split(probs, widths, dim=-1), values))
 
 
 def _windows(x: Tensor, first: int, n_blocks: int, block: int, width: int) -> Tensor:
-    """Windows ``(B, H, n_blocks, width, dh)``: window ``b`` holds frames ``b*block + first + w``.
+    """Windows ``(B, n_blocks, H, width, dh)`` (a view): window ``b`` holds frames ``b*block + first + w``.
 
     Frames outside ``[0, T)`` are zero padding (the caller masks them).
     """
@@ -95,40 +94,49 @@ def _windows(x: Tensor, first: int, n_blocks: int, block: int, width: int) -> Te
         left = -first
     right = max(needed - left - x.shape[2], 0)
     x = F.pad(x, (0, 0, left, right))[:, :, :needed]
-    return x.unfold(2, width, block).transpose(-1, -2)
+    return x.unfold(2, width, block).permute(0, 2, 1, 4, 3)
 
 
 def blocked_band_attention(q: Tensor, sources: list[KeySource], key_lengths: Tensor, block: int) -> Tensor:
     """Blockwise banded attention over one timeline (all sources and queries start at frame 0).
 
+    Each block of ``C`` queries gets its own key window, and the blocks run as a batch through
+    PyTorch's fused attention, which keeps no score or probability tensor for the backward pass.
+    A padded query (at or past its stream's length) may see its own key, so no row is fully masked;
+    valid queries are unaffected because their own key is valid anyway.
+
     Args:
         q: ``(B, H, T, dh)``.
-        sources: key/value sources of ``T`` frames each.
+        sources: key/value sources of ``T`` frames each; at least one band must contain offset 0.
         key_lengths: ``(B,)`` valid frames per stream.
         block: query block size ``C``.
     Returns:
-        ``(B, H, T, dh)``, equal to :func:`dense_band_attention` to float rounding.
+        ``(B, H, T, dh)``, equal to :func:`dense_band_attention` on valid frames, to float rounding.
     """
     batch, heads, frames, dh = q.shape
-    scale = 1.0 / math.sqrt(dh)
     n_blocks = -(-frames // block)
+
     qb = F.pad(q, (0, 0, 0, n_blocks * block - frames)).view(batch, heads, n_blocks, block, dh)
+    qb = qb.transpose(1, 2).reshape(batch * n_blocks, heads, block, dh)
     i = torch.arange(block, device=q.device).unsqueeze(1)
     starts = (torch.arange(n_blocks, device=q.device) * block).view(n_blocks, 1, 1)
-    scores, masks, values = [], [], []
+    keys, values, masks = [], [], []
     for src in sources:
         if src.is_empty():
             continue
         lo = -frames if src.lo is None else src.lo
         hi = frames if src.hi is None else src.hi
         width = block + hi - lo
-        w = torch.arange(width, device=q.device).unsqueeze(0)
-        band = (w - i >= 0) & (w - i <= hi - lo)
-        j = starts + lo + w
+        rel = lo + torch.arange(width, device=q.device).unsqueeze(0) - i
+        j = starts + i + rel
         valid = (j >= 0) & (j < key_lengths.view(-1, 1, 1, 1))
-        scores.append(torch.einsum("bhnqd,bhnwd->bhnqw", qb, _windows(src.k, lo, n_blocks, block, width)) * scale)
-        masks.append((band & valid).unsqueeze(1))
+        masks.append((rel >= lo) & (rel <= hi) & (valid | (rel == 0)))
+        keys.append(_windows(src.k, lo, n_blocks, block, width))
         values.append(_windows(src.v, lo, n_blocks, block, width))
-    probs = _masked_softmax(scores, masks)
-    out = sum(torch.einsum("bhnqw,bhnwd->bhnqd", p, v) for p, v in zip(probs, values))
+    mask = torch.cat(masks, dim=-1).reshape(batch * n_blocks, 1, block, -1)
+    # One copy per tensor: the concatenation lays the windows out contiguously, blocks first.
+    k = torch.cat(keys, dim=3).view(batch * n_blocks, heads, -1, dh)
+    v = torch.cat(values, dim=3).view(batch * n_blocks, heads, -1, dh)
+    out = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask)
+    out = out.view(batch, n_blocks, heads, block, dh).transpose(1, 2)
     return out.reshape(batch, heads, n_blocks * block, dh)[:, :, :frames]
