@@ -75,20 +75,25 @@ def build_model(kind: str, config: RunConfig, encoder_config: EncoderConfig,
 
 
 def rng_state() -> dict[str, Any]:
+    """Every global generator's state as plain Python objects (bytes, lists), so ranks can gather them."""
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    return {"torch": bytes(torch.get_rng_state().numpy()),
+            "cuda": [bytes(s.numpy()) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
             "python": random.getstate(),
-            "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+            "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:])}
+
+
+def _byte_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

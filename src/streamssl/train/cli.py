@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,9 @@ def _cmd_train(kind: str):
             flags.update(init=args.init, head=args.head)
         config = build_config(kind, args.preset, args.config, args.sets, **flags)
         metrics = run_training(kind, config, args.out, args.device, args.stop_after, not args.no_progress)
-        shown = {k: round(v, 4) for k, v in metrics.items()}
-        print(f"{kind} run {args.out}: {shown}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            shown = {k: round(v, 4) for k, v in metrics.items()}
+            print(f"{kind} run {args.out}: {shown}")
         return 0
 
     return command
