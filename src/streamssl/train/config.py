@@ -243,7 +243,7 @@ def _cpu_encoder(**overrides: Any) -> dict[str, Any]:
     return values
 
 
-def _cpu_schedule(steps: int, lr: float, max_batch_seconds: float = 40.0) -> dict[str, Any]:
+def _cpu_schedule(steps: int, lr: float, max_batch_seconds: float = 16.0) -> dict[str, Any]:
     return dict(steps=steps, lr=lr, warmup_steps=max(1, steps // 10), max_batch_seconds=max_batch_seconds,
                 log_every=10, save_every=100, eval_every=0, weight_decay=0.01, grad_clip=5.0)
 
@@ -252,7 +252,7 @@ def _cpu_schedule(steps: int, lr: float, max_batch_seconds: float = 40.0) -> dic
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "pretrain": {
         "base": {},
-        "cpu-small": dict(encoder=_cpu_encoder(), **_cpu_schedule(400, 1e-3), crop_seconds=6.0,
+        "cpu-small": dict(encoder=_cpu_encoder(), **_cpu_schedule(250, 2e-3), crop_seconds=4.0,
                           mask_prob=0.5, mask_length=5, num_negatives=20, codebook_groups=2,
                           codebook_entries=64, final_dim=64, gumbel_decay=0.995, feature_grad_scale=1.0),
         "tiny": dict(encoder=EncoderConfig.tiny(mixer="llsa").to_dict(), **_cpu_schedule(4, 1e-3, 4.0),
@@ -261,9 +261,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "finetune": {
         "base": {},
-        "cpu-small": dict(encoder=_cpu_encoder(), head="lstm", lstm_hidden=128, mask_prob=0.2, mask_length=5,
+        "cpu-small": dict(encoder=_cpu_encoder(), head="lstm", lstm_hidden=128, mask_prob=0.1, mask_length=5,
                           freeze_frontend=False, final_lr_ratio=0.05, hold_steps=0,
-                          **_cpu_schedule(600, 2e-3)),
+                          **_cpu_schedule(500, 2e-3)),
         "tiny": dict(encoder=EncoderConfig.tiny(mixer="llsa").to_dict(), head="linear", mask_prob=0.1,
                      mask_length=2, **_cpu_schedule(4, 1e-3, 4.0)),
     },
