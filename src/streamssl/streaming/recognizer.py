@@ -241,14 +241,16 @@ class Recognizer:
                 n = group[0]._ready_samples(final)
                 chunk = torch.stack([s._take(n) for s in group])
                 state = group[0]._state if len(group) == 1 else merge_states([s._state for s in group])
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.process_time()
                 log_probs, state = self.model.step(chunk, state)
                 compute_s = time.perf_counter() - started
+                cpu_s = time.process_time() - started_cpu
                 emitted_at = self.clock()
                 states = [state] if len(group) == 1 else split_state(state)
                 for i, stream in enumerate(group):
                     stream._state = states[i]
                     stream.compute_s.append(compute_s)
+                    stream.cpu_s.append(cpu_s)
                     stream._emit(log_probs[i], emitted_at, updates[stream])
         for stream, update in updates.items():
             update.partial = stream.text
@@ -261,7 +263,9 @@ class Stream:
     Attributes:
         tokens, words: everything emitted so far (``words`` holds completed words only).
         frame_delays_s: emission delay of every output frame, blank or not.
-        compute_s: wall time of each model call this stream took part in.
+        compute_s: wall time of each ``step`` call this stream took part in; flush_s: of the final flush.
+        cpu_s, flush_cpu_s: CPU time of the process during those calls; on a busy machine it is what a
+            call would take with a core to itself (wall time also counts waiting for the CPU).
         samples_in: samples accepted so far.
     """
 
@@ -280,6 +284,9 @@ class Stream:
         self.words: list[Word] = []
         self.frame_delays_s: list[float] = []
         self.compute_s: list[float] = []
+        self.cpu_s: list[float] = []
+        self.flush_s = 0.0
+        self.flush_cpu_s = 0.0
         self.samples_in = 0
         self.frames_out = 0
         self.finished = False
@@ -299,9 +306,10 @@ class Stream:
             raise ValueError("stream already finished")
         update = self.recognizer._advance([self], final=True)[self]
         with torch.inference_mode():
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             log_probs, self._state = self.recognizer.model.flush(self._state)
-            self.compute_s.append(time.perf_counter() - started)
+            self.flush_s = time.perf_counter() - started
+            self.flush_cpu_s = time.process_time() - started_cpu
             self._emit(log_probs[0], self.recognizer.clock(), update)
         self._close_word()
         self.finished = True
