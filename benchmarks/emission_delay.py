@@ -16,10 +16,10 @@ chunk holding the last sample of its 25 ms window was fed (METHODS.md 5.3). Fram
 end-of-stream flush are left out (no look-ahead left to wait for). Per-chunk compute is the wall time
 of each model call; RTF is their sum over the audio duration. The machine these numbers come from is
 shared, so each point also gives its CPU-time RTF (process CPU time during the model calls over the
-audio duration: what the calls cost with a core to themselves) and the 1-minute load average. Declared latency is the model's
-look-ahead (frontend + encoder) plus one chunk of wait.
+audio duration: what the calls cost with a core to themselves) and the 1-minute load average.
+Declared latency is the model's look-ahead (frontend + encoder) plus one chunk of wait.
 
-Prints a markdown table; writes benchmarks/results JSON and a PNG plot under docs/benchmarks/.
+Prints a markdown table; writes JSON and a PNG plot to docs/benchmarks/.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def main() -> None:
               "compute/chunk mean ms", "p95 ms", "RTF (wall)", "RTF (CPU time)", "load"]
     rows = [[r["mixer"], f"{r['chunk_ms']:g}", f"{r['declared_ms']:.0f}", f"{r['delay_mean_ms']:.0f}",
              f"{r['delay_p95_ms']:.0f}", f"{r['delay_mean_ms'] - r['declared_ms']:+.0f}",
-             f"{r['compute_mean_ms']:.1f}", f"{r['compute_p95_ms']:.1f}", f"{r['rtf']:.3f}", f"{r['rtf_cpu']:.3f}", f"{r['load_1min']:.1f}"]
+             f"{r['compute_mean_ms']:.1f}", f"{r['compute_p95_ms']:.1f}", f"{r['rtf']:.3f}", f"{r['rtf_cpu']:.3f}",
+             f"{r['load_1min']:.1f}"]
             for r in results]
     print(markdown_table(header, rows))
 
