@@ -14,15 +14,21 @@ class PacedClock:
     emission delay) is what real-time feeding would have given: compute still takes real time on this
     clock, only idle waiting is skipped. If compute falls behind the audio, no waiting happens in
     either mode and the backlog shows up in the delays.
+
+    ``cpu_time=True`` (simulated only) ticks with the process's CPU time instead of wall time: on a
+    machine shared with other jobs it gives the delays this process would see with a core to itself.
     """
 
-    def __init__(self, simulate: bool = False):
+    def __init__(self, simulate: bool = False, cpu_time: bool = False):
+        if cpu_time and not simulate:
+            raise ValueError("a CPU-time clock cannot sleep in real time; use simulate=True")
         self.simulate = simulate
+        self._source = time.process_time if cpu_time else time.perf_counter
         self._offset_s = 0.0
         self._start_s = self.now()
 
     def now(self) -> float:
-        return time.perf_counter() + self._offset_s
+        return self._source() + self._offset_s
 
     def start(self) -> None:
         """Audio time zero is now."""
