@@ -297,6 +297,10 @@ def test_bad_input_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="NaN"):
         stream.accept(torch.tensor([0.0, float("nan")]))
     assert stream.accept(np.zeros(0, dtype=np.float32)).tokens == []
+    other = stream.recognizer.stream()
+    with pytest.raises(ValueError, match="1-D"):
+        stream.recognizer.accept({other: np.zeros(500), stream: np.zeros((1, 500))})
+    assert other.samples_in == 0, "a bad feed must leave the other streams untouched"
     stream.accept(np.zeros(800, dtype=np.float32))
     stream.finish()
     with pytest.raises(ValueError, match="finished"):

@@ -170,11 +170,28 @@ def split_state(state: CTCState) -> list[CTCState]:
 
 
 # ---------------------------------------------------------------------------- recogniser
+def _as_samples(samples: Any) -> Tensor:
+    """A 1-D float tensor, or ``ValueError`` saying what is wrong with ``samples``."""
+    if isinstance(samples, np.ndarray):
+        samples = torch.from_numpy(np.ascontiguousarray(samples))
+    if not isinstance(samples, Tensor):
+        raise ValueError(f"samples must be a 1-D numpy array or torch tensor, got {type(samples).__name__}")
+    if samples.dim() != 1:
+        raise ValueError(f"samples must be 1-D (mono), got shape {tuple(samples.shape)}")
+    if not samples.is_floating_point():
+        raise ValueError(f"samples must be floating point in [-1, 1], got dtype {samples.dtype}; "
+                         "convert integer PCM with x / 32768")
+    if not torch.isfinite(samples).all():
+        raise ValueError("samples contain NaN or infinite values")
+    return samples
+
+
 class Recognizer:
     """Streaming greedy-CTC recognition with a :class:`~streamssl.asr.ctc.CTCModel`.
 
     Args:
-        model: a CTC model with a waveform (``"conv"``) frontend and a streamable encoder.
+        model: a CTC model with a waveform (``"conv"``) frontend and a streamable encoder; it is put in
+            eval mode.
         chunk_ms: model step size. ``None`` steps on whatever each ``accept`` brings; a number buffers
             audio and steps in whole chunks of this many milliseconds (the rest waits for more audio
             or :meth:`Stream.finish`). Transcripts never depend on it; latency and speed do.
@@ -221,9 +238,15 @@ class Recognizer:
         ``feeds`` maps each stream to a 1-D float array/tensor of 16 kHz samples (any length).
         """
         now = self.clock()
+        # Check every feed before buffering any, so a bad one leaves all streams as they were.
+        checked = {}
         for stream, samples in feeds.items():
             if stream.recognizer is not self:
                 raise ValueError("a stream of another Recognizer was passed to accept")
+            if stream.finished:
+                raise ValueError("stream already finished; start a new one with recognizer.stream()")
+            checked[stream] = _as_samples(samples)
+        for stream, samples in checked.items():
             stream._buffer(samples, now)
         return self._advance(list(feeds), final=False)
 
@@ -281,6 +304,7 @@ class Stream:
         self._previous = model.vocab.blank
         self._word: list[Token] = []
         self.tokens: list[Token] = []
+        self._text: list[str] = []
         self.words: list[Word] = []
         self.frame_delays_s: list[float] = []
         self.compute_s: list[float] = []
@@ -294,7 +318,7 @@ class Stream:
     @property
     def text(self) -> str:
         """The transcript so far."""
-        return self.recognizer.model.vocab.decode([t.token_id for t in self.tokens])
+        return "".join(self._text)
 
     def accept(self, samples: Any) -> Update:
         """Feed ``samples`` (1-D, float, 16 kHz, any length); returns what became final."""
@@ -316,20 +340,7 @@ class Stream:
         return Transcript(self.text, list(self.tokens), list(self.words))
 
     # ------------------------------------------------------------ internals used by the recogniser
-    def _buffer(self, samples: Any, now: float) -> None:
-        if self.finished:
-            raise ValueError("stream already finished; start a new one with recognizer.stream()")
-        if isinstance(samples, np.ndarray):
-            samples = torch.from_numpy(np.ascontiguousarray(samples))
-        if not isinstance(samples, Tensor):
-            raise ValueError(f"samples must be a 1-D numpy array or torch tensor, got {type(samples).__name__}")
-        if samples.dim() != 1:
-            raise ValueError(f"samples must be 1-D (mono), got shape {tuple(samples.shape)}")
-        if not samples.is_floating_point():
-            raise ValueError(f"samples must be floating point in [-1, 1], got dtype {samples.dtype}; "
-                             "convert integer PCM with x / 32768")
-        if not torch.isfinite(samples).all():
-            raise ValueError("samples contain NaN or infinite values")
+    def _buffer(self, samples: Tensor, now: float) -> None:
         if samples.numel() == 0:
             return
         self._pending = torch.cat([self._pending, samples.to(self._pending.dtype)])
@@ -368,6 +379,7 @@ class Stream:
                 token = Token(vocab.symbols[token_id], token_id, frame, start / rec.sample_rate,
                               (start + rec.window_samples) / rec.sample_rate, delay_s)
                 self.tokens.append(token)
+                self._text.append(token.text)
                 update.tokens.append(token)
                 if token.text == " ":
                     word = self._close_word()
