@@ -103,11 +103,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    print("Declared look-ahead of a wav2vec 2.0 BASE-sized encoder (12 layers, 20 ms frames, "
-          "right_frames=8, left_frames=64):\n")
-    names = [name for name in ("full", "maa", "sa", "llsa") if name in MIXERS]
-    names += sorted(set(MIXERS) - set(names))
-    print(latency_table([declared_latency(EncoderConfig.base(mixer=name)) for name in names]))
+    from streamssl.train.demo import run_demo
+
+    run_demo(args.out, progress=not args.no_progress)
     return 0
 
 
@@ -120,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--json", action="store_true", help="machine-readable output")
     latency.set_defaults(func=cmd_latency)
 
-    demo = sub.add_parser("demo", help="the README's main job")
+    demo = sub.add_parser("demo", help="the README's main job: synthesise speech, pretrain, fine-tune, "
+                                       "evaluate a small LLSA encoder (CPU, minutes)")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
 
     for module in COMMAND_MODULES:

@@ -236,7 +236,7 @@ class FinetuneConfig(RunConfig):
 
 def _cpu_encoder(**overrides: Any) -> dict[str, Any]:
     """A small LLSA encoder that trains on a CPU in minutes (ours)."""
-    values = dict(frontend="conv", conv_channels=64, d_model=128, n_layers=4, n_heads=4, ffn_dim=256,
+    values = dict(frontend="conv", conv_channels=32, d_model=96, n_layers=3, n_heads=4, ffn_dim=192,
                   dropout=0.1, pos_conv_kernel=16, pos_conv_groups=8, mixer="llsa", left_frames=32,
                   right_frames=4)
     values.update(overrides)
