@@ -371,3 +371,21 @@ def test_cli_streams_files_reports_latency_and_survives_bad_files(checkpoint, tm
     assert lines[0].startswith(f"{good}: ")  # piped: the partial transcript as growing lines
     assert f"{good}: {result['files'][0]['transcript']}" in lines
     assert any(line.startswith("  emission delay per word") for line in lines)
+
+
+def test_partial_display_rewrites_one_line_on_a_terminal():
+    import io
+
+    from streamssl.streaming.cli import PartialDisplay
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    display = PartialDisplay("a.wav", out)
+    display.show("HEL")
+    display.show("HEL")
+    display.show("HELLO")
+    display.done("HELLO WORLD")
+    assert out.getvalue() == "\r\x1b[Ka.wav: HEL\r\x1b[Ka.wav: HELLO\r\x1b[Ka.wav: HELLO WORLD\n"
