@@ -4,7 +4,8 @@ from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder, EncoderState
 from streamssl.latency import Latency, MeasuredLookahead, measure_lookahead
 from streamssl.mixers import MIXERS
+from streamssl.streaming import Recognizer
 
 __all__ = ["EncoderConfig", "Encoder", "EncoderState", "Latency", "MeasuredLookahead", "measure_lookahead",
-           "MIXERS"]
+           "MIXERS", "Recognizer"]
 __version__ = "0.1.0"

@@ -1,0 +1,399 @@
+"""A streaming CTC recogniser: many independent streams, batched through the model's ``step``.
+
+Usage::
+
+    recognizer = Recognizer.from_checkpoint("runs/demo/finetune", chunk_ms=40)
+    stream = recognizer.stream()
+    for samples in microphone():               # any number of 16 kHz samples at a time
+        update = stream.accept(samples)        # tokens and completed words emitted now, with times
+        print(update.partial)
+    transcript = stream.finish()               # flush the look-ahead; transcript.text is final
+
+    # several streams in one model call:
+    updates = recognizer.accept({stream_a: samples_a, stream_b: samples_b})
+
+Batching design. The encoder's streaming state keeps its position counters (frames fed, next query,
+segment index...) as plain ints shared by the whole batch, so two streams can only share a model call
+when their states are at exactly the same point. Every :class:`Stream` therefore owns a batch-of-one
+state. When several streams have audio to feed, the recogniser groups them by a *signature* of their
+states (every int/str leaf and every tensor's shape without the batch dimension) plus the number of
+samples each feeds; a group is concatenated along the batch dimension, stepped once, and split back.
+Equal signatures mean equal counters, so the batched step does for each stream what its own step would
+do; streams that started at different moments simply run in separate groups. Streams that started
+together and are fed at the same pace (a batch of files, or calls that arrive on the same chunk grid)
+stay in one group for their whole life.
+
+Emission delay (METHODS.md section 5.3) is measured per output frame: the clock reading when the
+:meth:`Stream.accept` call that completed the frame's window was made, to the clock reading after the
+model call that produced the frame. Waiting for a chunk to fill, for look-ahead audio, and compute are
+all inside it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from streamssl.asr.ctc import CTCModel, CTCState
+from streamssl.encoder import EncoderState
+from streamssl.latency import Latency
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Token:
+    """One emitted CTC symbol.
+
+    ``frame`` is the output frame whose arg-max produced it; ``start_s``/``end_s`` bound that frame's
+    audio window (seconds from the stream's first sample); ``delay_s`` is its emission delay.
+    """
+
+    text: str
+    token_id: int
+    frame: int
+    start_s: float
+    end_s: float
+    delay_s: float
+
+
+@dataclass(frozen=True)
+class Word:
+    """A word, complete once the next word boundary (or the end of the stream) was emitted.
+
+    ``start_s`` is the window start of its first character's frame, ``end_s`` the window end of its last;
+    ``delay_s`` is the emission delay of its last character (the moment the whole word was known).
+    """
+
+    text: str
+    start_s: float
+    end_s: float
+    delay_s: float
+
+
+@dataclass
+class Update:
+    """What one ``accept`` produced for a stream: new ``tokens``, newly completed ``words``, and the
+    ``partial`` transcript so far (its last word may still grow)."""
+
+    tokens: list[Token]
+    words: list[Word]
+    partial: str
+
+
+@dataclass
+class Transcript:
+    """The final result of a stream: its ``text`` and every token and word with times."""
+
+    text: str
+    tokens: list[Token]
+    words: list[Word]
+
+    def __str__(self) -> str:
+        return self.text
+
+
+# ---------------------------------------------------------------------------- state batching
+def _signature(tree: Any) -> Any:
+    """Everything that must agree for two batch-of-one states to be stepped as one batch."""
+    if isinstance(tree, Tensor):
+        return ("tensor", tuple(tree.shape[1:]), tree.dtype)
+    if dataclasses.is_dataclass(tree):
+        return tuple((f.name, _signature(getattr(tree, f.name))) for f in dataclasses.fields(tree))
+    if isinstance(tree, dict):
+        return tuple((key, _signature(value)) for key, value in tree.items())
+    if isinstance(tree, (list, tuple)):
+        return (type(tree).__name__, tuple(_signature(item) for item in tree))
+    return tree
+
+
+def _cat(trees: list[Any], dim: int = 0) -> Any:
+    first = trees[0]
+    if isinstance(first, Tensor):
+        return torch.cat(trees, dim=dim)
+    if isinstance(first, dict):
+        return {key: _cat([t[key] for t in trees], dim) for key in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_cat(list(items), dim) for items in zip(*trees))
+    return first
+
+
+def _split(tree: Any, n: int, dim: int = 0) -> list[Any]:
+    if isinstance(tree, Tensor):
+        return list(tree.split(1, dim=dim))
+    if isinstance(tree, dict):
+        parts = {key: _split(value, n, dim) for key, value in tree.items()}
+        return [{key: parts[key][i] for key in tree} for i in range(n)]
+    if isinstance(tree, (list, tuple)):
+        columns = [_split(item, n, dim) for item in tree]
+        return [type(tree)(column[i] for column in columns) for i in range(n)]
+    return [tree] * n
+
+
+def state_signature(state: CTCState) -> Any:
+    """A hashable key; batch-of-one states with equal keys can be merged by :func:`merge_states`."""
+    return _signature(state.encoder), _signature(state.lstm)
+
+
+def merge_states(states: list[CTCState]) -> CTCState:
+    """Concatenate batch-of-one states with equal :func:`state_signature` into one batched state.
+
+    Encoder state tensors are batch-first; the LSTM head's ``(h, c)`` are ``(layers, B, hidden)``.
+    """
+    encoders = [s.encoder for s in states]
+    merged = {f.name: _cat([getattr(e, f.name) for e in encoders]) for f in dataclasses.fields(EncoderState)}
+    merged["batch_size"] = sum(e.batch_size for e in encoders)
+    lstm = None if states[0].lstm is None else _cat([s.lstm for s in states], dim=1)
+    return CTCState(EncoderState(**merged), lstm)
+
+
+def split_state(state: CTCState) -> list[CTCState]:
+    """The inverse of :func:`merge_states`: one batch-of-one state per stream."""
+    n = state.encoder.batch_size
+    columns = {f.name: _split(getattr(state.encoder, f.name), n) for f in dataclasses.fields(EncoderState)}
+    lstm = [None] * n if state.lstm is None else _split(state.lstm, n, dim=1)
+    out = []
+    for i in range(n):
+        fields = {name: column[i] for name, column in columns.items()}
+        fields["batch_size"] = 1
+        out.append(CTCState(EncoderState(**fields), lstm[i]))
+    return out
+
+
+# ---------------------------------------------------------------------------- recogniser
+def _as_samples(samples: Any) -> Tensor:
+    """A 1-D float tensor, or ``ValueError`` saying what is wrong with ``samples``."""
+    if isinstance(samples, np.ndarray):
+        samples = torch.from_numpy(np.ascontiguousarray(samples))
+    if not isinstance(samples, Tensor):
+        raise ValueError(f"samples must be a 1-D numpy array or torch tensor, got {type(samples).__name__}")
+    if samples.dim() != 1:
+        raise ValueError(f"samples must be 1-D (mono), got shape {tuple(samples.shape)}")
+    if not samples.is_floating_point():
+        raise ValueError(f"samples must be floating point in [-1, 1], got dtype {samples.dtype}; "
+                         "convert integer PCM with x / 32768")
+    if not torch.isfinite(samples).all():
+        raise ValueError("samples contain NaN or infinite values")
+    return samples
+
+
+class Recognizer:
+    """Streaming greedy-CTC recognition with a :class:`~streamssl.asr.ctc.CTCModel`.
+
+    Args:
+        model: a CTC model with a waveform (``"conv"``) frontend and a streamable encoder; it is put in
+            eval mode.
+        chunk_ms: model step size. ``None`` steps on whatever each ``accept`` brings; a number buffers
+            audio and steps in whole chunks of this many milliseconds (the rest waits for more audio
+            or :meth:`Stream.finish`). Transcripts never depend on it; latency and speed do.
+        clock: seconds, monotonic; emission delays are differences of its readings. A paced or
+            simulated clock (see :mod:`streamssl.streaming.pacing`) can be passed in.
+    """
+
+    def __init__(self, model: CTCModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter):
+        encoder = model.encoder
+        if encoder.frontend is None:
+            raise ValueError("the recogniser takes waveform input; this model's encoder has frontend='none'")
+        error = encoder.stack.stream_error()
+        if error is not None:
+            raise ValueError(error)
+        if chunk_ms is not None and chunk_ms <= 0:
+            raise ValueError(f"chunk_ms must be positive, got {chunk_ms}")
+        self.model = model.eval()
+        self.sample_rate = encoder.config.sample_rate
+        self.hop_samples = encoder.frontend.hop_samples
+        self.window_samples = encoder.frontend.receptive_field_samples
+        self.chunk_ms = chunk_ms
+        self.chunk_samples = None if chunk_ms is None else max(1, round(chunk_ms * self.sample_rate / 1000))
+        self.clock = clock
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, chunk_ms: float | None = None,
+                        clock: Clock = time.perf_counter) -> "Recognizer":
+        """Load a fine-tuned CTC checkpoint (file or run folder) made by ``streamssl finetune``."""
+        from streamssl.train.checkpoint import load_checkpoint
+
+        return cls(load_checkpoint(path, kind="finetune").model, chunk_ms, clock)
+
+    def latency(self) -> Latency:
+        """The model's declared look-ahead (the chunk wait is :attr:`chunk_ms` on top)."""
+        return self.model.latency()
+
+    def stream(self) -> "Stream":
+        """A new, independent stream."""
+        return Stream(self)
+
+    def accept(self, feeds: Mapping["Stream", Any]) -> dict["Stream", Update]:
+        """Give samples to several streams at once and advance them in as few model calls as possible.
+
+        ``feeds`` maps each stream to a 1-D float array/tensor of 16 kHz samples (any length).
+        """
+        now = self.clock()
+        # Check every feed before buffering any, so a bad one leaves all streams as they were.
+        checked = {}
+        for stream, samples in feeds.items():
+            if stream.recognizer is not self:
+                raise ValueError("a stream of another Recognizer was passed to accept")
+            if stream.finished:
+                raise ValueError("stream already finished; start a new one with recognizer.stream()")
+            checked[stream] = _as_samples(samples)
+        for stream, samples in checked.items():
+            stream._buffer(samples, now)
+        return self._advance(list(feeds), final=False)
+
+    def _advance(self, streams: Iterable["Stream"], final: bool) -> dict["Stream", Update]:
+        updates = {s: Update([], [], "") for s in streams}
+        groups: dict[Any, list[Stream]] = defaultdict(list)
+        for stream in updates:
+            n = stream._ready_samples(final)
+            if n:
+                # A lone stream needs no signature: there is nothing to batch it with.
+                key = (state_signature(stream._state), n) if len(updates) > 1 else n
+                groups[key].append(stream)
+        with torch.inference_mode():
+            for group in groups.values():
+                n = group[0]._ready_samples(final)
+                chunk = torch.stack([s._take(n) for s in group])
+                state = group[0]._state if len(group) == 1 else merge_states([s._state for s in group])
+                started, started_cpu = time.perf_counter(), time.process_time()
+                log_probs, state = self.model.step(chunk, state)
+                compute_s = time.perf_counter() - started
+                cpu_s = time.process_time() - started_cpu
+                emitted_at = self.clock()
+                states = [state] if len(group) == 1 else split_state(state)
+                for i, stream in enumerate(group):
+                    stream._state = states[i]
+                    stream.compute_s.append(compute_s)
+                    stream.cpu_s.append(cpu_s)
+                    stream._emit(log_probs[i], emitted_at, updates[stream])
+        for stream, update in updates.items():
+            update.partial = stream.text
+        return updates
+
+
+class Stream:
+    """One audio stream of a :class:`Recognizer`; see the module docstring.
+
+    Attributes:
+        tokens, words: everything emitted so far (``words`` holds completed words only).
+        frame_delays_s: emission delay of every output frame, blank or not.
+        compute_s: wall time of each ``step`` call this stream took part in; flush_s: of the final flush.
+        cpu_s, flush_cpu_s: CPU time of the process during those calls; on a busy machine it is what a
+            call would take with a core to itself (wall time also counts waiting for the CPU).
+        samples_in: samples accepted so far.
+    """
+
+    def __init__(self, recognizer: Recognizer):
+        self.recognizer = recognizer
+        model = recognizer.model
+        self._state: CTCState = model.init_state(1)
+        self._pending = torch.zeros(0, dtype=model.encoder.dtype)
+        # (samples accepted up to and including this call, clock reading of the call), for the
+        # feed time of the sample that completes each frame.
+        self._feed_ends: list[int] = []
+        self._feed_times: list[float] = []
+        self._previous = model.vocab.blank
+        self._word: list[Token] = []
+        self.tokens: list[Token] = []
+        self._text: list[str] = []
+        self.words: list[Word] = []
+        self.frame_delays_s: list[float] = []
+        self.compute_s: list[float] = []
+        self.cpu_s: list[float] = []
+        self.flush_s = 0.0
+        self.flush_cpu_s = 0.0
+        self.samples_in = 0
+        self.frames_out = 0
+        self.finished = False
+
+    @property
+    def text(self) -> str:
+        """The transcript so far."""
+        return "".join(self._text)
+
+    def accept(self, samples: Any) -> Update:
+        """Feed ``samples`` (1-D, float, 16 kHz, any length); returns what became final."""
+        return self.recognizer.accept({self: samples})[self]
+
+    def finish(self) -> Transcript:
+        """Feed any buffered partial chunk, flush the look-ahead, and return the final transcript."""
+        if self.finished:
+            raise ValueError("stream already finished")
+        update = self.recognizer._advance([self], final=True)[self]
+        with torch.inference_mode():
+            started, started_cpu = time.perf_counter(), time.process_time()
+            log_probs, self._state = self.recognizer.model.flush(self._state)
+            self.flush_s = time.perf_counter() - started
+            self.flush_cpu_s = time.process_time() - started_cpu
+            self._emit(log_probs[0], self.recognizer.clock(), update)
+        self._close_word()
+        self.finished = True
+        return Transcript(self.text, list(self.tokens), list(self.words))
+
+    # ------------------------------------------------------------ internals used by the recogniser
+    def _buffer(self, samples: Tensor, now: float) -> None:
+        if samples.numel() == 0:
+            return
+        self._pending = torch.cat([self._pending, samples.to(self._pending.dtype)])
+        self.samples_in += samples.numel()
+        self._feed_ends.append(self.samples_in)
+        self._feed_times.append(now)
+
+    def _ready_samples(self, final: bool) -> int:
+        chunk = self.recognizer.chunk_samples
+        n = self._pending.numel()
+        return n if final or chunk is None else n - n % chunk
+
+    def _take(self, n: int) -> Tensor:
+        taken, self._pending = self._pending[:n], self._pending[n:]
+        return taken
+
+    def _fed_at(self, frame: int) -> float:
+        """Clock reading of the accept call that brought the last sample of ``frame``'s window."""
+        needed = frame * self.recognizer.hop_samples + self.recognizer.window_samples
+        call = bisect.bisect_left(self._feed_ends, needed)
+        # Calls before this one can never complete a later frame, so the record stays small.
+        del self._feed_ends[:call], self._feed_times[:call]
+        return self._feed_times[0]
+
+    def _emit(self, log_probs: Tensor, emitted_at: float, update: Update) -> None:
+        """Greedy CTC on newly final frames ``(m, V)``, merging repeats across calls."""
+        rec = self.recognizer
+        vocab = rec.model.vocab
+        for token_id in log_probs.argmax(-1).tolist():
+            frame = self.frames_out
+            self.frames_out += 1
+            delay_s = emitted_at - self._fed_at(frame)
+            self.frame_delays_s.append(delay_s)
+            if token_id != self._previous and token_id != vocab.blank:
+                start = frame * rec.hop_samples
+                token = Token(vocab.symbols[token_id], token_id, frame, start / rec.sample_rate,
+                              (start + rec.window_samples) / rec.sample_rate, delay_s)
+                self.tokens.append(token)
+                self._text.append(token.text)
+                update.tokens.append(token)
+                if token.text == " ":
+                    word = self._close_word()
+                    if word is not None:
+                        update.words.append(word)
+                else:
+                    self._word.append(token)
+            self._previous = token_id
+
+    def _close_word(self) -> Word | None:
+        if not self._word:
+            return None
+        chars = self._word
+        self._word = []
+        word = Word("".join(t.text for t in chars), chars[0].start_s, chars[-1].end_s, chars[-1].delay_s)
+        self.words.append(word)
+        return word

@@ -1,0 +1,391 @@
+"""The streaming recogniser: streamed == offline for any chunking, batched == alone, emission delays,
+words, checkpoints, bad input, and the ``streamssl stream`` command."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamssl import Recognizer
+from streamssl.asr.ctc import CTCModel
+from streamssl.cli import main
+from streamssl.config import EncoderConfig
+from streamssl.mixers import MIXERS
+from streamssl.streaming.pacing import PacedClock
+from streamssl.streaming.recognizer import merge_states, split_state, state_signature
+from streamssl.streaming.report import build_report
+from streamssl.train.checkpoint import build_model, save_checkpoint
+from streamssl.train.config import preset
+
+SAMPLE_RATE = 16000
+
+
+def _streamable(name: str) -> bool:
+    with torch.device("meta"):
+        return CTCModel(EncoderConfig.tiny(mixer=name)).encoder.stack.stream_error() is None
+
+
+STREAMING_MIXERS = sorted(name for name in MIXERS if _streamable(name))
+
+
+@functools.lru_cache(maxsize=None)
+def wave(seconds: float = 0.6, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return 0.3 * torch.randn(int(seconds * SAMPLE_RATE), generator=generator, dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(mixer: str, head: str = "linear") -> CTCModel:
+    """A random tiny float64 CTC model made to talk: a sharpened output layer with a blank bias gives
+    varied symbols, repeats and blanks, and the symbol it says most becomes the word boundary, so
+    transcripts hold several words. Everything the greedy merge across chunks must get right."""
+    torch.manual_seed(0)
+    model = CTCModel(EncoderConfig.tiny(mixer=mixer), head=head, lstm_hidden=16).double().eval()
+    space = model.vocab.index[" "]
+    with torch.no_grad():
+        model.output.weight *= 6
+        model.output.bias[model.vocab.blank] += 3
+        best = model(wave()[None])[0][0].argmax(-1)
+        talk = best[best != model.vocab.blank]
+        if talk.numel():
+            common = int(talk.mode().values)
+            for param in (model.output.weight, model.output.bias):
+                param[[common, space]] = param[[space, common]]
+    return model
+
+
+def uniform_lookahead_mixer() -> str:
+    """A mixer whose every frame waits the same, non-zero look-ahead (segment-based ones vary within a
+    segment), for exact delay checks."""
+    for name in STREAMING_MIXERS:
+        latency = tiny_model(name).latency()
+        worst, mean = latency.encoder_lookahead_frames, latency.encoder_mean_lookahead_frames
+        if worst and mean == worst:
+            return name
+    raise AssertionError("no registered mixer has a uniform look-ahead")
+
+
+def offline_tokens(model: CTCModel, audio: torch.Tensor) -> list[tuple[int, int]]:
+    """(token id, frame) of the best path of the offline forward: the reference for streaming."""
+    with torch.no_grad():
+        log_probs, lengths = model(audio[None])
+    best = log_probs[0, : int(lengths[0])].argmax(-1).tolist()
+    tokens, previous = [], model.vocab.blank
+    for frame, token in enumerate(best):
+        if token != previous and token != model.vocab.blank:
+            tokens.append((token, frame))
+        previous = token
+    return tokens
+
+
+def feed(stream, audio: torch.Tensor, sizes: list[int]) -> None:
+    """Feed ``audio`` in pieces of ``sizes`` (cycled) until it is all in."""
+    if audio.numel() == 0:
+        return
+    position, i = 0, 0
+    while position < audio.numel():
+        n = sizes[i % len(sizes)]
+        stream.accept(audio[position:position + n])
+        position, i = position + n, i + 1
+
+
+class ManualClock:
+    """A clock the test sets by hand: compute takes no time on it, so delays are exact."""
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+# ------------------------------------------------------------------------- streamed == offline
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(mixer=st.sampled_from(STREAMING_MIXERS),
+       head=st.sampled_from(["linear", "lstm"]),
+       pieces=st.lists(st.integers(0, 3000), min_size=1, max_size=8),
+       rest=st.integers(160, 4000),
+       chunk_ms=st.sampled_from([None, 5, 20, 37.5, 160]))
+def test_streamed_transcript_equals_offline_for_any_chunking(mixer, head, pieces, rest, chunk_ms):
+    """Pieces of any size (empty and single samples included), then the rest of the audio in pieces of
+    ``rest``; the recogniser may also regroup them into chunks of ``chunk_ms``."""
+    model = tiny_model(mixer, head)
+    audio = wave()
+    reference = offline_tokens(model, audio)
+    stream = Recognizer(model, chunk_ms=chunk_ms).stream()
+    position = 0
+    for n in pieces:
+        stream.accept(audio[position:position + n])
+        position += n
+    feed(stream, audio[position:], [rest])
+    transcript = stream.finish()
+    assert [(t.token_id, t.frame) for t in transcript.tokens] == reference
+    assert transcript.text == model.vocab.decode([token for token, _ in reference])
+    assert stream.frames_out == (audio.numel() - 400) // 320 + 1
+
+
+def test_transcripts_are_not_trivial():
+    # The property above would hold vacuously for a model that only ever says blank.
+    for mixer in STREAMING_MIXERS:
+        tokens = offline_tokens(tiny_model(mixer), wave())
+        text = tiny_model(mixer).vocab.decode([token for token, _ in tokens])
+        assert len(tokens) >= 5 and len(text.split()) >= 2, f"{mixer}: {text!r}"
+
+
+def test_words_and_token_times():
+    model = tiny_model(STREAMING_MIXERS[0])
+    stream = Recognizer(model).stream()
+    feed(stream, wave(), [1000])
+    transcript = stream.finish()
+    assert [w.text for w in transcript.words] == transcript.text.split()
+    for token in transcript.tokens:
+        assert token.start_s == pytest.approx(token.frame * 0.02)
+        assert token.end_s == pytest.approx(token.frame * 0.02 + 0.025)
+    for word in transcript.words:
+        assert word.start_s < word.end_s
+
+
+# ------------------------------------------------------------------------- batching
+@pytest.mark.parametrize("mixer", STREAMING_MIXERS)
+@pytest.mark.parametrize("head", ["linear", "lstm"])
+def test_batched_streams_with_staggered_starts_equal_single_streams(mixer, head):
+    model = tiny_model(mixer, head)
+    audios = [wave(0.6, seed) for seed in range(4)]
+    recognizer = Recognizer(model, chunk_ms=20)
+    calls = []
+    step = model.step
+
+    def counting_step(chunk, state):
+        calls.append(chunk.shape[0])
+        return step(chunk, state)
+
+    model.step = counting_step
+    try:
+        # Streams 0 and 1 start together; 2 starts three rounds later; 3 starts with 2 but is fed
+        # bigger pieces; 1 ends early. Pieces of 320 samples keep everyone on the 20 ms chunk grid.
+        streams = [recognizer.stream(), recognizer.stream()]
+        results = {}
+        position = [0, 0, 0, 0]
+        for round_ in range(40):
+            if round_ == 3:
+                streams += [recognizer.stream(), recognizer.stream()]
+            feeds = {}
+            for i, stream in enumerate(streams):
+                if stream.finished:
+                    continue
+                n = 960 if i == 3 else 320
+                if i == 1 and position[1] >= 4800:
+                    results[1] = stream.finish()
+                    continue
+                piece = audios[i][position[i]:position[i] + n]
+                if piece.numel():
+                    feeds[stream] = piece
+                    position[i] += n
+            if feeds:
+                recognizer.accept(feeds)
+        for i, stream in enumerate(streams):
+            if not stream.finished:
+                results[i] = stream.finish()
+    finally:
+        del model.step
+    assert max(calls) == 2, "streams 0 and 1 (and 2 alone, 3 alone) should have been batched in pairs"
+    for i, audio in enumerate(audios):
+        fed = audio[:4800] if i == 1 else audio
+        alone = Recognizer(model).stream()
+        alone.accept(fed)
+        expected = alone.finish()
+        assert [(t.token_id, t.frame) for t in results[i].tokens] == [(t.token_id, t.frame) for t in expected.tokens]
+        assert [(t.token_id, t.frame) for t in results[i].tokens] == offline_tokens(model, fed)
+
+
+def test_merge_and_split_states_round_trip():
+    model = tiny_model(STREAMING_MIXERS[0], "lstm")
+    recognizer = Recognizer(model)
+    streams = [recognizer.stream() for _ in range(3)]
+    recognizer.accept({s: wave(0.6, i)[:2000] for i, s in enumerate(streams)})
+    states = [s._state for s in streams]
+    assert len({state_signature(s) for s in states}) == 1
+    merged = merge_states(states)
+    assert merged.encoder.batch_size == 3 and merged.lstm[0].shape[1] == 3
+    for original, back in zip(states, split_state(merged)):
+        assert state_signature(original) == state_signature(back)
+        torch.testing.assert_close(back.lstm[0], original.lstm[0], rtol=0, atol=0)
+        torch.testing.assert_close(back.encoder.positional, original.encoder.positional, rtol=0, atol=0)
+    other = recognizer.stream()
+    other.accept(wave()[:1000])
+    assert state_signature(other._state) != state_signature(states[0])
+
+
+# ------------------------------------------------------------------------- emission delay
+@pytest.mark.parametrize("mixer", STREAMING_MIXERS)
+def test_emission_delay_equals_declared_lookahead_with_zero_compute(mixer):
+    # One 20 ms hop per call, the clock at the audio time of each call, compute free: a frame must
+    # wait exactly for the encoder's look-ahead (the frontend's 5 ms fall inside the hop grid).
+    model = tiny_model(mixer)
+    clock = ManualClock()
+    stream = Recognizer(model, clock=clock).stream()
+    audio = wave(1.0)
+    for start in range(0, audio.numel(), 320):
+        clock.now_s = (start + 320) / SAMPLE_RATE
+        stream.accept(audio[start:start + 320])
+    streamed = stream.frames_out
+    stream.finish()
+    delays_ms = 1000 * np.array(stream.frame_delays_s[:streamed])
+    latency = model.latency()
+    assert streamed > 20
+    assert delays_ms.max() == pytest.approx(latency.encoder_lookahead_ms)
+    assert delays_ms.min() >= 0
+    assert delays_ms.mean() == pytest.approx(latency.encoder_mean_lookahead_ms, abs=20.0)
+
+
+def test_chunk_wait_counts_in_the_emission_delay():
+    model = tiny_model(uniform_lookahead_mixer())
+    lookahead_ms = model.latency().encoder_lookahead_ms
+    clock = ManualClock()
+    stream = Recognizer(model, chunk_ms=60, clock=clock).stream()
+    audio = wave(1.0)
+    for start in range(0, audio.numel(), 320):
+        clock.now_s = (start + 320) / SAMPLE_RATE
+        stream.accept(audio[start:start + 320])
+    streamed = stream.frames_out
+    stream.finish()
+    delays_ms = 1000 * np.array(stream.frame_delays_s[:streamed])
+    # Audio enters the model every third hop, so a frame waits 0, 20 or 40 ms more than its look-ahead.
+    assert set(np.round(delays_ms - lookahead_ms).astype(int)) <= {0, 20, 40}
+    assert delays_ms.max() == pytest.approx(lookahead_ms + 40)
+
+
+def test_simulated_pace_skips_waiting_but_keeps_delays():
+    model = tiny_model(uniform_lookahead_mixer())
+    clock = PacedClock(simulate=True)
+    recognizer = Recognizer(model, chunk_ms=20, clock=clock.now)
+    stream = recognizer.stream()
+    audio = wave(1.0)
+    clock.start()
+    for start in range(0, audio.numel(), 320):
+        clock.wait_until((start + 320) / SAMPLE_RATE)
+        stream.accept(audio[start:start + 320])
+    streamed = stream.frames_out
+    stream.finish()
+    delays_ms = 1000 * np.array(stream.frame_delays_s[:streamed])
+    lookahead_ms = model.latency().encoder_lookahead_ms
+    assert clock.now() - clock._start_s >= 1.0
+    assert delays_ms.min() >= lookahead_ms
+    assert np.median(delays_ms) < lookahead_ms + 50  # a tiny model computes in well under 50 ms
+    report = build_report(recognizer, [stream], "simulated")
+    assert report.chunks == len(stream.compute_s) == 50
+    assert report.algorithmic_ms == pytest.approx(model.latency().total_lookahead_ms + 20)
+    assert 0 < report.compute_p50_ms <= report.compute_p95_ms
+    assert report.rtf == pytest.approx((sum(stream.compute_s) + stream.flush_s) / 1.0)
+
+
+# ------------------------------------------------------------------------- bad input
+def test_bad_input_is_refused_with_a_reason():
+    model = tiny_model(STREAMING_MIXERS[0])
+    stream = Recognizer(model).stream()
+    with pytest.raises(ValueError, match="1-D"):
+        stream.accept(torch.zeros(2, 100, dtype=torch.float64))
+    with pytest.raises(ValueError, match="floating point"):
+        stream.accept(np.zeros(100, dtype=np.int16))
+    with pytest.raises(ValueError, match="NaN"):
+        stream.accept(torch.tensor([0.0, float("nan")]))
+    assert stream.accept(np.zeros(0, dtype=np.float32)).tokens == []
+    other = stream.recognizer.stream()
+    with pytest.raises(ValueError, match="1-D"):
+        stream.recognizer.accept({other: np.zeros(500), stream: np.zeros((1, 500))})
+    assert other.samples_in == 0, "a bad feed must leave the other streams untouched"
+    stream.accept(np.zeros(800, dtype=np.float32))
+    stream.finish()
+    with pytest.raises(ValueError, match="finished"):
+        stream.accept(np.zeros(10, dtype=np.float32))
+    with pytest.raises(ValueError, match="finished"):
+        stream.finish()
+    with pytest.raises(ValueError, match="frontend='none'"):
+        Recognizer(CTCModel(EncoderConfig.tiny(frontend="none", input_dim=8)))
+    with pytest.raises(ValueError, match="cannot stream"):
+        Recognizer(CTCModel(EncoderConfig.tiny(mixer="full")))
+
+
+# ------------------------------------------------------------------------- checkpoint and CLI
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    config = preset("finetune", "tiny")
+    torch.manual_seed(0)
+    model = build_model("finetune", config, config.encoder)
+    with torch.no_grad():
+        model.output.bias[model.vocab.blank] += 1.5
+    path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
+    save_checkpoint(path, {"kind": "finetune", "encoder_config": config.encoder.to_dict(),
+                           "task_config": config.to_dict(), "vocab": model.vocab.symbols,
+                           "model": model.state_dict(), "progress": {"step": 0, "epoch": 0, "batch_in_epoch": 0}})
+    return path
+
+
+def test_from_checkpoint_streams_like_the_offline_model(checkpoint):
+    recognizer = Recognizer.from_checkpoint(checkpoint, chunk_ms=40)
+    audio = wave(0.6).float()
+    stream = recognizer.stream()
+    feed(stream, audio, [640])
+    assert [(t.token_id, t.frame) for t in stream.finish().tokens] == offline_tokens(recognizer.model, audio)
+
+
+def test_cli_streams_files_reports_latency_and_survives_bad_files(checkpoint, tmp_path, capsys):
+    audio = wave(0.6).numpy().astype(np.float32)
+    good = tmp_path / "good.wav"
+    soundfile.write(good, audio, SAMPLE_RATE)
+    stereo_8k = tmp_path / "stereo_8k.wav"
+    soundfile.write(stereo_8k, np.stack([audio[::2], audio[::2]], axis=1), 8000)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF not really a wave file")
+
+    code = main(["stream", "--checkpoint", str(checkpoint), str(good), str(broken), str(stereo_8k),
+                 "--chunk-ms", "40", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "broken.wav" in err and "stereo_8k.wav: 2 channels" in err and "8000 Hz, resampled" in err
+    result = json.loads(out)
+    assert [f["file"] for f in result["failed"]] == [str(broken)]
+    assert [f["file"] for f in result["files"]] == [str(good), str(stereo_8k)]
+    recognizer = Recognizer.from_checkpoint(checkpoint)
+    offline = offline_tokens(recognizer.model, torch.from_numpy(audio))
+    assert result["files"][0]["transcript"] == recognizer.model.vocab.decode([t for t, _ in offline])
+    assert result["files"][0]["transcript"].split() == [w["text"] for w in result["files"][0]["words"]]
+    latency = result["latency"]
+    declared = recognizer.latency().total_lookahead_ms + 40
+    assert latency["algorithmic_ms"] == pytest.approx(declared)
+    assert latency["audio_s"] == pytest.approx(1.2, abs=0.01)
+    assert latency["compute_p50_ms"] > 0 and latency["rtf"] > 0
+    assert latency["word_delay_mean_ms"] >= recognizer.latency().encoder_lookahead_ms
+
+    code = main(["stream", "--checkpoint", str(checkpoint), str(good)])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{good}: ")  # piped: the partial transcript as growing lines
+    assert f"{good}: {result['files'][0]['transcript']}" in lines
+    assert any(line.startswith("  emission delay per word") for line in lines)
+
+
+def test_partial_display_rewrites_one_line_on_a_terminal():
+    import io
+
+    from streamssl.streaming.cli import PartialDisplay
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    display = PartialDisplay("a.wav", out)
+    display.show("HEL")
+    display.show("HEL")
+    display.show("HELLO")
+    display.done("HELLO WORLD")
+    assert out.getvalue() == "\r\x1b[Ka.wav: HEL\r\x1b[Ka.wav: HELLO\r\x1b[Ka.wav: HELLO WORLD\n"
