@@ -2,5 +2,6 @@
 
 from streamssl.mixers.base import MIXERS, Block, LayerMixer, LayerStack, MixerStack, build_stack, register_mixer
 from streamssl.mixers import attention  # noqa: F401  (registers full, maa, sa, llsa)
+from streamssl.mixers import summary  # noqa: F401  (registers summary, wsm)
 
 __all__ = ["MIXERS", "Block", "LayerMixer", "LayerStack", "MixerStack", "build_stack", "register_mixer"]
