@@ -1,0 +1,218 @@
+"""Character CTC recogniser: an :class:`~streamssl.Encoder`, a linear or LSTM head, greedy decoding.
+
+Offline::
+
+    log_probs, frame_lengths = model(wave, lengths)      # (B, T, V) log-probabilities, (B,)
+    texts = greedy_decode(log_probs, frame_lengths, model.vocab)
+
+Streaming (what the recogniser of issue 7 drives)::
+
+    state = model.init_state(batch_size)
+    decoder = GreedyDecoder(model.vocab, batch_size)
+    for chunk in chunks:                                 # (B, n) samples, any n
+        log_probs, state = model.step(chunk, state)      # (B, m, V), m >= 0 frames became final
+        new_tokens = decoder.push(log_probs)             # per stream, the characters emitted now
+    log_probs, state = model.flush(state)
+    decoder.push(log_probs); decoder.texts()             # == greedy_decode of the offline output
+
+A unidirectional head adds no look-ahead, so the model's latency is its encoder's.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from streamssl.config import EncoderConfig
+from streamssl.encoder import Encoder, EncoderState
+from streamssl.latency import Latency
+from streamssl.ssl.wav2vec2 import span_mask
+
+BLANK = "<blank>"
+
+
+class CharVocab:
+    """CTC output symbols: blank (index 0), space (the word boundary), apostrophe, ``A``-``Z``.
+
+    Transcripts follow the LibriSpeech convention (upper case, apostrophes, single spaces).
+    """
+
+    def __init__(self, symbols: list[str] | None = None):
+        self.symbols = list(symbols) if symbols is not None else [BLANK, " ", "'", *string.ascii_uppercase]
+        if self.symbols[0] != BLANK or len(set(self.symbols)) != len(self.symbols):
+            raise ValueError(f"a vocabulary starts with {BLANK!r} and has no duplicates, got {self.symbols}")
+        self.index = {s: i for i, s in enumerate(self.symbols)}
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    @property
+    def blank(self) -> int:
+        return 0
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; raises ``ValueError`` naming a character outside the vocabulary."""
+        try:
+            return [self.index[c] for c in text]
+        except KeyError as error:
+            raise ValueError(f"character {error.args[0]!r} of {text!r} is not in the vocabulary "
+                             f"({''.join(self.symbols[1:])!r}); normalise transcripts first") from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.symbols[i] for i in ids if i != self.blank)
+
+
+def greedy_decode(log_probs: Tensor, lengths: Tensor, vocab: CharVocab) -> list[str]:
+    """Best path per utterance: arg-max per frame, merge repeats, drop blanks. ``log_probs`` ``(B, T, V)``."""
+    best = log_probs.argmax(-1).cpu()
+    texts = []
+    for row, length in zip(best, lengths.tolist()):
+        ids = torch.unique_consecutive(row[:length]).tolist()
+        texts.append(vocab.decode(ids))
+    return texts
+
+
+class GreedyDecoder:
+    """Incremental best-path decoding for a batch of streams.
+
+    It keeps the last frame's arg-max per stream, so a character repeated across a chunk boundary is
+    merged exactly as it would be inside one chunk.
+    """
+
+    def __init__(self, vocab: CharVocab, batch_size: int):
+        self.vocab = vocab
+        self.previous = [vocab.blank] * batch_size
+        self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
+
+    def push(self, log_probs: Tensor) -> list[list[int]]:
+        """``log_probs`` ``(B, m, V)`` of newly final frames -> the tokens each stream emits now."""
+        new = []
+        for b, row in enumerate(log_probs.argmax(-1).tolist()):
+            emitted = []
+            for token in row:
+                if token != self.previous[b] and token != self.vocab.blank:
+                    emitted.append(token)
+                self.previous[b] = token
+            self.tokens[b] += emitted
+            new.append(emitted)
+        return new
+
+    def texts(self) -> list[str]:
+        return [self.vocab.decode(t) for t in self.tokens]
+
+
+@dataclass
+class CTCState:
+    """Streaming state: the encoder's, and the LSTM head's ``(h, c)`` (``None`` for a linear head)."""
+
+    encoder: EncoderState
+    lstm: tuple[Tensor, Tensor] | None
+
+
+class CTCModel(nn.Module):
+    """Encoder + CTC head over :class:`CharVocab`.
+
+    Args:
+        encoder_config: the encoder to build (weights may then be loaded from a pretraining run).
+        head: ``"linear"`` or ``"lstm"``.
+        bidirectional: a BLSTM head; refused on an encoder that can stream (it would undo the streaming).
+        mask_prob, mask_length: time masking of projected features while training (SpecAugment-like).
+        freeze_frontend: compute frontend features without gradient.
+    """
+
+    def __init__(self, encoder_config: EncoderConfig, head: str = "linear", lstm_hidden: int = 320,
+                 lstm_layers: int = 1, bidirectional: bool = False, mask_prob: float = 0.0,
+                 mask_length: int = 10, freeze_frontend: bool = False, vocab: CharVocab | None = None):
+        super().__init__()
+        self.vocab = vocab or CharVocab()
+        self.encoder = Encoder(encoder_config)
+        if bidirectional and self.encoder.stack.stream_error() is None:
+            raise ValueError(f"a bidirectional LSTM head reads the whole utterance; mixer "
+                             f"{encoder_config.mixer!r} streams, so use a unidirectional head "
+                             "(bidirectional is for offline encoders such as 'full')")
+        self.head_type = head
+        self.bidirectional = bidirectional
+        self.mask_prob, self.mask_length = mask_prob, mask_length
+        self.freeze_frontend = freeze_frontend
+        if freeze_frontend and self.encoder.frontend is not None:
+            self.encoder.frontend.requires_grad_(False)
+        d_model = encoder_config.d_model
+        if head == "lstm":
+            self.lstm: nn.LSTM | None = nn.LSTM(d_model, lstm_hidden, lstm_layers, batch_first=True,
+                                                bidirectional=bidirectional)
+            out_dim = lstm_hidden * (2 if bidirectional else 1)
+        elif head == "linear":
+            self.lstm = None
+            out_dim = d_model
+        else:
+            raise ValueError(f"head must be 'linear' or 'lstm', got {head!r}")
+        self.mask_embedding = nn.Parameter(torch.zeros(d_model))
+        self.output = nn.Linear(out_dim, len(self.vocab))
+
+    # ------------------------------------------------------------------ offline
+    def encode(self, x: Tensor, lengths: Tensor | None = None, mask_seeds: list[int] | None = None,
+               train_encoder: bool = True) -> tuple[Tensor, Tensor]:
+        """Encoder output ``(B, T, d_model)`` and frame counts; time-masked when ``mask_seeds`` is given."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_frontend):
+                feats, frame_lengths = self.encoder.features(x, lengths)
+            h = self.encoder.project(feats)
+            if mask_seeds is not None and self.mask_prob > 0:
+                mask = span_mask(frame_lengths, mask_seeds, self.mask_prob, self.mask_length, h.shape[1])
+                h = torch.where(mask[..., None], self.mask_embedding.to(h.dtype), h)
+            return self.encoder.encode_frames(h, frame_lengths), frame_lengths
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None, mask_seeds: list[int] | None = None,
+                train_encoder: bool = True) -> tuple[Tensor, Tensor]:
+        """Waveform ``(B, S)`` -> log-probabilities ``(B, T, V)`` (float32) and valid frames ``(B,)``.
+
+        ``mask_seeds``: one seed per utterance to time-mask (training only); ``train_encoder=False``
+        runs the encoder without gradient (frozen warm-up).
+        """
+        y, frame_lengths = self.encode(x, lengths, mask_seeds, train_encoder)
+        if self.lstm is not None:
+            total = y.shape[1]
+            packed = nn.utils.rnn.pack_padded_sequence(y, frame_lengths.cpu(), batch_first=True,
+                                                       enforce_sorted=False)
+            y, _ = self.lstm(packed)
+            y, _ = nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=total)
+        return self.output(y).float().log_softmax(-1), frame_lengths
+
+    # ---------------------------------------------------------------- streaming
+    def init_state(self, batch_size: int, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> CTCState:
+        """A fresh state for ``batch_size`` streams (``ValueError`` if the encoder cannot stream)."""
+        enc = self.encoder.init_state(batch_size, device, dtype)
+        lstm = None
+        if self.lstm is not None:
+            shape = (self.lstm.num_layers, batch_size, self.lstm.hidden_size)
+            zeros = torch.zeros(shape, device=enc.positional.device, dtype=enc.positional.dtype)
+            lstm = (zeros, zeros.clone())
+        return CTCState(enc, lstm)
+
+    def _head_step(self, y: Tensor, lstm: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple | None]:
+        if self.lstm is not None and y.shape[1] > 0:
+            y, lstm = self.lstm(y, lstm)
+        elif self.lstm is not None:
+            y = y.new_zeros(y.shape[0], 0, self.lstm.hidden_size)
+        return self.output(y).float().log_softmax(-1), lstm
+
+    def step(self, chunk: Tensor, state: CTCState) -> tuple[Tensor, CTCState]:
+        """Feed ``(B, n)`` samples; returns log-probabilities ``(B, m, V)`` of frames that became final."""
+        y, enc = self.encoder.step(chunk, state.encoder)
+        log_probs, lstm = self._head_step(y, state.lstm)
+        return log_probs, CTCState(enc, lstm)
+
+    def flush(self, state: CTCState) -> tuple[Tensor, CTCState]:
+        """End every stream; returns the last frames' log-probabilities ``(B, m, V)``."""
+        y, enc = self.encoder.flush(state.encoder)
+        log_probs, lstm = self._head_step(y, state.lstm)
+        return log_probs, CTCState(enc, lstm)
+
+    def latency(self) -> Latency:
+        """The encoder's declared latency (a unidirectional head adds none; a BLSTM only exists on an
+        encoder whose latency is already the whole utterance)."""
+        return self.encoder.latency()

@@ -1,0 +1,142 @@
+"""Checkpoints that rebuild their model on their own and resume a run exactly.
+
+A checkpoint is one ``torch.save`` file holding a dict::
+
+    format         "streamssl-checkpoint"; version: 1
+    kind           "pretrain" (a Wav2Vec2Pretrainer) or "finetune" (a CTCModel)
+    encoder_config EncoderConfig.to_dict()
+    task_config    PretrainConfig / FinetuneConfig .to_dict()
+    vocab          CTC output symbols (finetune only)
+    model          state_dict of the whole model
+    optimizer, scheduler   their state_dicts
+    progress       {"step", "epoch", "batch_in_epoch"}: updates done, epoch, batches of it consumed
+    rng            torch (and CUDA) generator states, Python's and NumPy's, per rank
+    metrics        the latest logged training and dev metrics
+
+:func:`load_checkpoint` returns the rebuilt model with its weights, in eval mode, on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamssl.config import EncoderConfig
+from streamssl.train.config import FinetuneConfig, PretrainConfig, RunConfig
+
+FORMAT = "streamssl-checkpoint"
+VERSION = 1
+KINDS = ("pretrain", "finetune")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt ``model`` and what it came with."""
+
+    path: Path
+    kind: str
+    config: RunConfig
+    encoder_config: EncoderConfig
+    model: nn.Module
+    step: int
+    payload: dict[str, Any]
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.config.steps
+
+
+def build_model(kind: str, config: RunConfig, encoder_config: EncoderConfig,
+                vocab: list[str] | None = None) -> nn.Module:
+    """A freshly initialised model of ``kind`` for ``config``, with ``encoder_config`` as its encoder
+    (and ``vocab`` as the CTC symbols of a finetune model; default :class:`CharVocab`)."""
+    if kind == "pretrain":
+        from streamssl.ssl.wav2vec2 import Wav2Vec2Pretrainer
+
+        assert isinstance(config, PretrainConfig)
+        return Wav2Vec2Pretrainer(config)
+    if kind == "finetune":
+        from streamssl.asr.ctc import CharVocab, CTCModel
+
+        assert isinstance(config, FinetuneConfig)
+        freeze = config.freeze_frontend if config.freeze_frontend is not None else config.init is not None
+        return CTCModel(encoder_config, head=config.head, lstm_hidden=config.lstm_hidden,
+                        lstm_layers=config.lstm_layers, bidirectional=config.bidirectional,
+                        mask_prob=config.mask_prob, mask_length=config.mask_length, freeze_frontend=freeze,
+                        vocab=CharVocab(vocab) if vocab is not None else None)
+    raise ValueError(f"unknown checkpoint kind {kind!r}; kinds: {KINDS}")
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a run killed while saving keeps its previous checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+    os.replace(tmp, path)
+
+
+def read_payload(path: str | Path) -> dict[str, Any]:
+    """The raw dict of a checkpoint, checked for format and kind."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        raise ValueError(f"{path} is not a readable checkpoint: {error}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a streamssl checkpoint")
+    if payload.get("kind") not in KINDS:
+        raise ValueError(f"{path}: unknown checkpoint kind {payload.get('kind')!r}")
+    return payload
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
+    """Rebuild the model of a checkpoint (a file, or a run folder holding ``checkpoint.pt``).
+
+    ``kind``: require this kind, e.g. ``"finetune"`` for evaluation; another kind is a ``ValueError``
+    that says what the file is and which command makes the right one.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    payload = read_payload(path)
+    if kind is not None and payload["kind"] != kind:
+        made_by = {"pretrain": "streamssl pretrain", "finetune": "streamssl finetune"}
+        raise ValueError(f"{path} is a {payload['kind']} checkpoint, but a {kind} checkpoint is needed "
+                         f"(made by `{made_by[kind]}`)")
+    cls = PretrainConfig if payload["kind"] == "pretrain" else FinetuneConfig
+    config = cls.from_dict(payload["task_config"])
+    encoder_config = EncoderConfig.from_dict(payload["encoder_config"])
+    model = build_model(payload["kind"], config, encoder_config, payload.get("vocab"))
+    model.load_state_dict(payload["model"])
+    model.eval()
+    return Checkpoint(path, payload["kind"], config, encoder_config, model,
+                      int(payload["progress"]["step"]), payload)

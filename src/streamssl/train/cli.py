@@ -1,0 +1,198 @@
+"""``streamssl pretrain``, ``streamssl finetune`` and ``streamssl evaluate``.
+
+A run's configuration is built in layers: ``--preset`` (``base``: wav2vec 2.0 BASE; ``cpu-small``;
+``tiny``), then the ``--config`` YAML file, then ``--set KEY=VALUE`` flags (``encoder.KEY`` for encoder
+fields), then the named flags (``--train``, ``--steps``...). ``torchrun --nproc-per-node N -m streamssl
+pretrain ...`` trains with DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from streamssl.train.config import PRESETS, FinetuneConfig, PretrainConfig, RunConfig
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def build_config(kind: str, preset_name: str, config_path: str | None = None,
+                 sets: list[tuple[str, Any]] = (), **flags: Any) -> RunConfig:
+    """The run configuration from a preset, a YAML file, ``--set`` pairs and flags (later wins).
+
+    Fine-tuning with ``init`` drops the preset's encoder (the encoder comes from the checkpoint) unless
+    the file or ``--set`` named encoder fields explicitly, which is then an error.
+    """
+    cls = PretrainConfig if kind == "pretrain" else FinetuneConfig
+    if preset_name not in PRESETS[kind]:
+        raise ValueError(f"unknown {kind} preset {preset_name!r}; presets: {sorted(PRESETS[kind])}")
+    values: dict[str, Any] = {k: v for k, v in PRESETS[kind][preset_name].items()}
+    explicit: dict[str, Any] = {}
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of {cls.__name__} fields")
+        explicit.update(loaded)
+    for key, value in sets:
+        if key.startswith("encoder."):
+            explicit.setdefault("encoder", {})
+            explicit["encoder"] = {**explicit["encoder"], key.split(".", 1)[1]: value}
+        else:
+            explicit[key] = value
+    explicit.update({k: v for k, v in flags.items() if v is not None})
+    if isinstance(explicit.get("encoder"), dict) and isinstance(values.get("encoder"), dict):
+        explicit["encoder"] = {**values["encoder"], **explicit["encoder"]}
+    values.update(explicit)
+    if kind == "finetune" and values.get("init") is not None and "encoder" not in explicit:
+        values.pop("encoder", None)
+    try:
+        return cls.from_dict(values)
+    except TypeError as error:  # a mis-typed field the dataclass could not take
+        raise ValueError(f"{cls.__name__}: {error}") from None
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
+    parser.add_argument("--config", help=f"YAML file of {'PretrainConfig' if kind == 'pretrain' else 'FinetuneConfig'} "
+                                         "fields (encoder fields under 'encoder:')")
+    parser.add_argument("--preset", choices=sorted(PRESETS[kind]), default="base",
+                        help="starting values: wav2vec 2.0 BASE, or small CPU settings (default: base)")
+    parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                        dest="sets", help="override one field (encoder.KEY for the encoder); repeatable")
+    parser.add_argument("--train", dest="train_data", help="training data: manifest, LibriSpeech or audio+txt folder")
+    parser.add_argument("--dev", dest="dev_data", help="dev data, evaluated every eval_every steps and at the end")
+    parser.add_argument("--steps", type=int, help="optimiser updates in the whole run")
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument("--skip-bad", action="store_true", default=None,
+                        help="skip (and report) utterances that fail corpus check instead of stopping")
+    parser.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
+    parser.add_argument("--stop-after", type=int, metavar="STEP",
+                        help="checkpoint and stop at this step (resume later with the same command)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_training(kind: str, config: RunConfig, out: str, device: str | None = None,
+                 stop_after: int | None = None, progress: bool = True) -> dict[str, float]:
+    """Train ``config`` in ``out`` (resuming if a checkpoint is there); checks data before training."""
+    from streamssl.train.data import load_split
+    from streamssl.train.dist import close_world, init_world
+    from streamssl.train.tasks import FinetuneTask, PretrainTask
+    from streamssl.train.trainer import Trainer, seed_everything
+    from streamssl.asr.ctc import CharVocab
+
+    if config.train_data is None:
+        raise ValueError(f"{kind} needs training data: --train or train_data in the config")
+    world = init_world(device)
+    try:
+        say = print if world.is_main else (lambda *a, **k: None)
+        vocab = CharVocab() if kind == "finetune" else None
+        train = load_split(config.train_data, config.skip_bad, "training data", vocab, say)
+        dev = load_split(config.dev_data, config.skip_bad, "dev data", vocab, say) if config.dev_data else None
+        seed_everything(config.seed, world.rank)
+        task = PretrainTask(config) if kind == "pretrain" else FinetuneTask(config, say)
+        n_params = sum(p.numel() for p in task.model.parameters())
+        say(f"{kind}: {task.encoder_config.mixer} encoder, {n_params / 1e6:.2f} M parameters, "
+            f"{len(train)} training utterances ({sum(u.duration for u in train) / 3600:.2f} h), "
+            f"{world.size} process(es) on {world.device}")
+        trainer = Trainer(task, out, world, train, dev, progress=progress, log=say)
+        return trainer.fit(stop_after)
+    finally:
+        close_world(world)
+
+
+def _cmd_train(kind: str):
+    def command(args: argparse.Namespace) -> int:
+        flags = dict(train_data=args.train_data, dev_data=args.dev_data, steps=args.steps, lr=args.lr,
+                     seed=args.seed, skip_bad=args.skip_bad)
+        if kind == "finetune":
+            flags.update(init=args.init, head=args.head)
+        config = build_config(kind, args.preset, args.config, args.sets, **flags)
+        metrics = run_training(kind, config, args.out, args.device, args.stop_after, not args.no_progress)
+        shown = {k: round(v, 4) for k, v in metrics.items()}
+        print(f"{kind} run {args.out}: {shown}")
+        return 0
+
+    return command
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from streamssl.asr.evaluate import evaluate_model
+    from streamssl.train.checkpoint import load_checkpoint
+    from streamssl.train.data import load_split
+    from streamssl.train.dist import pick_device
+
+    checkpoint = load_checkpoint(args.checkpoint, kind="finetune")
+    model = checkpoint.model
+    if args.streaming and model.encoder.stack.stream_error() is not None:
+        raise ValueError(model.encoder.stack.stream_error())
+    utterances = load_split(args.data, args.skip_bad, "evaluation data", model.vocab,
+                            log=lambda m: print(m, file=sys.stderr))
+    device = pick_device(args.device)
+    result = evaluate_model(model.to(device), utterances, streaming=args.streaming, chunk_ms=args.chunk_ms,
+                            device=device, progress=not args.json)
+    if args.json:
+        out = result.to_dict()
+        if not args.hypotheses:
+            out.pop("hypotheses")
+        print(json.dumps(out, indent=2))
+        return 0
+    print(results_table([(checkpoint.encoder_config.mixer, result)]))
+    if args.hypotheses:
+        for utt_id, ref, hyp in result.hypotheses:
+            print(f"{utt_id}\n  REF: {ref}\n  HYP: {hyp}")
+    return 0
+
+
+def results_table(rows: list[tuple[str, Any]]) -> str:
+    """One line per (label, :class:`~streamssl.asr.evaluate.EvalResult`)."""
+    from streamssl.cli import _ms
+
+    table = [("model", "mode", "latency", "WER %", "CER %", "RTF", "utterances")]
+    for label, r in rows:
+        mode = f"streaming {r.chunk_ms:g} ms" if r.streaming else "offline"
+        table.append((label, mode, _ms(r.latency["total_lookahead_ms"]), f"{100 * r.wer:.1f}",
+                      f"{100 * r.cer:.1f}", f"{r.rtf:.3f}", str(r.n_utterances)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    pretrain = sub.add_parser("pretrain", help="wav2vec 2.0 self-supervised pretraining of an encoder",
+                              description=PretrainConfig.__doc__)
+    _add_run_arguments(pretrain, "pretrain")
+    pretrain.set_defaults(func=_cmd_train("pretrain"))
+
+    finetune = sub.add_parser("finetune", help="CTC fine-tuning over characters",
+                              description=FinetuneConfig.__doc__)
+    _add_run_arguments(finetune, "finetune")
+    finetune.add_argument("--init", help="checkpoint (or run folder) whose encoder starts the model; "
+                                         "omit to train from scratch")
+    finetune.add_argument("--head", choices=("linear", "lstm"), help="CTC head")
+    finetune.set_defaults(func=_cmd_train("finetune"))
+
+    evaluate = sub.add_parser("evaluate", help="greedy CTC decoding: WER, CER, latency, real-time factor")
+    evaluate.add_argument("--checkpoint", required=True, help="a finetune checkpoint or its run folder")
+    evaluate.add_argument("--data", required=True, help="manifest, LibriSpeech or audio+txt folder")
+    evaluate.add_argument("--streaming", action="store_true", help="decode chunk by chunk through step/flush")
+    evaluate.add_argument("--chunk-ms", type=float, default=40.0, help="streaming chunk length (default 40)")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
+    evaluate.add_argument("--skip-bad", action="store_true", help="skip utterances that fail corpus check")
+    evaluate.add_argument("--hypotheses", action="store_true", help="also print every reference/hypothesis")
+    evaluate.add_argument("--json", action="store_true", help="machine-readable output")
+    evaluate.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,278 @@
+"""Hyperparameters of the two training tasks, as dataclasses that round-trip through YAML.
+
+A run is described by one YAML file whose top-level keys are the fields of :class:`PretrainConfig`
+or :class:`FinetuneConfig`; the ``encoder`` key holds :class:`~streamssl.EncoderConfig` fields.
+Unknown keys and impossible values raise ``ValueError`` before any data is read or any weight is made.
+
+The defaults are the wav2vec 2.0 BASE values (Baevski et al., 2020, and its released configs) where
+the paper has one; fields marked *(ours)* have no BASE counterpart. :data:`PRESETS` holds small
+settings that train on a CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from streamssl.config import EncoderConfig
+
+
+def _encoder_from(value: Any) -> EncoderConfig | None:
+    if value is None or isinstance(value, EncoderConfig):
+        return value
+    if isinstance(value, dict):
+        return EncoderConfig.from_dict(value)
+    raise ValueError(f"encoder must be a mapping of EncoderConfig fields, got {type(value).__name__}")
+
+
+@dataclass
+class RunConfig:
+    """Fields shared by every training task: data, optimisation, schedule, bookkeeping."""
+
+    train_data: str | None = None      # manifest (.jsonl), LibriSpeech folder, or audio+txt folder
+    dev_data: str | None = None        # evaluated every ``eval_every`` steps (skipped if unset)
+    skip_bad: bool = False             # skip (and report) utterances that fail ``corpus check``
+    steps: int = 400_000               # optimiser updates in the whole run
+    max_batch_seconds: float = 87.5    # audio per batch per process (BASE: 1.4 M samples per GPU)
+    crop_seconds: float | None = 15.6  # random crop of longer utterances (BASE: 250 k samples)
+    lr: float = 5e-4
+    warmup_steps: int = 32_000
+    hold_steps: int = 0                # steps at the peak rate after warm-up (ours: 0 = plain linear decay)
+    final_lr_ratio: float = 0.0        # the rate decays linearly to ``lr * final_lr_ratio``
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-6
+    grad_clip: float = 0.0             # max gradient norm; 0 disables clipping
+    seed: int = 0
+    num_workers: int = 0               # DataLoader worker processes
+    log_every: int = 50                # steps between CSV/TensorBoard rows
+    save_every: int = 1000             # steps between checkpoints (one is always written at the end)
+    eval_every: int = 0                # steps between dev evaluations (0: only at the end)
+
+    def validate(self) -> None:
+        def check(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"{type(self).__name__}.{what}")
+
+        for name in ("steps", "log_every", "save_every"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "hold_steps", "eval_every", "num_workers"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 0, f"{name} must be a non-negative integer, got {value!r}")
+        check(self.max_batch_seconds > 0, f"max_batch_seconds must be positive, got {self.max_batch_seconds}")
+        check(self.crop_seconds is None or self.crop_seconds > 0,
+              f"crop_seconds must be positive or null, got {self.crop_seconds}")
+        check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        check(0.0 <= self.final_lr_ratio <= 1.0, f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+        check(self.weight_decay >= 0, f"weight_decay must be non-negative, got {self.weight_decay}")
+        check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam betas must be in [0, 1)")
+        check(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps}")
+        check(self.grad_clip >= 0, f"grad_clip must be non-negative, got {self.grad_clip}")
+
+    # -------------------------------------------------------------- dict / YAML
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, EncoderConfig) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: "RunConfig | None" = None):
+        """Build from ``data``; fields it lacks come from ``base`` (or the defaults)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {unknown}; known keys: {sorted(known)}")
+        values = base.to_dict() if base is not None else {}
+        if "encoder" in data and isinstance(values.get("encoder"), dict) and isinstance(data["encoder"], dict):
+            merged = dict(values["encoder"])
+            merged.update(data["encoder"])
+            data = {**data, "encoder": merged}
+        values.update(data)
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path, base: "RunConfig | None" = None):
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            return cls.from_dict(data, base)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """wav2vec 2.0 self-supervised pretraining of an encoder (METHODS.md sections 1-2 give the encoder).
+
+    Masking: spans of ``mask_length`` projected frames start at a fraction ``mask_prob`` of the frames
+    (spans may overlap), replaced by a learned embedding. Quantiser: ``codebook_groups`` groups of
+    ``codebook_entries`` entries, picked with a straight-through Gumbel softmax whose temperature decays
+    from ``gumbel_start`` by ``gumbel_decay`` per step down to ``gumbel_end``. Contrastive loss: cosine
+    similarity / ``logit_temperature`` of the context vector with its quantised target and with
+    ``num_negatives`` distractors drawn from other masked frames of the same utterance.
+    """
+
+    encoder: EncoderConfig | None = None   # None: EncoderConfig.base()
+    mask_prob: float = 0.65
+    mask_length: int = 10
+    num_negatives: int = 100
+    logit_temperature: float = 0.1
+    codebook_groups: int = 2
+    codebook_entries: int = 320
+    final_dim: int = 256
+    gumbel_start: float = 2.0
+    gumbel_end: float = 0.5
+    gumbel_decay: float = 0.999995
+    diversity_weight: float = 0.1
+    feature_penalty_weight: float = 10.0
+    feature_grad_scale: float = 0.1     # gradient reaching the frontend is scaled by this
+
+    def __post_init__(self) -> None:
+        self.encoder = _encoder_from(self.encoder) or EncoderConfig.base()
+        self.validate()
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"PretrainConfig.mask_prob must be in (0, 1), got {self.mask_prob}")
+        for name in ("mask_length", "num_negatives", "codebook_groups", "codebook_entries", "final_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"PretrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.final_dim % self.codebook_groups:
+            raise ValueError(f"PretrainConfig.final_dim ({self.final_dim}) must be divisible by "
+                             f"codebook_groups ({self.codebook_groups})")
+        if self.logit_temperature <= 0:
+            raise ValueError(f"PretrainConfig.logit_temperature must be positive, got {self.logit_temperature}")
+        if not 0 < self.gumbel_end <= self.gumbel_start:
+            raise ValueError(f"PretrainConfig needs 0 < gumbel_end <= gumbel_start, got "
+                             f"{self.gumbel_end}, {self.gumbel_start}")
+        if not 0 < self.gumbel_decay <= 1:
+            raise ValueError(f"PretrainConfig.gumbel_decay must be in (0, 1], got {self.gumbel_decay}")
+        for name in ("diversity_weight", "feature_penalty_weight", "feature_grad_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PretrainConfig.{name} must be non-negative, got {getattr(self, name)}")
+
+
+HEADS = ("linear", "lstm")
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """CTC fine-tuning over characters. Defaults follow wav2vec 2.0 BASE fine-tuned on 100 h
+    (peak lr 3e-5, 80 k updates, 10 % warm-up and 40 % hold, 3.2 M samples per batch in all, time masks
+    of 10 frames at p = 0.65, frontend frozen). A BASE-size encoder needs an ``init`` checkpoint.
+
+    ``init``: a ``streamssl pretrain`` (or ``finetune``) checkpoint whose encoder starts the model;
+    ``None`` trains from scratch with ``encoder`` (default: the BASE configuration). Other sources are
+    resolved by :data:`streamssl.asr.init.INIT_SOURCES` (issue 8 adds ``hf:DIR`` there).
+    ``head``: ``linear`` (one projection) or ``lstm`` (``lstm_layers`` of ``lstm_hidden`` units, then a
+    projection); ``bidirectional`` is allowed only on an encoder that cannot stream anyway (``full``).
+    ``freeze_encoder_steps``: the first steps train only the head. ``freeze_frontend``: keep the
+    convolution frontend fixed (``None``: frozen when starting from ``init``, trained from scratch).
+    """
+
+    encoder: EncoderConfig | None = None
+    init: str | None = None
+    head: str = "linear"
+    lstm_hidden: int = 320
+    lstm_layers: int = 1
+    bidirectional: bool = False
+    mask_prob: float = 0.65
+    mask_length: int = 10
+    freeze_encoder_steps: int = 0
+    freeze_frontend: bool | None = None
+    steps: int = 80_000
+    lr: float = 3e-5
+    warmup_steps: int = 8_000
+    hold_steps: int = 32_000
+    final_lr_ratio: float = 0.05
+    max_batch_seconds: float = 200.0
+    crop_seconds: float | None = None    # never crop: the transcript covers the whole utterance
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.encoder = _encoder_from(self.encoder)
+        if self.encoder is None and self.init is None:
+            self.encoder = EncoderConfig.base()
+        self.validate()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init is not None and self.encoder is not None:
+            raise ValueError("FinetuneConfig: give either init (the encoder comes from that checkpoint) "
+                             "or encoder (training from scratch), not both")
+        if self.head not in HEADS:
+            raise ValueError(f"FinetuneConfig.head must be one of {HEADS}, got {self.head!r}")
+        if self.bidirectional and self.head != "lstm":
+            raise ValueError("FinetuneConfig.bidirectional needs head: lstm")
+        for name in ("lstm_hidden", "lstm_layers", "mask_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"FinetuneConfig.{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.mask_prob < 1.0:
+            raise ValueError(f"FinetuneConfig.mask_prob must be in [0, 1), got {self.mask_prob}")
+        if not isinstance(self.freeze_encoder_steps, int) or self.freeze_encoder_steps < 0:
+            raise ValueError(f"FinetuneConfig.freeze_encoder_steps must be a non-negative integer, "
+                             f"got {self.freeze_encoder_steps!r}")
+        if self.crop_seconds is not None:
+            raise ValueError("FinetuneConfig.crop_seconds must be null: a crop would cut the transcript")
+
+
+def _cpu_encoder(**overrides: Any) -> dict[str, Any]:
+    """A small LLSA encoder that trains on a CPU in minutes (ours)."""
+    values = dict(frontend="conv", conv_channels=64, d_model=128, n_layers=4, n_heads=4, ffn_dim=256,
+                  dropout=0.1, pos_conv_kernel=16, pos_conv_groups=8, mixer="llsa", left_frames=32,
+                  right_frames=4)
+    values.update(overrides)
+    return values
+
+
+def _cpu_schedule(steps: int, lr: float, max_batch_seconds: float = 40.0) -> dict[str, Any]:
+    return dict(steps=steps, lr=lr, warmup_steps=max(1, steps // 10), max_batch_seconds=max_batch_seconds,
+                log_every=10, save_every=100, eval_every=0, weight_decay=0.01, grad_clip=5.0)
+
+
+# Named starting points for ``--preset``; a ``--config`` file and ``--set`` flags override them.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "pretrain": {
+        "base": {},
+        "cpu-small": dict(encoder=_cpu_encoder(), **_cpu_schedule(400, 1e-3), crop_seconds=6.0,
+                          mask_prob=0.5, mask_length=5, num_negatives=20, codebook_groups=2,
+                          codebook_entries=64, final_dim=64, gumbel_decay=0.995, feature_grad_scale=1.0),
+        "tiny": dict(encoder=EncoderConfig.tiny(mixer="llsa").to_dict(), **_cpu_schedule(4, 1e-3, 4.0),
+                     crop_seconds=2.0, mask_prob=0.5, mask_length=2,
+                     num_negatives=5, codebook_entries=8, final_dim=16, feature_grad_scale=1.0),
+    },
+    "finetune": {
+        "base": {},
+        "cpu-small": dict(encoder=_cpu_encoder(), head="lstm", lstm_hidden=128, mask_prob=0.2, mask_length=5,
+                          freeze_frontend=False, final_lr_ratio=0.05, hold_steps=0,
+                          **_cpu_schedule(600, 2e-3)),
+        "tiny": dict(encoder=EncoderConfig.tiny(mixer="llsa").to_dict(), head="linear", mask_prob=0.1,
+                     mask_length=2, **_cpu_schedule(4, 1e-3, 4.0)),
+    },
+}
+
+
+def preset(kind: str, name: str) -> RunConfig:
+    """The named starting configuration of ``kind`` (``"pretrain"`` or ``"finetune"``)."""
+    cls = PretrainConfig if kind == "pretrain" else FinetuneConfig
+    if name not in PRESETS[kind]:
+        raise ValueError(f"unknown {kind} preset {name!r}; presets: {sorted(PRESETS[kind])}")
+    return cls.from_dict(PRESETS[kind][name])

@@ -1,0 +1,108 @@
+"""The two training tasks as the :class:`~streamssl.train.trainer.Trainer` drives them: what a batch's
+loss is, what to evaluate on dev data, and what goes into a checkpoint besides the weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamssl.asr.ctc import CharVocab, CTCModel
+from streamssl.asr.evaluate import evaluate_model
+from streamssl.asr.init import resolve_init
+from streamssl.config import EncoderConfig
+from streamssl.ssl.wav2vec2 import Wav2Vec2Pretrainer, utterance_seed
+from streamssl.train.checkpoint import build_model
+from streamssl.train.config import FinetuneConfig, PretrainConfig
+from streamssl.train.data import crop_batch
+from streamssl.train.dist import World
+
+
+class PretrainTask:
+    """wav2vec 2.0 pretraining of ``config.encoder``."""
+
+    kind = "pretrain"
+    find_unused_parameters = False
+
+    def __init__(self, config: PretrainConfig):
+        self.config = config
+        self.encoder_config: EncoderConfig = config.encoder
+        self.vocab: CharVocab | None = None
+        self.model: Wav2Vec2Pretrainer = build_model("pretrain", config, config.encoder)
+
+    def seeds(self, ids: list[str], step: int) -> list[int]:
+        return [utterance_seed(self.config.seed, step, i) for i in ids]
+
+    def loss(self, module: nn.Module, batch: dict, step: int, world: World) -> dict:
+        seeds = self.seeds(batch["ids"], step)
+        audio, lengths = batch["audio"], batch["lengths"]
+        if self.config.crop_seconds:
+            crop = int(self.config.crop_seconds * self.encoder_config.sample_rate)
+            audio, lengths = crop_batch(audio, lengths, crop, [s ^ 0x5EED for s in seeds])
+        return module(audio.to(world.device), lengths.to(world.device), seeds, step, world)
+
+    @torch.no_grad()
+    def evaluate(self, utterances: list, world: World) -> dict[str, float]:
+        """Dev loss and accuracy with fixed masks (step 0 seeds) and arg-max codes."""
+        from streamssl.data import AudioDataset, collate
+
+        self.model.eval()
+        dataset = AudioDataset(utterances)
+        totals = {"objective": 0.0, "contrastive": 0.0, "accuracy": 0.0}
+        for start in range(0, len(dataset), 8):
+            batch = collate([dataset[i] for i in range(start, min(start + 8, len(dataset)))])
+            out = self.loss(self.model, batch, 0, World(device=world.device))
+            for key in totals:
+                totals[key] += float(out[key]) * len(batch["ids"])
+        self.model.train()
+        return {f"dev_{k}": v / len(dataset) for k, v in totals.items()}
+
+    def before_step(self, step: int) -> bool:
+        return True
+
+
+class FinetuneTask:
+    """CTC fine-tuning from ``config.init`` (or from scratch with ``config.encoder``)."""
+
+    kind = "finetune"
+
+    def __init__(self, config: FinetuneConfig, log=print):
+        self.config = config
+        self.vocab = CharVocab()
+        weights = None
+        if config.init is not None:
+            self.encoder_config, weights = resolve_init(config.init)
+        else:
+            self.encoder_config = config.encoder
+        self.model: CTCModel = build_model("finetune", config, self.encoder_config)
+        if weights is not None:
+            self.model.encoder.load_state_dict(weights)
+            log(f"encoder initialised from {config.init}")
+        # The encoder gets no gradient during the frozen warm-up, so DDP must expect unused parameters.
+        self.find_unused_parameters = config.freeze_encoder_steps > 0
+
+    def encoder_trains(self, step: int) -> bool:
+        return step >= self.config.freeze_encoder_steps
+
+    def loss(self, module: nn.Module, batch: dict, step: int, world: World) -> dict:
+        seeds = [utterance_seed(self.config.seed, step, i) for i in batch["ids"]]
+        targets = [torch.tensor(self.vocab.encode(t), dtype=torch.long) for t in batch["texts"]]
+        target_lengths = torch.tensor([len(t) for t in targets])
+        log_probs, frame_lengths = module(batch["audio"].to(world.device), batch["lengths"].to(world.device),
+                                          mask_seeds=seeds, train_encoder=self.encoder_trains(step))
+        total = F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets).to(world.device), frame_lengths,
+                           target_lengths.to(world.device), blank=self.vocab.blank, reduction="sum",
+                           zero_infinity=True)
+        n_chars = world.sum(target_lengths.sum().float().to(world.device))
+        loss = world.size * total / n_chars
+        return {"loss": loss, "ctc_per_char": world.sum(total.detach() / n_chars)}
+
+    @torch.no_grad()
+    def evaluate(self, utterances: list, world: World) -> dict[str, float]:
+        result = evaluate_model(self.model, utterances, device=world.device)
+        self.model.train()
+        return {"dev_wer": result.wer, "dev_cer": result.cer}
+
+    def before_step(self, step: int) -> bool:
+        """Whether the encoder's parameters update at this step (``False`` during frozen warm-up)."""
+        return self.encoder_trains(step)
