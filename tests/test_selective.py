@@ -287,3 +287,90 @@ def test_encoder_inside_a_model_keeps_its_head_trainable():
     assert not model.encoder.stack.blocks[1].mixer.qkv.weight.requires_grad
     assert model.selective_replacement.to_dict() == {"layers": [0], "mixer": "summary",
                                                      "options": {"summary": "global"}}
+
+
+# ------------------------------------------------------------------------------------------ streamssl finetune
+def tiny_corpus(root) -> str:
+    """Four one-second utterances (tones and noise) with short transcripts, as a JSONL manifest."""
+    import json
+
+    import soundfile
+
+    generator = torch.Generator().manual_seed(0)
+    lines = []
+    for i, text in enumerate(["AB", "BA", "A B", "BAB"]):
+        audio = 0.1 * torch.randn(16000, generator=generator) + 0.3 * torch.sin(torch.arange(16000) * (0.05 + 0.02 * i))
+        path = root / f"utt{i}.wav"
+        soundfile.write(path, audio.numpy(), 16000)
+        lines.append(json.dumps({"id": f"utt{i}", "audio": str(path), "duration": 1.0, "text": text, "speaker": "s"}))
+    manifest = root / "train.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return str(manifest)
+
+
+def test_finetune_cli_from_hf_with_replacement_saves_reloads_and_evaluates(saved, tmp_path, capsys):
+    import json
+
+    from streamssl.cli import main
+    from streamssl.selective.finetune import HFCTCModel
+    from streamssl.train.checkpoint import load_checkpoint
+
+    manifest = tiny_corpus(tmp_path)
+    run = tmp_path / "run"
+    assert main(["finetune", "--preset", "tiny", "--init", f"hf:{saved['wavlm']}", "--replace", "last:2",
+                 "--mixer", "wsm", "--train", manifest, "--steps", "3", "--out", str(run), "--no-progress"]) == 0
+    checkpoint = load_checkpoint(run, kind="finetune")
+    model = checkpoint.model
+    assert isinstance(model, HFCTCModel)
+    assert all(isinstance(layer.attention, HFMixerAttention) for layer in model.encoder.encoder.layers[1:])
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".attention.mixer." in n or n.startswith("output.") for n in trainable)
+    assert not torch.equal(model.output.weight, torch.zeros_like(model.output.weight))
+
+    # The reloaded model is the trained one: its weights equal the checkpoint's, and it evaluates.
+    payload = torch.load(run / "checkpoint.pt", weights_only=False)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, payload["model"][name])
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run), "--data", manifest, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_utterances"] == 4 and 0.0 <= result["cer"]
+    assert result["latency"]["streamable"] is False
+
+
+@pytest.mark.parametrize("mode", ["frozen", "replace", "full"])
+def test_finetune_modes_on_a_streamssl_encoder(tmp_path, mode):
+    from streamssl.train.config import FinetuneConfig
+    from streamssl.train.tasks import FinetuneTask
+
+    encoder = dict(EncoderConfig_tiny(), mixer="sa", n_layers=3)
+    extra = {"replace": dict(train_mode="replace", replace_layers="last:2", replace_options={"windows": [[4, 1]]}),
+             "frozen": dict(train_mode="frozen"), "full": {}}[mode]
+    task = FinetuneTask(FinetuneConfig(encoder=encoder, steps=2, **extra), log=lambda *a: None)
+    trainable = {name.split(".")[0] for name, p in task.model.named_parameters() if p.requires_grad}
+    if mode == "full":
+        assert "encoder" in trainable
+    elif mode == "frozen":
+        assert trainable == {"output"}
+    else:
+        names = [n for n, p in task.model.named_parameters() if p.requires_grad and n.startswith("encoder.")]
+        assert names and all(n.startswith(("encoder.stack.blocks.1.mixer.", "encoder.stack.blocks.2.mixer."))
+                             for n in names)
+        assert task.model.encoder.stack.blocks[2].mixer.windows == [(4, 1)]
+
+
+def EncoderConfig_tiny() -> dict:
+    from streamssl import EncoderConfig
+
+    return EncoderConfig.tiny().to_dict()
+
+
+def test_finetune_config_rejects_inconsistent_modes():
+    from streamssl.train.config import FinetuneConfig
+
+    with pytest.raises(ValueError, match="needs replace_layers"):
+        FinetuneConfig(train_mode="replace")
+    with pytest.raises(ValueError, match="train_mode"):
+        FinetuneConfig(train_mode="partial")
+    with pytest.raises(ValueError, match="replace_layers is set"):
+        FinetuneConfig(replace_layers="last:2")
