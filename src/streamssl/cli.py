@@ -16,7 +16,7 @@ from streamssl.encoder import Encoder
 from streamssl.mixers import MIXERS
 
 # Modules that provide ``add_commands(subparsers)``; each registers its own subcommands.
-COMMAND_MODULES: list[str] = ["streamssl.train.cli"]
+COMMAND_MODULES: list[str] = ["streamssl.data.cli", "streamssl.train.cli"]
 
 
 def _left_frames(text: str) -> int | None:

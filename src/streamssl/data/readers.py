@@ -80,6 +80,10 @@ def _decode_problem(path: Path, expected_frames: int) -> str | None:
 
 def _check_audio(path: Path, scan: Scan, decode: bool) -> float | None:
     """Check one audio file; return its duration in seconds, or None after recording a problem."""
+    if path.stat().st_size == 0:
+        # What libsndfile writes for an empty FLAC; reading it would only say "format not recognised".
+        scan.problems.append(Problem(str(path), "zero-length", "the file is empty (0 bytes)"))
+        return None
     try:
         info = audio_info(path)
     except ValueError as error:
@@ -144,6 +148,10 @@ def scan_librispeech(root: str | Path, decode: bool = False, progress: bool = Fa
             where = f"{transcript}:{number}"
             if not _LIBRISPEECH_ID.match(utt_id) or not raw.strip():
                 scan.problems.append(Problem(where, "malformed", f"expected 'SPEAKER-CHAPTER-UTT TEXT', got {line!r}"))
+                continue
+            chapter_prefix = transcript.name.removesuffix(TRANSCRIPT_SUFFIX) + "-"
+            if not utt_id.startswith(chapter_prefix):
+                scan.problems.append(Problem(where, "malformed", f"{utt_id} does not belong in {transcript.name}"))
                 continue
             if utt_id in seen_ids:
                 scan.problems.append(Problem(where, "duplicate-id", f"{utt_id} already appears at {seen_ids[utt_id]}"))

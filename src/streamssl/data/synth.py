@@ -278,6 +278,8 @@ def synthesize_chapter(task: ChapterTask) -> list[Utterance]:
     speaker = task.speaker
     seed_words = [task.seed, int(speaker.id), int(task.chapter)]
     rng = np.random.default_rng(seed_words)
+    # A separate stream for noise, so a noisy corpus has the same texts and voices as the clean one of its seed.
+    noise_rng = np.random.default_rng([*seed_words, 1])
     if task.text_file is None:
         next_text = SentenceGenerator(int(rng.integers(2**32)))
     else:
@@ -300,7 +302,7 @@ def synthesize_chapter(task: ChapterTask) -> list[Utterance]:
             raise RuntimeError(f"eSpeak NG produced no audio for {utt_id} ({speaker.voice}): {spoken!r}")
         audio = resample(raw.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
         if task.noise_snr_db is not None:
-            audio = add_noise(audio, task.noise_snr_db, rng)
+            audio = add_noise(audio, task.noise_snr_db, noise_rng)
         audio = audio / max(1.0, float(np.abs(audio).max()) / PEAK)
         path = folder / f"{utt_id}.flac"
         soundfile.write(str(path), audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")

@@ -21,8 +21,10 @@ _LETTER_FOLDS = {"æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ß": "ss", "ø
 _QUOTE_FOLDS = {"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u2032": "'", "`": "'", "\u00b4": "'",
                 "\u201c": '"', "\u201d": '"', "\u2013": " - ", "\u2014": " - "}
 _SYMBOL_WORDS = {"&": "and", "@": "at", "+": "plus", "=": "equals", "#": "number", "%": "percent",
-                 "°": "degrees", "<": "less than", ">": "greater than", "×": "times", "½": "one half",
-                 "¼": "one quarter", "¾": "three quarters", "$": "dollars", "£": "pounds", "€": "euros"}
+                 "°": "degrees", "<": "less than", ">": "greater than", "×": "times", "\u2044": "over",
+                 "$": "dollars", "£": "pounds", "€": "euros"}
+# Replaced before Unicode compatibility normalisation, which would turn them into digits and a fraction slash.
+_FRACTIONS = {"½": " one half ", "¼": " one quarter ", "¾": " three quarters "}
 _CURRENCIES = {"$": ("dollar", "dollars", "cent", "cents"), "£": ("pound", "pounds", "penny", "pence"),
                "€": ("euro", "euros", "cent", "cents")}
 
@@ -61,8 +63,9 @@ def spell_out(text: str) -> str:
     corpus synthesiser speaks). Examples: ``"$3.50"`` -> ``"three dollars and fifty cents"``, ``"21st"`` ->
     ``"twenty-first"``, ``"12%"`` -> ``"twelve percent"``, ``"0466"`` -> ``"zero four six six"``.
     """
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(_QUOTE_FOLDS.get(char, char) for char in text)
+    text = unicodedata.normalize("NFKC", "".join(_FRACTIONS.get(char, char) for char in text))
+    # Invisible format characters (soft hyphen, zero-width space, byte-order mark) are dropped, not word breaks.
+    text = "".join(_QUOTE_FOLDS.get(char, char) for char in text if unicodedata.category(char) != "Cf")
     text = _CURRENCY_RE.sub(lambda m: f" {_currency_words(m.group(1), m.group(2))} ", text)
     text = _PERCENT_RE.sub(lambda m: f" {_number_words(m.group(1))} percent ", text)
     text = _ORDINAL_RE.sub(lambda m: f" {num2words(int(m.group(1)), to='ordinal')} ", text)
@@ -74,8 +77,8 @@ def spell_out(text: str) -> str:
 def unsupported_characters(text: str) -> list[str]:
     """The characters of ``text`` that :func:`normalize_text` cannot write in the LibriSpeech alphabet.
 
-    Punctuation and whitespace are fine (they become spaces), as are accented Latin letters (accents are
-    dropped), digits and the symbols that :func:`spell_out` knows. Other scripts, emoji and control characters
+    Punctuation and whitespace are fine (they become spaces), as are invisible format characters (dropped),
+    accented Latin letters (accents are dropped), digits and the symbols that :func:`spell_out` knows. Other scripts, emoji and control characters
     are not. Returns each offending character once, in order of appearance.
     """
     found: list[str] = []
@@ -85,7 +88,7 @@ def unsupported_characters(text: str) -> list[str]:
         if char in _QUOTE_FOLDS or char in _LETTER_FOLDS:
             continue
         category = unicodedata.category(char)
-        if category.startswith("P"):
+        if category.startswith("P") or category == "Cf":
             continue
         if category.startswith("L"):
             base = unicodedata.normalize("NFKD", char)[0]
