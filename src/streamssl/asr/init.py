@@ -27,7 +27,14 @@ def load_streamssl_encoder(location: str) -> tuple[EncoderConfig, dict[str, Tens
     return EncoderConfig.from_dict(payload["encoder_config"]), weights
 
 
-INIT_SOURCES: dict[str, InitLoader] = {"": load_streamssl_encoder}
+def load_hf_encoder(location: str):
+    """``hf:DIR``: a Hugging Face wav2vec 2.0 / HuBERT / WavLM model (issue 8, streamssl.selective)."""
+    from streamssl.selective.finetune import load_hf_encoder as load
+
+    return load(location)
+
+
+INIT_SOURCES: dict[str, InitLoader] = {"": load_streamssl_encoder, "hf": load_hf_encoder}
 
 
 def resolve_init(spec: str) -> tuple[EncoderConfig, dict[str, Tensor]]:

@@ -67,6 +67,11 @@ def build_model(kind: str, config: RunConfig, encoder_config: EncoderConfig,
 
         assert isinstance(config, FinetuneConfig)
         freeze = config.freeze_frontend if config.freeze_frontend is not None else config.init is not None
+        from streamssl.selective.finetune import HFCTCModel, HFEncoderSpec
+
+        if isinstance(encoder_config, HFEncoderSpec):
+            return HFCTCModel(encoder_config, CharVocab(vocab) if vocab is not None else None,
+                              mask_prob=config.mask_prob, mask_length=config.mask_length, freeze_frontend=freeze)
         return CTCModel(encoder_config, head=config.head, lstm_hidden=config.lstm_hidden,
                         lstm_layers=config.lstm_layers, bidirectional=config.bidirectional,
                         mask_prob=config.mask_prob, mask_length=config.mask_length, freeze_frontend=freeze,
@@ -139,8 +144,12 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
                          f"(made by `{made_by[kind]}`)")
     cls = PretrainConfig if payload["kind"] == "pretrain" else FinetuneConfig
     config = cls.from_dict(payload["task_config"])
-    encoder_config = EncoderConfig.from_dict(payload["encoder_config"])
+    from streamssl.selective.finetune import apply_train_mode, encoder_config_from_dict
+
+    encoder_config = encoder_config_from_dict(payload["encoder_config"])
     model = build_model(payload["kind"], config, encoder_config, payload.get("vocab"))
+    if payload["kind"] == "finetune":
+        apply_train_mode(model, config.train_mode, config.replace_layers, config.replace_mixer, config.replace_options)
     model.load_state_dict(payload["model"])
     model.eval()
     return Checkpoint(path, payload["kind"], config, encoder_config, model,

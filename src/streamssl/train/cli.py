@@ -120,7 +120,7 @@ def _cmd_train(kind: str):
         flags = dict(train_data=args.train_data, dev_data=args.dev_data, steps=args.steps, lr=args.lr,
                      seed=args.seed, skip_bad=args.skip_bad)
         if kind == "finetune":
-            flags.update(init=args.init, head=args.head)
+            flags.update(init=args.init, head=args.head, **_train_mode_flags(args))
         config = build_config(kind, args.preset, args.config, args.sets, **flags)
         metrics = run_training(kind, config, args.out, args.device, args.stop_after, not args.no_progress)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -129,6 +129,20 @@ def _cmd_train(kind: str):
         return 0
 
     return command
+
+
+def _train_mode_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """``FinetuneConfig`` fields of ``--full``, ``--frozen``, ``--replace LAYERS`` and ``--mixer`` (issue 8)."""
+    flags: dict[str, Any] = {}
+    if args.full:
+        flags["train_mode"] = "full"
+    elif args.frozen:
+        flags["train_mode"] = "frozen"
+    elif args.replace:
+        flags.update(train_mode="replace", replace_layers=args.replace)
+    if args.mixer:
+        flags["replace_mixer"] = args.mixer
+    return flags
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -186,6 +200,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     finetune.add_argument("--init", help="checkpoint (or run folder) whose encoder starts the model; "
                                          "omit to train from scratch")
     finetune.add_argument("--head", choices=("linear", "lstm"), help="CTC head")
+    mode = finetune.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="train the whole model (default)")
+    mode.add_argument("--frozen", action="store_true", help="keep the encoder fixed; train only the CTC head")
+    mode.add_argument("--replace", metavar="LAYERS", help="selective fine-tuning: replace the attention of LAYERS "
+                                                          "('last:K' or 'i,j,...') with fresh --mixer layers and "
+                                                          "train only those and the head")
+    finetune.add_argument("--mixer", help="mixer of the replaced layers with --replace (default wsm)")
     finetune.set_defaults(func=_cmd_train("finetune"))
 
     evaluate = sub.add_parser("evaluate", help="greedy CTC decoding: WER, CER, latency, real-time factor")

@@ -183,6 +183,9 @@ class FinetuneConfig(RunConfig):
     resolved by :data:`streamssl.asr.init.INIT_SOURCES` (issue 8 adds ``hf:DIR`` there).
     ``head``: ``linear`` (one projection) or ``lstm`` (``lstm_layers`` of ``lstm_hidden`` units, then a
     projection); ``bidirectional`` is allowed only on an encoder that cannot stream anyway (``full``).
+    ``train_mode``: ``full``, ``frozen`` (only the head trains) or ``replace`` (the attention of
+    ``replace_layers``, e.g. ``last:4``, becomes fresh ``replace_mixer`` layers with ``replace_options``;
+    they and the head train): see :mod:`streamssl.selective.finetune`.
     ``freeze_encoder_steps``: the first steps train only the head. ``freeze_frontend``: keep the
     convolution frontend fixed (``None``: frozen when starting from ``init``, trained from scratch).
     """
@@ -197,6 +200,11 @@ class FinetuneConfig(RunConfig):
     mask_length: int = 10
     freeze_encoder_steps: int = 0
     freeze_frontend: bool | None = None
+    # Selective fine-tuning (issue 8, streamssl.selective.finetune): "full", "frozen" or "replace".
+    train_mode: str = "full"
+    replace_layers: str | None = None
+    replace_mixer: str = "wsm"
+    replace_options: dict[str, Any] = field(default_factory=dict)
     steps: int = 80_000
     lr: float = 3e-5
     warmup_steps: int = 8_000
@@ -232,6 +240,9 @@ class FinetuneConfig(RunConfig):
                              f"got {self.freeze_encoder_steps!r}")
         if self.crop_seconds is not None:
             raise ValueError("FinetuneConfig.crop_seconds must be null: a crop would cut the transcript")
+        from streamssl.selective.finetune import check_train_mode
+
+        check_train_mode(self.train_mode, self.replace_layers, self.replace_mixer, self.replace_options)
 
 
 def _cpu_encoder(**overrides: Any) -> dict[str, Any]:

@@ -78,6 +78,10 @@ class FinetuneTask:
         if weights is not None:
             self.model.encoder.load_state_dict(weights)
             log(f"encoder initialised from {config.init}")
+        from streamssl.selective.finetune import apply_train_mode
+
+        apply_train_mode(self.model, config.train_mode, config.replace_layers, config.replace_mixer,
+                         config.replace_options)
         # The encoder gets no gradient during the frozen warm-up, so DDP must expect unused parameters.
         self.find_unused_parameters = config.freeze_encoder_steps > 0
 

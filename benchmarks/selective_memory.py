@@ -1,0 +1,129 @@
+"""Peak memory and time of one CTC training step: full fine-tuning vs selective WSM fine-tuning.
+
+    python benchmarks/selective_memory.py [--device cuda] [--seconds 16] [--batch 1] [--threads 1]
+
+A wav2vec 2.0 BASE-sized ``Wav2Vec2ForCTC`` (12 layers, width 768, 7-layer conv feature encoder; the
+``transformers`` defaults), randomly initialised, 32 output symbols, on a batch of random audio with
+random labels. Each mode runs in a fresh interpreter:
+
+* ``full``: every parameter trains, the conv feature encoder included;
+* ``full, frozen CNN``: the usual Hugging Face recipe (``freeze_feature_encoder()``);
+* ``selective WSM last:4``: ``replace_attention(model, "last:4", "wsm")``, the method of the WSM paper;
+* ``frozen encoder``: only the CTC head trains (a lower bound).
+
+A step is forward, CTC loss, backward and an AdamW update. Three steps run; the first creates the
+optimiser state, the time is the fastest of the last two. Memory: on CPU the peak resident set size
+(``ru_maxrss``) minus the resident size after importing torch and transformers, before the model is
+built, so it counts weights, gradients, optimiser state and activations; on CUDA
+``torch.cuda.max_memory_allocated``. Prints a markdown table and writes
+``docs/benchmarks/selective_memory_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, current_rss_mb, markdown_table, peak_rss_mb, write_json
+
+MODES = ("full", "full, frozen CNN", "selective WSM last:4", "frozen encoder")
+BASELINES = ("full", "full, frozen CNN")
+SAMPLE_RATE = 16000
+
+
+def training_step_point(mode: str, seconds: float, batch: int, device: str, threads: int, steps: int = 3) -> dict:
+    """Measure ``mode`` in this process (meant to be a fresh one)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import transformers
+
+    from streamssl.selective import count_parameters, replace_attention
+
+    base_mb = current_rss_mb()
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(vocab_size=32, mask_time_prob=0.0, layerdrop=0.0)
+    model = transformers.Wav2Vec2ForCTC(config)
+    if mode == "full, frozen CNN":
+        model.freeze_feature_encoder()
+    elif mode == "selective WSM last:4":
+        replace_attention(model, "last:4", mixer="wsm")
+    elif mode == "frozen encoder":
+        model.requires_grad_(False)
+        model.freeze_feature_encoder()
+        model.lm_head.requires_grad_(True)
+    elif mode != "full":
+        raise ValueError(f"unknown mode {mode!r}")
+    trainable, total = count_parameters(model)
+    model.to(device).train()
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    samples = int(seconds * SAMPLE_RATE)
+    audio = torch.randn(batch, samples, device=device)
+    labels = torch.randint(1, 32, (batch, int(seconds * 12)), device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        optimiser.zero_grad(set_to_none=True)
+        loss = model(audio, labels=labels).loss
+        loss.backward()
+        optimiser.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb() - base_mb
+    return {"mode": mode, "peak_mb": peak, "time_s": min(times[1:]), "trainable_params": trainable,
+            "total_params": total, "loss": loss.item()}
+
+
+def measure(mode: str, seconds: float, batch: int, device: str, threads: int) -> dict:
+    request = json.dumps(dict(mode=mode, seconds=seconds, batch=batch, device=device, threads=threads))
+    code = ("import json, sys; sys.path.insert(0, %r); from selective_memory import training_step_point; "
+            "print(json.dumps(training_step_point(**json.loads(sys.argv[1]))))") % str(Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", code, request], capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"mode": mode, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=16.0, help="audio per utterance")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    args = parser.parse_args()
+
+    results = []
+    for mode in args.modes:
+        point = measure(mode, args.seconds, args.batch, args.device, args.threads)
+        results.append(point)
+        print(point, flush=True)
+    write_json(args.out / f"selective_memory_{args.device}.json",
+               {"seconds": args.seconds, "batch": args.batch, "device": args.device, "threads": args.threads,
+                "results": results})
+
+    reference = {r["mode"]: r for r in results if "peak_mb" in r}
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["mode"], "error: " + r["error"], "", "", ""])
+            continue
+        baselines = [m for m in BASELINES if m in reference and r["mode"] not in BASELINES]
+        versus = [f"{100 * (1 - r['peak_mb'] / reference[m]['peak_mb']):.0f} % below {m}" for m in baselines]
+        rows.append([r["mode"], f"{r['trainable_params'] / 1e6:.1f} M / {r['total_params'] / 1e6:.1f} M",
+                     f"{r['peak_mb']:.0f}", f"{r['time_s']:.2f}", "; ".join(versus)])
+    print(markdown_table(["mode", "trainable / total params", "peak MB", "step s", "peak memory saved"], rows))
+
+
+if __name__ == "__main__":
+    main()
