@@ -150,7 +150,9 @@ class Trainer:
         payload = read_payload(self.checkpoint_path)
         if payload["kind"] != self.task.kind:
             raise ValueError(f"{self.run_dir} holds a {payload['kind']} run; use another --out for {self.task.kind}")
-        saved, wanted = payload["task_config"], self.config.to_dict()
+        # Through from_dict, so that fields added since the run was saved compare at their defaults.
+        saved = type(self.config).from_dict(payload["task_config"]).to_dict()
+        wanted = self.config.to_dict()
         differ = sorted(k for k in set(saved) | set(wanted) if k not in BOOKKEEPING and saved.get(k) != wanted.get(k))
         if differ:
             raise ValueError(f"{self.run_dir} holds a run with a different configuration (fields {differ}); "
