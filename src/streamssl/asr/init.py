@@ -2,8 +2,8 @@
 
 ``init`` is ``SOURCE:LOCATION`` or a plain path. A plain path is a streamssl checkpoint (``pretrain``
 or ``finetune``) whose encoder weights are copied. Other sources register a loader in
-:data:`INIT_SOURCES`; issue 8 adds ``hf:DIR`` (a Hugging Face wav2vec 2.0 model) there, and its
-``--replace/--full/--frozen`` modes choose what trains through :func:`trainable_parameters`.
+:data:`INIT_SOURCES`, such as ``hf:DIR`` (a local Hugging Face wav2vec 2.0 / HuBERT / WavLM model);
+``--replace/--full/--frozen`` choose what trains through :func:`trainable_parameters`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def load_streamssl_encoder(location: str) -> tuple[EncoderConfig, dict[str, Tens
 
 
 def load_hf_encoder(location: str):
-    """``hf:DIR``: a Hugging Face wav2vec 2.0 / HuBERT / WavLM model (issue 8, streamssl.selective)."""
+    """``hf:DIR``: a Hugging Face wav2vec 2.0 / HuBERT / WavLM model (see :mod:`streamssl.selective`)."""
     from streamssl.selective.finetune import load_hf_encoder as load
 
     return load(location)

@@ -132,7 +132,7 @@ def _cmd_train(kind: str):
 
 
 def _train_mode_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """``FinetuneConfig`` fields of ``--full``, ``--frozen``, ``--replace LAYERS`` and ``--mixer`` (issue 8)."""
+    """``FinetuneConfig`` fields of ``--full``, ``--frozen``, ``--replace LAYERS`` and ``--mixer``."""
     flags: dict[str, Any] = {}
     if args.full:
         flags["train_mode"] = "full"

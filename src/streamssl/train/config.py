@@ -180,7 +180,7 @@ class FinetuneConfig(RunConfig):
 
     ``init``: a ``streamssl pretrain`` (or ``finetune``) checkpoint whose encoder starts the model;
     ``None`` trains from scratch with ``encoder`` (default: the BASE configuration). Other sources are
-    resolved by :data:`streamssl.asr.init.INIT_SOURCES` (issue 8 adds ``hf:DIR`` there).
+    resolved by :data:`streamssl.asr.init.INIT_SOURCES`, e.g. ``hf:DIR`` for a Hugging Face model.
     ``head``: ``linear`` (one projection) or ``lstm`` (``lstm_layers`` of ``lstm_hidden`` units, then a
     projection); ``bidirectional`` is allowed only on an encoder that cannot stream anyway (``full``).
     ``train_mode``: ``full``, ``frozen`` (only the head trains) or ``replace`` (the attention of
@@ -200,7 +200,7 @@ class FinetuneConfig(RunConfig):
     mask_length: int = 10
     freeze_encoder_steps: int = 0
     freeze_frontend: bool | None = None
-    # Selective fine-tuning (issue 8, streamssl.selective.finetune): "full", "frozen" or "replace".
+    # Selective fine-tuning (streamssl.selective.finetune): "full", "frozen" or "replace".
     train_mode: str = "full"
     replace_layers: str | None = None
     replace_mixer: str = "wsm"
