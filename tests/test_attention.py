@@ -2,26 +2,10 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import make_encoder
+from conftest import LargestOutput, make_encoder
 from streamssl import Encoder, EncoderConfig, measure_lookahead
 from streamssl.mixers.attention_core import KeySource, blocked_band_attention, dense_band_attention
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements any op produced."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("left, right, block", [(4, 2, 3), (0, 0, 1), (None, 3, 5), (7, 1, 64)])
@@ -58,7 +42,7 @@ def test_sa_never_forms_a_t_by_t_tensor_but_maa_does():
     sizes = {}
     for mixer in ("sa", "llsa", "maa"):
         encoder = make_encoder(mixer, **kwargs)
-        with torch.no_grad(), LargestTensor() as probe:
+        with torch.no_grad(), LargestOutput() as probe:
             encoder(x)
         sizes[mixer] = probe.largest
     assert sizes["maa"] >= frames * frames

@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_encoder
+from conftest import make_encoder, stream_in_chunks
 from streamssl import MIXERS, measure_lookahead
 
 ALL_MIXERS = sorted(MIXERS)
@@ -23,21 +23,6 @@ def encoder_or_skip(mixer: str, **overrides):
 
 def streams(encoder) -> bool:
     return encoder.stack.stream_error() is None
-
-
-def stream_in_chunks(encoder, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Feed ``x`` (B, S[, F]) in chunks of the given sizes (cycled), then flush."""
-    state = encoder.init_state(x.shape[0])
-    outputs, pos, i = [], 0, 0
-    with torch.no_grad():
-        while pos < x.shape[1]:
-            n = sizes[i % len(sizes)]
-            y, state = encoder.step(x[:, pos:pos + n], state)
-            outputs.append(y)
-            pos, i = pos + n, i + 1
-        y, state = encoder.flush(state)
-    outputs.append(y)
-    return torch.cat(outputs, dim=1)
 
 
 @pytest.mark.parametrize("mixer", ALL_MIXERS)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import streamssl.mixers.attention_core as attention_core
+from conftest import stream_in_chunks
 from streamssl import Encoder, EncoderConfig, measure_lookahead
 
 torch.set_num_threads(1)
@@ -27,19 +28,6 @@ def make(mixer: str, segment: int, left: int | None, right, memory: int, n_layer
                                 right_frames=right, n_layers=n_layers,
                                 mixer_options={"segment_frames": segment, "memory_size": memory})
     return Encoder(config).to(dtype).eval()
-
-
-def stream(encoder: Encoder, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Feed ``x`` in chunks of ``sizes`` (cycled), flush, and join the outputs."""
-    state = encoder.init_state(x.shape[0])
-    outputs, pos, i = [], 0, 0
-    with torch.no_grad():
-        while pos < x.shape[1]:
-            y, state = encoder.step(x[:, pos:pos + sizes[i % len(sizes)]], state)
-            outputs.append(y)
-            pos, i = pos + sizes[i % len(sizes)], i + 1
-        y, _ = encoder.flush(state)
-    return torch.cat(outputs + [y], dim=1)
 
 
 def frames(batch: int, n: int, seed: int, dtype: torch.dtype = torch.float64, width: int = INPUT_DIM) -> torch.Tensor:
@@ -148,7 +136,7 @@ def test_streaming_equals_forward_and_padding_is_invisible(mixer, data):
     x = frames(batch, n, seed=n)
     with torch.no_grad():
         offline, _ = encoder(x)
-        assert torch.allclose(stream(encoder, x, sizes), offline, atol=1e-9, rtol=0)
+        assert torch.allclose(stream_in_chunks(encoder, x, sizes), offline, atol=1e-9, rtol=0)
         lengths = torch.tensor(lengths)
         padded = x.clone()
         padded[torch.arange(n) >= lengths[:, None]] = 1e3  # loud garbage in the padding
@@ -165,7 +153,7 @@ def test_streaming_equals_forward_float32(mixer):
     with torch.no_grad():
         offline, _ = encoder(x)
     for sizes in ([1], [3, 7], [43]):
-        assert torch.allclose(stream(encoder, x, sizes), offline, atol=1e-4, rtol=0)
+        assert torch.allclose(stream_in_chunks(encoder, x, sizes), offline, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("mixer", FAMILIES)

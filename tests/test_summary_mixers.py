@@ -8,9 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from conftest import LargestOutput, stream_in_chunks
 from streamssl import Encoder, EncoderConfig, measure_lookahead
 from streamssl.mixers import summary as summary_module
 from streamssl.mixers.summary import DEFAULT_WINDOW_LEFT_FRAMES, SummaryMixer
@@ -24,19 +23,6 @@ def make_encoder(mixer: str, left: int | None, right, n_layers: int = 2, dtype: 
     config = EncoderConfig.tiny(frontend="none", input_dim=INPUT_DIM, mixer=mixer, n_layers=n_layers,
                                 left_frames=left, right_frames=right, mixer_options=options)
     return Encoder(config).to(dtype).eval()
-
-
-def stream(encoder: Encoder, x: torch.Tensor, chunk_sizes: list[int]) -> torch.Tensor:
-    """Feed ``x`` (B, T, input_dim) in chunks cycling through ``chunk_sizes``; return all outputs."""
-    state = encoder.init_state(x.shape[0])
-    outputs, start, k = [], 0, 0
-    while start < x.shape[1]:
-        n = chunk_sizes[k % len(chunk_sizes)]
-        y, state = encoder.step(x[:, start:start + n], state)
-        outputs.append(y)
-        start, k = start + n, k + 1
-    y, _ = encoder.flush(state)
-    return torch.cat(outputs + [y], dim=1)
 
 
 def reference_mixer(mixer: SummaryMixer, u: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -96,7 +82,7 @@ def test_padded_batch_equals_each_utterance_alone(mixer, left, right, options):
         alone, _ = encoder(x[b:b + 1, :length])
         torch.testing.assert_close(y[b:b + 1, :length], alone, rtol=0, atol=1e-10)
         if encoder.stack.stream_error() is None:
-            torch.testing.assert_close(stream(encoder, x[b:b + 1, :length], [3, 1, 5]), alone, rtol=0, atol=1e-10)
+            torch.testing.assert_close(stream_in_chunks(encoder, x[b:b + 1, :length], [3, 1, 5]), alone, rtol=0, atol=1e-10)
 
 
 window_side = st.one_of(st.none(), st.integers(0, 4))
@@ -114,7 +100,7 @@ def test_streaming_equals_offline_for_any_chunking(data, mixer, left, n_layers, 
     encoder = make_encoder(mixer, left, right, n_layers=n_layers, **options)
     x = torch.randn(batch, frames, INPUT_DIM, dtype=torch.float64)
     y, _ = encoder(x)
-    torch.testing.assert_close(stream(encoder, x, chunks), y, rtol=0, atol=1e-9)
+    torch.testing.assert_close(stream_in_chunks(encoder, x, chunks), y, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("mixer,options", [("summary", {}), ("wsm", {"windows": [[4, 2], [1, 0]]})])
@@ -122,7 +108,7 @@ def test_streaming_equals_offline_in_float32(mixer, options):
     encoder = make_encoder(mixer, 6, [1, 3], dtype=torch.float32, **options)
     x = torch.randn(2, 90, INPUT_DIM)
     y, _ = encoder(x)
-    torch.testing.assert_close(stream(encoder, x, [7, 1, 13, 2]), y, rtol=0, atol=1e-4)
+    torch.testing.assert_close(stream_in_chunks(encoder, x, [7, 1, 13, 2]), y, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("mixer,left,right,options,declared", [
@@ -162,21 +148,6 @@ def test_default_options_stream_with_the_declared_window():
     assert [b.mixer.windows for b in wsm.stack.blocks] == [[(5, 2)], [(5, 3)]]
     assert [b.mixer.windows for b in unlimited.stack.blocks] == [[(DEFAULT_WINDOW_LEFT_FRAMES, 2)],
                                                                   [(DEFAULT_WINDOW_LEFT_FRAMES, 3)]]
-
-
-class LargestOutput(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an operator returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self.largest = max(self.largest, leaf.numel())
-        return out
 
 
 def largest_tensor(encoder: Encoder, frames: int) -> int:
