@@ -18,9 +18,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m streamssl demo
 
+# Speed and memory goals (tables, plots and JSON under docs/benchmarks/); long on a laptop CPU.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/attention_memory.py
 	$(BIN)/python benchmarks/streaming_rtf.py
+	$(BIN)/python benchmarks/memory_mixers.py
+	$(BIN)/python benchmarks/summary_mixers.py
+	$(BIN)/python benchmarks/emission_delay.py
+	$(BIN)/python benchmarks/selective_memory.py
 
 clean:
 	rm -rf $(VENV) runs

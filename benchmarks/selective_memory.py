@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, current_rss_mb, markdown_table, peak_rss_mb, write_json
+from common import ROOT, markdown_table, peak_rss_mb, reset_peak_rss, write_json
 
 MODES = ("full", "full, frozen CNN", "selective WSM last:4", "frozen encoder")
 BASELINES = ("full", "full, frozen CNN")
@@ -44,7 +44,7 @@ def training_step_point(mode: str, seconds: float, batch: int, device: str, thre
 
     from streamssl.selective import count_parameters, replace_attention
 
-    base_mb = current_rss_mb()
+    base_mb = reset_peak_rss()
     torch.manual_seed(0)
     config = transformers.Wav2Vec2Config(vocab_size=32, mask_time_prob=0.0, layerdrop=0.0)
     model = transformers.Wav2Vec2ForCTC(config)
