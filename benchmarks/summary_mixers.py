@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -37,8 +36,9 @@ softmax and gradients, int64 offsets and boolean masks); only used to skip runs 
 
 def measure_one(mixer: str, n_layers: int, frames: int, repeats: int) -> dict:
     """Run in a child process: build, warm up, then time ``repeats`` forward+backward passes."""
-    import psutil
     import torch
+
+    from common import peak_rss_mb, reset_peak_rss
 
     from streamssl import EncoderConfig
     from streamssl.mixers import build_stack
@@ -54,16 +54,15 @@ def measure_one(mixer: str, n_layers: int, frames: int, repeats: int) -> dict:
 
     forward_backward(torch.randn(1, 64, 256, requires_grad=True))
     x = torch.randn(1, frames, 256, requires_grad=True)
-    before_bytes = psutil.Process().memory_info().rss
+    before_mb = reset_peak_rss()
     cpu_seconds, wall_seconds = [], []
     for _ in range(repeats):
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         forward_backward(x)
         cpu_seconds.append(time.process_time() - cpu_start)
         wall_seconds.append(time.perf_counter() - wall_start)
-    peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"mixer": mixer, "layers": n_layers, "frames": frames, "seconds": min(cpu_seconds),
-            "wall_seconds": min(wall_seconds), "peak_mb": max(0, peak_bytes - before_bytes) / 2**20}
+            "wall_seconds": min(wall_seconds), "peak_mb": max(0.0, peak_rss_mb() - before_mb)}
 
 
 def run_point(mixer: str, n_layers: int, frames: int, repeats: int) -> dict:
