@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder, EncoderState
 from streamssl.latency import Latency
-from streamssl.ssl.wav2vec2 import span_mask
+from streamssl.masking import span_mask
 
 BLANK = "<blank>"
 

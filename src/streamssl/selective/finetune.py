@@ -24,29 +24,8 @@ import yaml
 from torch import Tensor, nn
 
 from streamssl.latency import Latency
+from streamssl.masking import span_mask
 from streamssl.selective.replace import Replacement, freeze_all_but, replace_attention
-
-TRAIN_MODES = ("full", "frozen", "replace")
-
-
-def check_train_mode(train_mode: str, replace_layers: str | None, replace_mixer: str,
-                     replace_options: dict[str, Any]) -> None:
-    """``ValueError`` for an impossible combination of the ``FinetuneConfig`` selective fields."""
-    from streamssl.mixers import MIXERS
-
-    if train_mode not in TRAIN_MODES:
-        raise ValueError(f"FinetuneConfig.train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
-    if train_mode == "replace" and not replace_layers:
-        raise ValueError("FinetuneConfig.train_mode 'replace' needs replace_layers (e.g. 'last:4')")
-    if train_mode != "replace" and replace_layers:
-        raise ValueError(f"FinetuneConfig.replace_layers is set but train_mode is {train_mode!r}; "
-                         "use train_mode 'replace' (--replace)")
-    if replace_mixer not in MIXERS:
-        raise ValueError(f"FinetuneConfig.replace_mixer: unknown mixer {replace_mixer!r}; "
-                         f"registered mixers: {sorted(MIXERS)}")
-    if not isinstance(replace_options, dict):
-        raise ValueError(f"FinetuneConfig.replace_options must be a mapping, got {type(replace_options).__name__}")
-
 
 def _head_modules(model: nn.Module) -> list[nn.Module]:
     return [module for name, module in model.named_children() if name != "encoder"]
@@ -65,7 +44,7 @@ def apply_train_mode(model: nn.Module, train_mode: str, replace_layers: str | No
         freeze_all_but(model, _head_modules(model))
         return model
     if train_mode != "replace":
-        raise ValueError(f"unknown train_mode {train_mode!r}; modes: {TRAIN_MODES}")
+        raise ValueError(f"unknown train_mode {train_mode!r}; modes: 'full', 'frozen', 'replace'")
     options = dict(replace_options or {})
     if isinstance(model, HFCTCModel):
         replace_attention(model.encoder, replace_layers, replace_mixer, **options)
@@ -171,8 +150,6 @@ class HFCTCModel(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask_seeds: list[int] | None = None,
                 train_encoder: bool = True) -> tuple[Tensor, Tensor]:
         """Waveform ``(B, S)`` at 16 kHz -> log-probabilities ``(B, T, V)`` and valid frames ``(B,)``."""
-        from streamssl.ssl.wav2vec2 import span_mask
-
         if lengths is None:
             lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
         sample_mask = (torch.arange(x.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
@@ -205,5 +182,5 @@ class HFCTCModel(nn.Module):
                          "evaluate it offline")
 
 
-__all__ = ["TRAIN_MODES", "HFCTCModel", "HFEncoderSpec", "Replacement", "apply_train_mode", "check_train_mode",
-           "encoder_config_from_dict", "load_hf_encoder"]
+__all__ = ["HFCTCModel", "HFEncoderSpec", "Replacement", "apply_train_mode", "encoder_config_from_dict",
+           "load_hf_encoder"]
