@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,11 @@ def test_checker_passes_a_clean_tree_and_resolves_relative_imports(tmp_path):
 def test_checker_fails_a_planted_violation(tmp_path, planted, expected):
     found = problems(import_graph(write(tmp_path, {**CLEAN, **planted})))
     assert any(problem.startswith(expected) for problem in found), found
+
+
+def test_importing_the_core_loads_only_core_modules():
+    code = "import sys, streamssl.mixers; print(' '.join(m for m in sys.modules if m.startswith('streamssl')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(SRC)}).stdout.split()
+    assert "streamssl.mixers.base" in loaded
+    assert [m for m in loaded if rank(m) > 0] == []

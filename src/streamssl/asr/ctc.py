@@ -5,7 +5,7 @@ Offline::
     log_probs, frame_lengths = model(wave, lengths)      # (B, T, V) log-probabilities, (B,)
     texts = greedy_decode(log_probs, frame_lengths, model.vocab)
 
-Streaming (what :class:`streamssl.Recognizer` drives)::
+Streaming (what :class:`streamssl.streaming.Recognizer` drives)::
 
     state = model.init_state(batch_size)
     decoder = GreedyDecoder(model.vocab, batch_size)

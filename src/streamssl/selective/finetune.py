@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from streamssl.latency import Latency
 from streamssl.masking import span_mask
-from streamssl.selective.replace import Replacement, freeze_all_but, replace_attention
+from streamssl.selective.layers import freeze_all_but
+from streamssl.selective.replace import Replacement, replace_attention
 
 def _head_modules(model: nn.Module) -> list[nn.Module]:
     return [module for name, module in model.named_children() if name != "encoder"]

@@ -204,7 +204,7 @@ class FinetuneConfig(RunConfig):
 
     ``init``: a ``streamssl pretrain`` (or ``finetune``) checkpoint whose encoder starts the model;
     ``None`` trains from scratch with ``encoder`` (default: the BASE configuration). Other sources are
-    resolved by :data:`streamssl.asr.init.INIT_SOURCES`, e.g. ``hf:DIR`` for a Hugging Face model.
+    resolved by :data:`streamssl.train.sources.INIT_SOURCES`, e.g. ``hf:DIR`` for a Hugging Face model.
     ``head``: ``linear`` (one projection) or ``lstm`` (``lstm_layers`` of ``lstm_hidden`` units, then a
     projection); ``bidirectional`` is allowed only on an encoder that cannot stream anyway (``full``).
     ``train_mode``: ``full``, ``frozen`` (only the head trains) or ``replace`` (the attention of
