@@ -156,8 +156,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     checkpoint = load_checkpoint(args.checkpoint, kind="finetune")
     model = checkpoint.model
-    if args.streaming and model.encoder.stack.stream_error() is not None:
-        raise ValueError(model.encoder.stack.stream_error())
+    if args.streaming and model.stream_error() is not None:
+        raise ValueError(model.stream_error())
     utterances = load_split(args.data, args.skip_bad, "evaluation data", model.vocab,
                             log=lambda m: print(m, file=sys.stderr))
     device = pick_device(args.device)

@@ -123,7 +123,8 @@ class HFCTCModel(nn.Module):
 
     Offline only (the Hugging Face encoders attend to the whole utterance). Same offline interface as
     ``CTCModel``: ``forward(x, lengths, mask_seeds, train_encoder)`` -> ``(B, T, V)`` float32
-    log-probabilities and ``(B,)`` frame counts; ``encoder``, ``vocab``, ``latency()``.
+    log-probabilities and ``(B,)`` frame counts; ``encoder``, ``vocab``, and the rest of
+    :class:`~streamssl.asr.ctc.RecognitionModel`, whose ``stream_error()`` always says why it cannot stream.
 
     Time masking uses the base model's own masked-frame embedding with streamssl's seeded span masks,
     so runs stay reproducible; the model's own random SpecAugment is switched off. The sample-level
@@ -141,8 +142,6 @@ class HFCTCModel(nn.Module):
         self.encoder = spec.build()
         self.encoder.config.mask_time_prob = 0.0
         self.encoder.config.mask_feature_prob = 0.0
-        # streamssl's evaluation reads the input rate from the encoder's config; these models take 16 kHz.
-        self.encoder.config.sample_rate = 16000
         self.mask_prob, self.mask_length = mask_prob, mask_length
         if freeze_frontend:
             self.encoder.feature_extractor._freeze_parameters()
@@ -165,22 +164,55 @@ class HFCTCModel(nn.Module):
             hidden = self.encoder(x, attention_mask=sample_mask, **kwargs).last_hidden_state
         return self.output(hidden).float().log_softmax(-1), frame_lengths
 
-    def latency(self) -> Latency:
+    # ------------------------------------------------------------ RecognitionModel (offline only)
+    sample_rate = 16000
+
+    def _conv_frames(self) -> tuple[int, int]:
+        """``(hop, receptive field)`` in samples of the convolution feature extractor."""
         config = self.encoder.config
         hop = receptive = 1
         for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride)):
             receptive = (receptive - 1) * stride + kernel
         for stride in config.conv_stride:
             hop *= stride
-        sample_ms = 1000.0 / 16000
-        return Latency(mixer=self.spec.mixer, n_layers=config.num_hidden_layers, frame_ms=hop * sample_ms,
-                       frontend_lookahead_ms=(receptive - hop) * sample_ms,
+        return hop, receptive
+
+    @property
+    def hop_samples(self) -> int:
+        return self._conv_frames()[0]
+
+    @property
+    def window_samples(self) -> int:
+        return self._conv_frames()[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def latency(self) -> Latency:
+        hop, receptive = self._conv_frames()
+        sample_ms = 1000.0 / self.sample_rate
+        return Latency(mixer=self.spec.mixer, n_layers=self.encoder.config.num_hidden_layers,
+                       frame_ms=hop * sample_ms, frontend_lookahead_ms=(receptive - hop) * sample_ms,
                        frontend_receptive_field_ms=receptive * sample_ms, encoder_lookahead_frames=None,
                        encoder_mean_lookahead_frames=None, streamable=False)
 
+    def stream_error(self) -> str:
+        return (f"cannot stream: {self.spec.mixer} is a Hugging Face encoder that attends to the whole "
+                "utterance; evaluate it offline")
+
     def init_state(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(f"{self.spec.mixer} attends to the whole utterance and cannot stream; "
-                         "evaluate it offline")
+        raise ValueError(self.stream_error())
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(self.stream_error())
+
+    def flush(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(self.stream_error())
 
 
 __all__ = ["HFCTCModel", "HFEncoderSpec", "Replacement", "apply_train_mode", "encoder_config_from_dict",
