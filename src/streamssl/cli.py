@@ -1,4 +1,4 @@
-"""The ``streamssl`` command line. Each feature area adds its subcommands through ``add_commands``."""
+"""The ``streamssl`` command line; each feature area's subcommands live in :mod:`streamssl.commands`."""
 
 from __future__ import annotations
 
