@@ -151,15 +151,22 @@ def _train_mode_flags(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from streamssl.asr.evaluate import evaluate_model
     from streamssl.train.checkpoint import load_checkpoint
-    from streamssl.train.data import load_split
+    from streamssl.train.data import load_split, spellable
     from streamssl.train.dist import pick_device
 
+    if args.streaming and not args.chunk_ms > 0:
+        raise ValueError(f"--chunk-ms must be positive, got {args.chunk_ms:g}")
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    # The data is checked before any model is built, so a bad corpus fails fast and names its files.
+    utterances = load_split(args.data, args.skip_bad, "evaluation data", log=log)
     checkpoint = load_checkpoint(args.checkpoint, kind="finetune")
     model = checkpoint.model
     if args.streaming and model.stream_error() is not None:
         raise ValueError(model.stream_error())
-    utterances = load_split(args.data, args.skip_bad, "evaluation data", model.vocab,
-                            log=lambda m: print(m, file=sys.stderr))
+    utterances = spellable(utterances, model.vocab, args.skip_bad, "evaluation data", args.data, log)
     device = pick_device(args.device)
     result = evaluate_model(model.to(device), utterances, streaming=args.streaming, chunk_ms=args.chunk_ms,
                             device=device, progress=not args.json)
