@@ -284,3 +284,36 @@ def test_bigram_prose_is_deterministic_general_english():
     assert sum(len(s.split()) >= MIN_WORDS for s in sentences) > 150
     assert len(set(words)) > 0.5 * len(words)   # a wide vocabulary, not a handful of template words
     assert set(words) <= set(chain.words.tolist())
+
+
+def test_audio_blocks_equal_load_audio_in_bounded_pieces(tmp_path):
+    from streamssl.data import audio_blocks
+
+    rng = np.random.default_rng(3)
+    native = tmp_path / "native.flac"
+    soundfile.write(native, rng.uniform(-0.5, 0.5, 40000).astype(np.float32), 16000)
+    blocks = list(audio_blocks(native, block_frames=4096))
+    assert max(block.size for block in blocks) == 4096
+    assert np.array_equal(np.concatenate(blocks), load_audio(native))
+    stereo = tmp_path / "stereo_44k.wav"
+    soundfile.write(stereo, rng.uniform(-0.5, 0.5, (44100, 2)).astype(np.float32), 44100)
+    streamed = np.concatenate(list(audio_blocks(stereo, block_frames=5000)))
+    whole = load_audio(stereo)
+    assert streamed.shape == whole.shape == (16000,)
+    assert np.abs(streamed - whole)[100:-100].max() < 1e-3  # soxr's streaming and one-shot forms agree
+    truncated = tmp_path / "cut.flac"
+    soundfile.write(truncated, rng.uniform(-0.5, 0.5, 64000).astype(np.float32), 16000)
+    truncated.write_bytes(truncated.read_bytes()[:20000])
+    with pytest.raises(ValueError, match="cut.flac"):
+        list(audio_blocks(truncated))
+
+
+@pytest.mark.parametrize("make, message", [(lambda p: None, "no such file"), (lambda p: p.mkdir(), "is a folder")])
+def test_missing_path_or_folder_as_audio_is_named(tmp_path, make, message):
+    from streamssl.data import audio_blocks, audio_info
+
+    path = tmp_path / "talk.wav"
+    make(path)
+    for read in (audio_info, load_audio, lambda p: list(audio_blocks(p))):
+        with pytest.raises(ValueError, match=f"talk.wav: {message}"):
+            read(path)

@@ -139,3 +139,23 @@ def test_evaluate_checks_data_before_the_checkpoint(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(corpus)]) == 2
     err = capsys.readouterr().err
     assert bad_path in err and "none.pt" not in err
+
+
+def test_evaluate_refuses_bad_parameters_and_overlong_offline_utterances(finetuned, tmp_path, capsys):
+    corpus = good_folder(tmp_path)
+    base = ["evaluate", "--checkpoint", str(finetuned), "--data", str(corpus), "--json"]
+    assert main(base + ["--streaming", "--chunk-ms", "-5"]) == 2
+    assert "--chunk-ms must be positive, got -5" in capsys.readouterr().err
+    longest = max(read_manifest_folder(corpus), key=lambda item: item[1])
+    assert main(base + ["--max-offline-s", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"utterance {longest[0]}" in err and "--streaming" in err and err.count("\n") == 1
+    # the same data streams, and offline runs once the limit allows it
+    assert main(base + ["--max-offline-s", "0.5", "--streaming"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_utterances"] == N_GOOD
+
+
+def read_manifest_folder(corpus: Path) -> list[tuple[str, float]]:
+    from streamssl.data import load_utterances
+
+    return [(utt.id, utt.duration) for utt in load_utterances(corpus)]

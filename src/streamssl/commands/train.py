@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from streamssl.asr.evaluate import MAX_OFFLINE_SECONDS
 from streamssl.tables import results_table
 from streamssl.train.config import PRESETS, FinetuneConfig, PretrainConfig, RunConfig
 
@@ -169,7 +170,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     utterances = spellable(utterances, model.vocab, args.skip_bad, "evaluation data", args.data, log)
     device = pick_device(args.device)
     result = evaluate_model(model.to(device), utterances, streaming=args.streaming, chunk_ms=args.chunk_ms,
-                            device=device, progress=not args.json)
+                            device=device, progress=not args.json, max_offline_s=args.max_offline_s)
     if args.json:
         out = result.to_dict()
         if not args.hypotheses:
@@ -209,6 +210,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--data", required=True, help="manifest, LibriSpeech or audio+txt folder")
     evaluate.add_argument("--streaming", action="store_true", help="decode chunk by chunk through step/flush")
     evaluate.add_argument("--chunk-ms", type=float, default=40.0, help="streaming chunk length (default 40)")
+    evaluate.add_argument("--max-offline-s", type=float, default=MAX_OFFLINE_SECONDS, metavar="SECONDS",
+                          help="offline mode refuses longer utterances, since it decodes each one whole in "
+                               f"memory (default {MAX_OFFLINE_SECONDS:g}; --streaming takes any length)")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     evaluate.add_argument("--skip-bad", action="store_true", help="skip utterances that fail corpus check")
     evaluate.add_argument("--hypotheses", action="store_true", help="also print every reference/hypothesis")
