@@ -121,7 +121,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamssl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="streamssl", description="Streaming speech transformers and self-supervised speech learning: "
+                                      "speech corpora, pretraining, CTC fine-tuning, evaluation, streaming "
+                                      "recognition and declared latency. 'streamssl COMMAND --help' says more.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     latency = sub.add_parser("latency", help="print the declared latency of an encoder configuration")
