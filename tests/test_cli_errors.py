@@ -43,3 +43,11 @@ def test_corpus_check_on_an_empty_folder_fails_with_a_message(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, out, err = run(["corpus", "check", str(tmp_path / "empty")], capsys)
     assert code == 1 and "holds no utterances" in err and "0 good utterance(s)" in out
+
+
+def test_training_needs_a_preset_or_a_config(tmp_path, capsys):
+    for kind in ("pretrain", "finetune"):
+        code, _, err = run([kind, "--train", str(tmp_path), "--out", str(tmp_path / "out")], capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert f"{kind} needs a starting point: --preset base|cpu-small|tiny" in err
+    assert not (tmp_path / "out").exists()
