@@ -386,7 +386,7 @@ class Stream:
         rec = self.recognizer
         first = self.frames_out
         delays_s = [emitted_at - self._fed_at(frame) for frame in range(first, first + log_probs.shape[0])]
-        self.frame_delays_s += delays_s
+        self.frame_delays_s.extend(delays_s)
         for frame, token_id in self._decoder.push(log_probs[None])[0]:
             start = frame * rec.hop_samples
             token = Token(rec.model.vocab.symbols[token_id], token_id, frame, start / rec.sample_rate,
