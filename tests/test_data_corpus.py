@@ -273,9 +273,11 @@ def test_synth_varied_noise_leaves_some_utterances_clean_and_noises_others(corpu
 
 
 def test_bigram_prose_is_deterministic_general_english():
-    from streamssl.data.prose import MAX_WORDS, MIN_WORDS, BigramChain
+    from streamssl.data.prose import MAX_WORDS, MIN_WORDS, BigramChain, blocked_words, is_blocked
 
     chain = BigramChain.from_wordsegment()
+    blocked, prefixes = blocked_words()
+    assert len(blocked) > 500 and not any(is_blocked(w, blocked, prefixes) for w in chain.words.tolist())
     first = [chain.sentence(np.random.default_rng(5)) for _ in range(3)]
     assert first == [chain.sentence(np.random.default_rng(5)) for _ in range(3)]
     sentences = [chain.sentence(np.random.default_rng(seed)) for seed in range(200)]
