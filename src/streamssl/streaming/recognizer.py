@@ -190,8 +190,8 @@ class Recognizer:
     """Streaming greedy-CTC recognition with a :class:`~streamssl.asr.ctc.CTCModel`.
 
     Args:
-        model: a CTC model with a waveform (``"conv"``) frontend and a streamable encoder; it is put in
-            eval mode.
+        model: a CTC model whose encoder takes a waveform (frontend ``conv`` or ``fbank``) and can stream;
+            it is put in eval mode.
         chunk_ms: model step size. ``None`` steps on whatever each ``accept`` brings; a number buffers
             audio and steps in whole chunks of this many milliseconds (the rest waits for more audio
             or :meth:`Stream.finish`). Transcripts never depend on it; latency and speed do.
@@ -201,8 +201,9 @@ class Recognizer:
 
     def __init__(self, model: CTCModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter):
         encoder = model.encoder
-        if encoder.frontend is None:
-            raise ValueError("the recogniser takes waveform input; this model's encoder has frontend='none'")
+        if encoder.frontend.input_dim is not None:
+            raise ValueError("the recogniser takes waveform input; this model's encoder takes frames "
+                             f"(frontend={encoder.config.frontend!r})")
         error = encoder.stack.stream_error()
         if error is not None:
             raise ValueError(error)
@@ -210,8 +211,10 @@ class Recognizer:
             raise ValueError(f"chunk_ms must be positive, got {chunk_ms}")
         self.model = model.eval()
         self.sample_rate = encoder.config.sample_rate
-        self.hop_samples = encoder.frontend.hop_samples
-        self.window_samples = encoder.frontend.receptive_field_samples
+        geometry = encoder.frontend.geometry
+        # A frame's audio: its own hop and the look-ahead past it (the frontend's earlier context aside).
+        self.hop_samples = geometry.hop
+        self.window_samples = geometry.hop + geometry.lookahead
         self.chunk_ms = chunk_ms
         self.chunk_samples = None if chunk_ms is None else max(1, round(chunk_ms * self.sample_rate / 1000))
         self.clock = clock
