@@ -12,6 +12,8 @@ import yaml
 
 from streamssl.frontends import FRONTENDS, FrameGeometry, frontend_class
 
+DEFAULT_FRONTEND = "conv"
+
 
 @dataclass
 class EncoderConfig:
@@ -38,7 +40,7 @@ class EncoderConfig:
         mixer_options: options of the chosen mixer family (validated by that family).
     """
 
-    frontend: str = "conv"
+    frontend: str = DEFAULT_FRONTEND
     frontend_options: dict[str, Any] = field(default_factory=dict)
     sample_rate: int = 16000
     d_model: int = 768
@@ -132,7 +134,7 @@ class EncoderConfig:
         unknown = sorted(set(data) - known - legacy)
         if unknown:
             raise ValueError(f"unknown EncoderConfig keys: {unknown}; known keys: {sorted(known)}")
-        mapping = frontend_class(data.get("frontend", "conv")).legacy_keys
+        mapping = frontend_class(data.get("frontend", DEFAULT_FRONTEND)).legacy_keys
         options = dict(data.get("frontend_options") or {})
         for key in sorted(legacy & set(data)):
             value = data.pop(key)
@@ -175,7 +177,7 @@ class EncoderConfig:
                                       pos_conv_kernel=8, pos_conv_groups=4, left_frames=8, right_frames=2)
         values.update(overrides)
         # Overrides go through from_dict, so the older frontend fields (input_dim=...) work here too.
-        frontend = frontend_class(values.get("frontend", "conv"))
+        frontend = frontend_class(values.get("frontend", DEFAULT_FRONTEND))
         named = {frontend.legacy_keys[key] for key in overrides if key in frontend.legacy_keys}
         defaults = {k: v for k, v in frontend.tiny_options.items() if k not in named}
         values["frontend_options"] = {**defaults, **dict(values.get("frontend_options") or {})}

@@ -67,7 +67,10 @@ class Latency:
 
 @dataclass
 class MeasuredLookahead:
-    """What :func:`measure_lookahead` found. ``None`` means "depends on the whole input"/"cannot stream"."""
+    """What :func:`measure_lookahead` found. ``None`` means "depends on the whole input"/"cannot stream".
+
+    ``frontend_lookahead_samples`` is in the frontend's input units: samples, or frames for ``none``.
+    """
 
     dependency_frames: int | None
     dependency_mean_frames: float | None

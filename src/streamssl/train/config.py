@@ -264,9 +264,9 @@ class FinetuneConfig(RunConfig):
 
 def _cpu_encoder(**overrides: Any) -> dict[str, Any]:
     """A small LLSA encoder that trains on a CPU in minutes (ours)."""
-    values = dict(frontend="conv", frontend_options={"channels": 32}, d_model=96, n_layers=3, n_heads=4, ffn_dim=192,
-                  dropout=0.0, pos_conv_kernel=16, pos_conv_groups=8, mixer="llsa", left_frames=32,
-                  right_frames=4)
+    values = dict(frontend="conv", frontend_options={"channels": 32}, d_model=96, n_layers=3, n_heads=4,
+                  ffn_dim=192, dropout=0.0, pos_conv_kernel=16, pos_conv_groups=8, mixer="llsa",
+                  left_frames=32, right_frames=4)
     values.update(overrides)
     return values
 
