@@ -7,7 +7,7 @@ from train_corpus import make_corpus
 
 from streamssl.data import load_utterances
 from streamssl.train.augment import AugmentOptions, SpecAugment
-from streamssl.train.cli import build_config
+from streamssl.commands.train import build_config
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,25 @@
-"""The ``streamssl`` command line. Each feature area adds its subcommands through ``add_commands``."""
+"""The ``streamssl`` command line; each feature area's subcommands live in :mod:`streamssl.commands`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
+from streamssl.commands import data, stream, train
 from streamssl.config import EncoderConfig
-from streamssl.encoder import Encoder
+from streamssl.demo import run_demo
+from streamssl.encoder import declared_latency
 from streamssl.mixers import MIXERS
+from streamssl.tables import latency_table
 
-# Modules that provide ``add_commands(subparsers)``; each registers its own subcommands.
-COMMAND_MODULES: list[str] = ["streamssl.data.cli", "streamssl.train.cli", "streamssl.streaming.cli"]
+# Each provides ``add_commands(subparsers)`` and registers its own subcommands.
+COMMAND_MODULES = (data, train, stream)
 
 
 def _left_frames(text: str) -> int | None:
@@ -38,7 +41,9 @@ def _option(text: str) -> tuple[str, Any]:
 def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that describe an :class:`EncoderConfig`: a preset or file, then overrides."""
     group = parser.add_argument_group("encoder configuration")
-    group.add_argument("--config", help="EncoderConfig as YAML or JSON (overrides --preset)")
+    group.add_argument("--config", help="an encoder YAML or JSON file of EncoderConfig fields (such as a run "
+                                        "folder's encoder.yaml), a run folder, or a pretrain/finetune run "
+                                        "config (its encoder: fields over --preset)")
     group.add_argument("--preset", choices=("base", "tiny"), default="base",
                        help="starting configuration: wav2vec 2.0 BASE size, or a tiny test encoder")
     group.add_argument("--mixer", choices=sorted(MIXERS), help="mixer family")
@@ -53,9 +58,40 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
                        help="an option of the mixer family (repeatable)")
 
 
+def encoder_fields_of(path: str, preset: str) -> dict[str, Any]:
+    """EncoderConfig fields from ``--config``: an encoder YAML/JSON file (such as a run folder's
+    ``encoder.yaml``), a run folder, or a pretrain/finetune run config, whose ``encoder:`` fields go
+    over the ``preset`` encoder (as ``streamssl pretrain --config`` would build it with that preset)."""
+    from streamssl.train.config import FinetuneConfig, PretrainConfig
+
+    file = Path(path) / "encoder.yaml" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: no such file (expected an EncoderConfig YAML/JSON, a run folder "
+                         "or a run config)")
+    try:
+        text = file.read_text()
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        raise ValueError(f"--config {file}: cannot be read: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {file}: expected a mapping of EncoderConfig fields, got {type(data).__name__}")
+    encoder_keys = {f.name for f in dataclasses.fields(EncoderConfig)}
+    run_keys = {f.name for cls in (PretrainConfig, FinetuneConfig) for f in dataclasses.fields(cls)}
+    if set(data) <= encoder_keys or not set(data) <= run_keys:
+        return data  # unknown keys are named by EncoderConfig.from_dict
+    if data.get("init"):
+        raise ValueError(f"--config {file}: this run config takes its encoder from init {data['init']!r}; "
+                         "pass that checkpoint's run folder instead")
+    encoder = data.get("encoder") or {}
+    if not isinstance(encoder, dict):
+        raise ValueError(f"--config {file}: encoder must be a mapping of EncoderConfig fields")
+    base = EncoderConfig.tiny() if preset == "tiny" else EncoderConfig.base()
+    return {**base.to_dict(), **encoder}
+
+
 def encoder_config_from_args(args: argparse.Namespace) -> EncoderConfig:
     if args.config:
-        data = EncoderConfig.load(args.config).to_dict()
+        data = encoder_fields_of(args.config, args.preset)
     else:
         data = (EncoderConfig.tiny() if args.preset == "tiny" else EncoderConfig.base()).to_dict()
     for key in ("mixer", "n_layers", "d_model", "n_heads", "right_frames"):
@@ -69,30 +105,6 @@ def encoder_config_from_args(args: argparse.Namespace) -> EncoderConfig:
     return EncoderConfig.from_dict(data)
 
 
-def declared_latency(config: EncoderConfig):
-    """Declared latency without allocating weights (the model is built on the meta device)."""
-    with torch.device("meta"):
-        return Encoder(config).latency()
-
-
-def _ms(value: float | None) -> str:
-    return "whole utterance" if value is None else f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
-
-
-def latency_table(latencies: list) -> str:
-    """A plain-text table of declared latencies."""
-    rows = [("mixer", "layers", "encoder look-ahead", "frames", "mean", "frontend", "total", "streams")]
-    for lat in latencies:
-        frames = "-" if lat.encoder_lookahead_frames is None else str(lat.encoder_lookahead_frames)
-        rows.append((lat.mixer, str(lat.n_layers), _ms(lat.encoder_lookahead_ms), frames,
-                     _ms(lat.encoder_mean_lookahead_ms), _ms(lat.frontend_lookahead_ms),
-                     _ms(lat.total_lookahead_ms), "yes" if lat.streamable else "no"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def cmd_latency(args: argparse.Namespace) -> int:
     config = encoder_config_from_args(args)
     latency = declared_latency(config)
@@ -104,14 +116,15 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streamssl.train.demo import run_demo
-
     run_demo(args.out, progress=not args.no_progress)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamssl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="streamssl", description="Streaming speech transformers and self-supervised speech learning: "
+                                      "speech corpora, pretraining, CTC fine-tuning, evaluation, streaming "
+                                      "recognition and declared latency. 'streamssl COMMAND --help' says more.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     latency = sub.add_parser("latency", help="print the declared latency of an encoder configuration")
@@ -126,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     for module in COMMAND_MODULES:
-        importlib.import_module(module).add_commands(sub)
+        module.add_commands(sub)
     return parser
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import time
+from array import array
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +44,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from streamssl.asr.ctc import CTCModel, CTCState
+from streamssl.asr.ctc import CTCState, GreedyDecoder, RecognitionModel
 from streamssl.encoder import EncoderState
 from streamssl.latency import Latency
 
 Clock = Callable[[], float]
+# Float PCM lies in [-1, 1]; a little headroom lets resampled or filtered audio overshoot, while int16
+# values passed as floats (hundreds to thousands) are caught.
+MAX_SAMPLE_MAGNITUDE = 1.5
 
 
 @dataclass(frozen=True)
@@ -183,15 +187,19 @@ def _as_samples(samples: Any) -> Tensor:
                          "convert integer PCM with x / 32768")
     if not torch.isfinite(samples).all():
         raise ValueError("samples contain NaN or infinite values")
+    peak = float(samples.abs().max()) if samples.numel() else 0.0
+    if peak > MAX_SAMPLE_MAGNITUDE:
+        raise ValueError(f"samples must be floats in [-1, 1], got a peak magnitude of {peak:g}; integer PCM "
+                         "values stored as floats (int16 range) need dividing by 32768")
     return samples
 
 
 class Recognizer:
-    """Streaming greedy-CTC recognition with a :class:`~streamssl.asr.ctc.CTCModel`.
+    """Streaming greedy-CTC recognition with a :class:`~streamssl.asr.ctc.RecognitionModel`.
 
     Args:
-        model: a CTC model whose encoder takes a waveform (frontend ``conv`` or ``fbank``) and can stream;
-            it is put in eval mode.
+        model: a CTC model (:class:`~streamssl.asr.ctc.CTCModel`) that streams and reads a waveform; it is
+            put in eval mode.
         chunk_ms: model step size. ``None`` steps on whatever each ``accept`` brings; a number buffers
             audio and steps in whole chunks of this many milliseconds (the rest waits for more audio
             or :meth:`Stream.finish`). Transcripts never depend on it; latency and speed do.
@@ -199,22 +207,18 @@ class Recognizer:
             simulated clock (see :mod:`streamssl.streaming.pacing`) can be passed in.
     """
 
-    def __init__(self, model: CTCModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter):
-        encoder = model.encoder
-        if encoder.frontend.input_dim is not None:
-            raise ValueError("the recogniser takes waveform input; this model's encoder takes frames "
-                             f"(frontend={encoder.config.frontend!r})")
-        error = encoder.stack.stream_error()
+    def __init__(self, model: RecognitionModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter):
+        error = model.stream_error()
         if error is not None:
             raise ValueError(error)
+        if model.hop_samples is None or model.window_samples is None:
+            raise ValueError("the recogniser takes waveform input; this model's encoder has frontend='none'")
         if chunk_ms is not None and chunk_ms <= 0:
             raise ValueError(f"chunk_ms must be positive, got {chunk_ms}")
         self.model = model.eval()
-        self.sample_rate = encoder.config.sample_rate
-        geometry = encoder.frontend.geometry
-        # A frame's audio: its own hop and the look-ahead past it (the frontend's earlier context aside).
-        self.hop_samples = geometry.hop
-        self.window_samples = geometry.hop + geometry.lookahead
+        self.sample_rate = model.sample_rate
+        self.hop_samples = model.hop_samples
+        self.window_samples = model.window_samples
         self.chunk_ms = chunk_ms
         self.chunk_samples = None if chunk_ms is None else max(1, round(chunk_ms * self.sample_rate / 1000))
         self.clock = clock
@@ -294,8 +298,10 @@ class Stream:
 
     Attributes:
         tokens, words: everything emitted so far (``words`` holds completed words only).
-        frame_delays_s: emission delay of every output frame, blank or not.
-        compute_s: wall time of each ``step`` call this stream took part in; flush_s: of the final flush.
+        frame_delays_s: emission delay of every output frame, blank or not (an ``array('d')``: 8 bytes a
+            frame, so an hour of audio keeps 1.4 MB of them).
+        compute_s: wall time of each ``step`` call this stream took part in (``array('d')``); flush_s: of
+            the final flush.
         cpu_s, flush_cpu_s: CPU time of the process during those calls; on a busy machine it is what a
             call would take with a core to itself (wall time also counts waiting for the CPU).
         samples_in: samples accepted so far.
@@ -305,29 +311,31 @@ class Stream:
         self.recognizer = recognizer
         model = recognizer.model
         self._state: CTCState = model.init_state(1)
-        self._pending = torch.zeros(0, dtype=model.encoder.dtype)
+        self._pending = torch.zeros(0, dtype=model.dtype)
         # (samples accepted up to and including this call, clock reading of the call), for the
         # feed time of the sample that completes each frame.
         self._feed_ends: list[int] = []
         self._feed_times: list[float] = []
-        self._previous = model.vocab.blank
+        self._decoder = GreedyDecoder(model.vocab, 1)
         self._word: list[Token] = []
         self.tokens: list[Token] = []
+        # Pieces of the transcript; ``text`` joins them into one, so each read costs only the new ones.
         self._text: list[str] = []
         self.words: list[Word] = []
-        self.frame_delays_s: list[float] = []
-        self.compute_s: list[float] = []
-        self.cpu_s: list[float] = []
+        self.frame_delays_s = array("d")
+        self.compute_s = array("d")
+        self.cpu_s = array("d")
         self.flush_s = 0.0
         self.flush_cpu_s = 0.0
         self.samples_in = 0
-        self.frames_out = 0
         self.finished = False
 
     @property
     def text(self) -> str:
         """The transcript so far."""
-        return "".join(self._text)
+        if len(self._text) > 1:
+            self._text = ["".join(self._text)]
+        return self._text[0] if self._text else ""
 
     def accept(self, samples: Any) -> Update:
         """Feed ``samples`` (1-D, float, 16 kHz, any length); returns what became final."""
@@ -374,29 +382,30 @@ class Stream:
         del self._feed_ends[:call], self._feed_times[:call]
         return self._feed_times[0]
 
+    @property
+    def frames_out(self) -> int:
+        """Output frames emitted so far, blank or not."""
+        return self._decoder.frames[0]
+
     def _emit(self, log_probs: Tensor, emitted_at: float, update: Update) -> None:
         """Greedy CTC on newly final frames ``(m, V)``, merging repeats across calls."""
         rec = self.recognizer
-        vocab = rec.model.vocab
-        for token_id in log_probs.argmax(-1).tolist():
-            frame = self.frames_out
-            self.frames_out += 1
-            delay_s = emitted_at - self._fed_at(frame)
-            self.frame_delays_s.append(delay_s)
-            if token_id != self._previous and token_id != vocab.blank:
-                start = frame * rec.hop_samples
-                token = Token(vocab.symbols[token_id], token_id, frame, start / rec.sample_rate,
-                              (start + rec.window_samples) / rec.sample_rate, delay_s)
-                self.tokens.append(token)
-                self._text.append(token.text)
-                update.tokens.append(token)
-                if token.text == " ":
-                    word = self._close_word()
-                    if word is not None:
-                        update.words.append(word)
-                else:
-                    self._word.append(token)
-            self._previous = token_id
+        first = self.frames_out
+        delays_s = [emitted_at - self._fed_at(frame) for frame in range(first, first + log_probs.shape[0])]
+        self.frame_delays_s.extend(delays_s)
+        for frame, token_id in self._decoder.push(log_probs[None])[0]:
+            start = frame * rec.hop_samples
+            token = Token(rec.model.vocab.symbols[token_id], token_id, frame, start / rec.sample_rate,
+                          (start + rec.window_samples) / rec.sample_rate, delays_s[frame - first])
+            self.tokens.append(token)
+            self._text.append(token.text)
+            update.tokens.append(token)
+            if token.text == " ":
+                word = self._close_word()
+                if word is not None:
+                    update.words.append(word)
+            else:
+                self._word.append(token)
 
     def _close_word(self) -> Word | None:
         if not self._word:

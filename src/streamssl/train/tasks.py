@@ -10,14 +10,15 @@ from torch import nn
 
 from streamssl.asr.ctc import CharVocab, CTCModel
 from streamssl.asr.evaluate import evaluate_model
-from streamssl.asr.init import resolve_init
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder
-from streamssl.ssl.wav2vec2 import Wav2Vec2Pretrainer, utterance_seed
+from streamssl.masking import utterance_seed
+from streamssl.objectives import Wav2Vec2Pretrainer
 from streamssl.train.checkpoint import build_model
 from streamssl.train.augment import SpecAugment
 from streamssl.train.config import FinetuneConfig, PretrainConfig, RunConfig
 from streamssl.train.data import crop_batch
+from streamssl.train.sources import resolve_init
 from streamssl.train.dist import World
 
 # Utterances per batch when estimating a frontend's global statistics.
@@ -119,7 +120,7 @@ class FinetuneTask:
                          config.replace_options)
         # The encoder gets no gradient during the frozen warm-up, so DDP must expect unused parameters.
         self.find_unused_parameters = config.freeze_encoder_steps > 0
-        self.sample_rate = int(self.model.encoder.config.sample_rate)
+        self.sample_rate = int(self.model.sample_rate)
         options = config.augment_options()
         self.spec_augment = SpecAugment(options) if options.spec_augment else None
         if self.spec_augment is not None and not isinstance(self.model, CTCModel):

@@ -31,8 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from streamssl.asr.init import trainable_parameters
-from streamssl.train.checkpoint import read_payload, rng_state, save_checkpoint, set_rng_state
+from streamssl.train.checkpoint import naming, read_payload, rng_state, save_checkpoint, set_rng_state
 from streamssl.train.data import EpochBatches
 from streamssl.train.dist import World
 
@@ -119,7 +118,7 @@ class Trainer:
         self.progress, self.log = progress and world.is_main, log if world.is_main else (lambda *a, **k: None)
         self.model: nn.Module = task.model.to(world.device)
         cfg = self.config
-        self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=cfg.lr,
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -154,7 +153,8 @@ class Trainer:
         if payload["kind"] != self.task.kind:
             raise ValueError(f"{self.run_dir} holds a {payload['kind']} run; use another --out for {self.task.kind}")
         # Through from_dict, so that fields added since the run was saved compare at their defaults.
-        saved = type(self.config).from_dict(payload["task_config"]).to_dict()
+        with naming(self.checkpoint_path):
+            saved = type(self.config).from_dict(payload["task_config"]).to_dict()
         wanted = self.config.to_dict()
         differ = sorted(k for k in set(saved) | set(wanted) if k not in BOOKKEEPING and saved.get(k) != wanted.get(k))
         if differ:
