@@ -132,7 +132,7 @@ def corpus(tmp_path_factory):
 
 
 def test_training_estimates_statistics_from_scratch_and_a_finetune_keeps_the_pretrained_ones(corpus, tmp_path):
-    from streamssl import Recognizer
+    from streamssl.streaming import Recognizer
     from streamssl.asr.ctc import greedy_decode
     from streamssl.train.checkpoint import load_checkpoint
     from streamssl.train.cli import build_config, run_training
