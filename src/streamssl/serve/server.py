@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import mimetypes
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,8 +70,11 @@ class ServeConfig:
     its tick; ``max_message_bytes``: largest client message (larger ones close with 1009);
     ``max_backlog_s``: unprocessed audio a session may hold before it is closed (a client sending far
     faster than real time); ``max_queued_messages``: outgoing messages a client may leave unread before
-    it is closed; ``start_timeout_s``: time to send the start message; ``close_timeout_s``: time a closing
-    handshake may take before the connection is dropped."""
+    it is closed; ``send_buffer_bytes``: the kernel send buffer of each connection and the high-water
+    mark of its user-space write buffer (``None``: the kernel's auto-tuned buffer, which can grow to
+    megabytes, and websockets' 32 KiB), so a stuck client pins a bounded amount of memory and is noticed
+    soon; ``start_timeout_s``: time to send the start message; ``close_timeout_s``: time a
+    closing handshake may take before the connection is dropped."""
 
     max_streams: int = 64
     max_batch: int = 64
@@ -78,6 +82,7 @@ class ServeConfig:
     max_message_bytes: int = 1 << 20
     max_backlog_s: float = 60.0
     max_queued_messages: int = 512
+    send_buffer_bytes: int | None = 256 * 1024
     start_timeout_s: float = 10.0
     close_timeout_s: float = 2.0
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
@@ -87,6 +92,9 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.send_buffer_bytes is not None and (not isinstance(self.send_buffer_bytes, int)
+                                                   or self.send_buffer_bytes < 1024):
+            raise ValueError(f"send_buffer_bytes must be None or an integer >= 1024, got {self.send_buffer_bytes!r}")
         for name in ("max_backlog_s", "start_timeout_s", "close_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -294,6 +302,7 @@ class StreamingServer:
         self._batcher = asyncio.create_task(self._batch_loop(), name="streamssl-batcher")
         self._server = await serve(self._handle, self.host, self.port, process_request=self._process_request,
                                    max_size=self.config.max_message_bytes, close_timeout=self.config.close_timeout_s,
+                                   write_limit=self.config.send_buffer_bytes or 2 ** 15,
                                    ping_interval=20, ping_timeout=20)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -346,6 +355,9 @@ class StreamingServer:
             return
         session = Session(self, websocket)
         self.sessions[session.id] = session
+        if self.config.send_buffer_bytes is not None:
+            sock = websocket.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
         sender = asyncio.create_task(self._send_loop(session), name=f"streamssl-send-{session.id}")
         try:
             try:
@@ -418,34 +430,36 @@ class StreamingServer:
         return [s for s in self.sessions.values() if s.ready_since is not None and not s.stopping and not s.closed]
 
     async def _batch_loop(self) -> None:
-        max_wait_s = self.config.max_wait_ms / 1000
         while True:
             await self._wake.wait()
             self._wake.clear()
-            ready = self._ready()
-            if not ready:
-                continue
-            deadline = min(s.ready_since for s in ready) + max_wait_s
-            while len(ready) < min(self.config.max_batch, len(self.sessions)):
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._wake.wait(), remaining)
-                except TimeoutError:
-                    break
-                self._wake.clear()
-                ready = self._ready()
-            ready.sort(key=lambda s: s.ready_since)
-            batch = ready[: self.config.max_batch]
-            # Taking the audio and submitting the call happen with no await between them, so a stop
-            # message handled meanwhile finds this tick already queued ahead of its flush.
-            feeds = {session: session.take_ready() for session in batch}
-            self.ticks += 1
-            self.batch_sizes.append(len(feeds))
-            await self._loop.run_in_executor(self._worker, self._tick_on_worker, feeds)
+            await self._tick()
             if self._ready():
                 self._wake.set()
+
+    async def _tick(self) -> None:
+        """One model call for the streams that are ready (a method, so no session outlives it in a frame)."""
+        ready = self._ready()
+        if not ready:
+            return
+        deadline = min(s.ready_since for s in ready) + self.config.max_wait_ms / 1000
+        while len(ready) < min(self.config.max_batch, len(self.sessions)):
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                break
+            self._wake.clear()
+            ready = self._ready()
+        ready.sort(key=lambda s: s.ready_since)
+        # Taking the audio and submitting the call happen with no await between them, so a stop
+        # message handled meanwhile finds this tick already queued ahead of its flush.
+        feeds = {session: session.take_ready() for session in ready[: self.config.max_batch]}
+        self.ticks += 1
+        self.batch_sizes.append(len(feeds))
+        await self._loop.run_in_executor(self._worker, self._tick_on_worker, feeds)
 
     def _tick_on_worker(self, feeds: dict[Session, np.ndarray]) -> None:
         try:
