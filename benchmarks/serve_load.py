@@ -253,6 +253,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--name", default="serve_load")
     args = parser.parse_args()
+    import torch
+
+    # One thread here as in the server: on a small shared machine more threads only spin.
+    torch.set_num_threads(1)
     if max(args.clients) > 100 or args.seconds > 120:
         raise SystemExit("bounded benchmark: at most 100 clients and 120 s of audio per client")
     with tempfile.TemporaryDirectory() as scratch:

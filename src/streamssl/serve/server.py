@@ -126,9 +126,9 @@ class Session:
         self.closed = False
         self.lost = False
         self.outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        # (input samples received up to and including a message, perf_counter when it arrived)
-        self._arrival_ends: list[int] = []
-        self._arrival_times: list[float] = []
+        # (input samples received up to and including a message, perf_counter when it arrived): appended
+        # on the loop, read on the worker; one list of pairs, so each append is one atomic step.
+        self._arrivals: list[tuple[int, float]] = []
         self._received = 0
         self._tokens_seen = 0
         self.word_delays_ms: list[float] = []
@@ -149,8 +149,7 @@ class Session:
         if samples.size == 0:
             return
         self._received += samples.size
-        self._arrival_ends.append(self._received)
-        self._arrival_times.append(now)
+        self._arrivals.append((self._received, now))
         if self.resampler is not None:
             samples = self.resampler.resample_chunk(samples)
         self.pending = np.concatenate([self.pending, samples])
@@ -198,12 +197,12 @@ class Session:
     def _arrival(self, end_s: float) -> float:
         """When the client audio message holding the sample at ``end_s`` (stream time) arrived."""
         needed = math.ceil(end_s * self.start.sample_rate - 1e-6)
-        index = bisect.bisect_left(self._arrival_ends, needed)
+        # Past the last message only for frames the end-of-stream flush pads: they count from that message.
+        index = min(bisect.bisect_left(self._arrivals, needed, key=lambda arrival: arrival[0]),
+                    len(self._arrivals) - 1)
         # Queries come in frame order, so earlier messages are never needed again.
-        if index >= len(self._arrival_ends):
-            index = len(self._arrival_ends) - 1
-        del self._arrival_ends[:index], self._arrival_times[:index]
-        return self._arrival_times[0]
+        del self._arrivals[:index]
+        return self._arrivals[0][1]
 
     def messages_after(self, emitted_at: float, ended: bool) -> list[str]:
         """JSON messages for what the stream emitted since the last call (tokens now in ``stream.tokens``)."""
