@@ -452,7 +452,8 @@ class StreamingServer:
                 break
             self._wake.clear()
             ready = self._ready()
-        ready.sort(key=lambda s: s.ready_since)
+        # Again: a stream may have stopped or left during the wait, and a finished one cannot be fed.
+        ready = sorted(self._ready(), key=lambda s: s.ready_since)
         # Taking the audio and submitting the call happen with no await between them, so a stop
         # message handled meanwhile finds this tick already queued ahead of its flush.
         feeds = {session: session.take_ready() for session in ready[: self.config.max_batch]}
