@@ -130,6 +130,7 @@ async def run_client(port: int, audio: np.ndarray, start_delay_s: float) -> dict
     token_seen: dict[float, float] = {}
     finals: list[tuple[dict, float]] = []
     done: dict = {}
+    errors: list[str] = []
     async with connect(f"ws://127.0.0.1:{port}/asr", max_size=None) as ws:
         await ws.send(json.dumps({"type": "start", "sample_rate": RATE, "format": "pcm16"}))
         json.loads(await ws.recv())
@@ -145,6 +146,8 @@ async def run_client(port: int, audio: np.ndarray, start_delay_s: float) -> dict
                     finals.append((data, now))
                 elif data["type"] == "done":
                     done.update(data)
+                elif data["type"] == "error":
+                    errors.append(data["message"])
 
         reader = asyncio.create_task(read())
         pcm = np.round(audio * 32768).clip(-32768, 32767).astype("<i2")
@@ -159,7 +162,8 @@ async def run_client(port: int, audio: np.ndarray, start_delay_s: float) -> dict
         try:
             await asyncio.wait_for(reader, DONE_TIMEOUT_S)
         except TimeoutError:
-            return {"text": None, "client_delays_ms": [], "server_delays_ms": []}
+            return {"text": None, "failure": f"not done {DONE_TIMEOUT_S:g} s after stop",
+                    "client_delays_ms": [], "server_delays_ms": []}
     client_delays, server_delays = [], []
     for final, received in finals:
         for word in final["words"]:
@@ -167,7 +171,9 @@ async def run_client(port: int, audio: np.ndarray, start_delay_s: float) -> dict
             sent = sent_times[min(bisect.bisect_left(sent_ends, needed), len(sent_times) - 1)]
             client_delays.append(1000 * (token_seen.get(word["end_s"], received) - sent))
             server_delays.append(word["delay_ms"])
-    return {"text": done.get("text"), "client_delays_ms": client_delays, "server_delays_ms": server_delays}
+    failure = None if done else f"closed {ws.close_code} without done: {'; '.join(errors) or ws.close_reason}"
+    return {"text": done.get("text"), "failure": failure, "client_delays_ms": client_delays,
+            "server_delays_ms": server_delays}
 
 
 async def run_point(port: int, audios: list[np.ndarray], clients: int) -> list[dict]:
@@ -196,13 +202,15 @@ def measure(checkpoint: Path, chunk_ms: float, clients: int, audios: list[np.nda
         server.kill()
         server.wait()
     correct = sum(r["text"] == expected[i % len(expected)] for i, r in enumerate(results))
+    failures = sorted({r["failure"] or "transcript differs from offline" for i, r in enumerate(results)
+                       if r["text"] != expected[i % len(expected)]})
     client = [d for r in results for d in r["client_delays_ms"]]
     server_side = [d for r in results for d in r["server_delays_ms"]]
     declared = hello["declared"]["declared_latency_ms"]
     p95 = float(np.percentile(client, 95)) if client else math.nan
     return {"chunk_ms": chunk_ms, "clients": clients, "declared_ms": declared,
             "audio_s_per_client": round(float(np.mean([a.size for a in audios])) / RATE, 1),
-            "correct": correct, "words": len(client),
+            "correct": correct, "failures": failures, "words": len(client),
             "client_word_delay_p50_ms": float(np.percentile(client, 50)) if client else math.nan,
             "client_word_delay_p95_ms": p95,
             "server_word_delay_p50_ms": float(np.percentile(server_side, 50)) if server_side else math.nan,
