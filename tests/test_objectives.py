@@ -1,0 +1,143 @@
+"""Self-supervised objectives: BEST-RQ's frozen targets, masking and loss; every objective on every mixer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from streamssl.config import EncoderConfig
+from streamssl.objectives import BestRQOptions, BestRQPretrainer, RandomProjectionQuantizer
+
+
+def frames_encoder(**overrides) -> EncoderConfig:
+    return EncoderConfig.tiny(frontend="none", input_dim=12, mixer="llsa", **overrides)
+
+
+def bestrq(**options) -> BestRQPretrainer:
+    torch.manual_seed(0)
+    return BestRQPretrainer(frames_encoder(), BestRQOptions(**{"codebook_entries": 32, "mask_length": 2, **options}))
+
+
+def test_quantizer_labels_are_the_nearest_normalised_codeword_and_depend_only_on_the_seed():
+    q = RandomProjectionQuantizer(in_dim=24, codebooks=2, entries=50, dim=16, seed=3)
+    x = torch.randn(40, 24)
+    labels = q(x)
+    assert labels.shape == (40, 2)
+    for c in range(2):
+        z = F.normalize(x @ q.projection[c], dim=-1)
+        nearest = torch.cdist(z, q.codebook[c]).argmin(-1)
+        assert torch.equal(labels[:, c], nearest)
+    torch.testing.assert_close(q.codebook.norm(dim=-1), torch.ones(2, 50))
+    bound = (6 / (24 + 16)) ** 0.5
+    assert q.projection.abs().max() <= bound and q.projection.abs().max() > 0.9 * bound
+    torch.manual_seed(123)  # the global generator plays no part
+    assert torch.equal(RandomProjectionQuantizer(24, 2, 50, 16, seed=3)(x), labels)
+    assert not torch.equal(RandomProjectionQuantizer(24, 2, 50, 16, seed=4)(x), labels)
+
+
+def test_labels_stack_input_frames_to_the_encoder_frame_rate():
+    model = bestrq()
+    model.stack = 2  # as a 2x-subsampling frontend would have it
+    model.quantizer = RandomProjectionQuantizer(24, 1, 32, 16, seed=0)
+    x = torch.randn(1, 7, 12)
+    labels = model.labels(x)
+    assert labels.shape == (1, 4, 1)
+    stacked = torch.cat([x, torch.zeros(1, 1, 12)], dim=1).reshape(4, 24)
+    assert torch.equal(labels[0], model.quantizer(stacked))
+
+
+def test_frozen_parts_are_buffers_in_the_state_dict_and_never_change():
+    model = bestrq()
+    state = model.state_dict()
+    assert {"quantizer.projection", "quantizer.codebook"} <= set(state)
+    assert not any(name.startswith("quantizer.") for name, _ in model.named_parameters())
+    before = {k: v.clone() for k, v in state.items() if k.startswith("quantizer.")}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, lengths = torch.randn(2, 40, 12), torch.tensor([40, 25])
+    out = model(x, lengths, [1, 2], step=0)
+    out["loss"].backward()
+    optimizer.step()
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert model.encoder.feature_proj.weight.grad.abs().sum() > 0
+
+
+def test_masked_inputs_are_noise_and_the_loss_is_cross_entropy_at_masked_frames_only(monkeypatch):
+    model = bestrq(noise_std=0.1, mask_prob=0.4)
+    x, lengths = torch.randn(2, 300, 12), torch.tensor([300, 200])
+    seen = {}
+    features = model.encoder.features
+
+    def spy(inputs, lengths, input_mask_fn=None):
+        def wrapped(feats, input_lengths):
+            seen["clean"], seen["masked"] = feats, input_mask_fn(feats, input_lengths)
+            return seen["masked"]
+
+        return features(inputs, lengths, input_mask_fn=wrapped)
+
+    monkeypatch.setattr(model.encoder, "features", spy)
+    out = model(x, lengths, [5, 6], step=0)
+    changed = (seen["masked"] != seen["clean"]).any(-1)
+    assert not changed[1, 200:].any()  # padding is never masked
+    fraction = changed[:, :200].float().mean()
+    assert 0.2 < fraction < 0.45
+    torch.testing.assert_close(out["masked_fraction"], changed.sum() / lengths.sum().float())
+    noise = seen["masked"][changed]
+    assert abs(float(noise.std()) - 0.1) < 0.01 and abs(float(noise.mean())) < 0.01
+    assert torch.equal(seen["masked"][~changed], x[~changed])
+
+    # The same loss by hand: the head's output at masked frames against the clean inputs' labels.
+    labels = model.labels(x)[..., 0]
+    with torch.no_grad():
+        hidden = model.encoder.encode_frames(model.encoder.project(seen["masked"]), lengths)
+        logits = model.head(hidden)
+    expected = F.cross_entropy(logits[changed], labels[changed])
+    torch.testing.assert_close(out["cross_entropy"], expected)
+    accuracy = (logits[changed].argmax(-1) == labels[changed]).float().mean()
+    torch.testing.assert_close(out["accuracy"], accuracy)
+    counts = torch.bincount(labels[changed], minlength=32).float()
+    torch.testing.assert_close(out["code_counts"][0], counts)
+    torch.testing.assert_close(out["chance"], counts.max() / counts.sum())
+
+
+def test_padding_does_not_change_the_loss():
+    model = bestrq().eval()
+    x = torch.randn(1, 60, 12)
+    alone = model(x, torch.tensor([60]), [9], step=0)
+    padded = model(torch.cat([x, torch.randn(1, 20, 12)], dim=1), torch.tensor([60]), [9], step=0)
+    torch.testing.assert_close(alone["loss"], padded["loss"], rtol=1e-5, atol=1e-5)
+
+
+def test_bestrq_learns_a_predictable_sequence_well_above_chance():
+    # Frames that repeat a 6-frame pattern: a masked frame is predictable from its neighbours.
+    torch.manual_seed(0)
+    pattern = torch.randn(6, 12)
+    x = pattern.repeat(4, 10, 1).reshape(4, 60, 12) + 0.01 * torch.randn(4, 60, 12)
+    lengths = torch.full((4,), 60)
+    model = bestrq(codebook_entries=16, mask_length=2, mask_prob=0.3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(60):
+        out = model(x, lengths, [step * 4 + i for i in range(4)], step)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    model.eval()
+    final = model(x, lengths, [1000, 1001, 1002, 1003], 0)
+    assert float(final["accuracy"]) > 0.9
+    assert float(final["accuracy"]) > 3 * float(final["chance"])
+
+
+def test_bestrq_needs_a_frontend_with_input_features():
+    with pytest.raises(ValueError, match="bestrq objective needs a frontend with input features"):
+        BestRQPretrainer(EncoderConfig.tiny(), BestRQOptions(codebook_entries=8))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"codebook_entries": 1}, "codebook_entries"),
+    ({"codebook_dim": 0}, "codebook_dim"),
+    ({"mask_prob": 1.0}, "mask_prob"),
+    ({"noise_std": -0.1}, "noise_std"),
+    ({"mask_lenght": 3}, "unknown objective_options for 'bestrq'"),
+])
+def test_bad_bestrq_options_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        BestRQPretrainer.parse_options(bad)
