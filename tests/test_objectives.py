@@ -67,12 +67,12 @@ def test_masked_inputs_are_noise_and_the_loss_is_cross_entropy_at_masked_frames_
     seen = {}
     features = model.encoder.features
 
-    def spy(inputs, lengths, input_mask_fn=None):
+    def spy(inputs, lengths, augment=None):
         def wrapped(feats, input_lengths):
-            seen["clean"], seen["masked"] = feats, input_mask_fn(feats, input_lengths)
+            seen["clean"], seen["masked"] = feats, augment(feats, input_lengths)
             return seen["masked"]
 
-        return features(inputs, lengths, input_mask_fn=wrapped)
+        return features(inputs, lengths, augment=wrapped)
 
     monkeypatch.setattr(model.encoder, "features", spy)
     out = model(x, lengths, [5, 6], step=0)

@@ -137,36 +137,29 @@ class Encoder(nn.Module):
         return lengths.to(device=x.device, dtype=torch.long)
 
     # ---------------------------------------------------------------- offline
-    @property
-    def input_frames_per_frame(self) -> int | None:
-        """Input-feature frames (the frontend's fixed, unlearned features) per encoder frame, or ``None``
-        when the frontend has no such stage (the waveform ``conv`` frontend learns from samples)."""
-        return 1 if self.frontend is None else None
-
-    @property
-    def input_feature_dim(self) -> int | None:
-        """Width of one input-feature frame (see :attr:`input_frames_per_frame`), or ``None``."""
-        return self.config.input_dim if self.frontend is None else None
+    def input_feature_layout(self) -> tuple[int, int] | None:
+        """``(frames per encoder frame, width)`` of the frontend's fixed input features (no learned layer
+        before them: what ``augment`` of :meth:`features` sees), or ``None`` when the frontend has none."""
+        return (1, self.config.input_dim) if self.frontend is None else None
 
     def features(self, x: Tensor, lengths: Tensor | None = None,
-                 input_mask_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                 augment: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Frontend features before projection: ``(B, T, feature_dim)`` and frame counts ``(B,)``.
 
         The wav2vec 2.0 objective quantises these; :meth:`project` and :meth:`encode_frames` finish the job.
-        ``input_mask_fn(inputs, input_lengths) -> inputs`` rewrites the frontend's input features
+        ``augment(inputs, input_lengths) -> inputs`` rewrites the frontend's input features
         ``(B, T_in, F)`` (``input_lengths`` ``(B,)`` valid input frames) before any learned layer sees
-        them: BEST-RQ reads its targets there and masks them. It needs a frontend with input features
-        (:attr:`input_frames_per_frame`); with ``frontend="none"`` the input frames are those features.
+        them: BEST-RQ reads its targets there and masks them (see :meth:`input_feature_layout`).
         """
         self._check_input(x, "input")
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"input is empty (shape {tuple(x.shape)})")
         lengths = self._check_lengths(x, lengths)
-        if input_mask_fn is not None and self.input_frames_per_frame is None:
-            raise ValueError(f"frontend {self.config.frontend!r} has no input features to mask before its "
+        if augment is not None and self.input_feature_layout() is None:
+            raise ValueError(f"frontend {self.config.frontend!r} has no input features to augment before its "
                              "learned layers")
         if self.frontend is None:
-            return (x if input_mask_fn is None else input_mask_fn(x, lengths)), lengths
+            return (x if augment is None else augment(x, lengths)), lengths
         frame_lengths = self.frontend.output_lengths(lengths)
         if (frame_lengths == 0).any():
             short = int(lengths.min())

@@ -88,7 +88,7 @@ class BestRQPretrainer(nn.Module):
     """An encoder, the frozen quantiser and a softmax head. After pretraining only ``self.encoder`` is kept.
 
     The encoder's frontend must expose input features before its learned layers
-    (:attr:`streamssl.Encoder.input_frames_per_frame` is not ``None``): a waveform frontend has none.
+    (:meth:`streamssl.Encoder.input_feature_layout` is not ``None``): a waveform frontend has none.
     """
 
     name = "bestrq"
@@ -98,11 +98,12 @@ class BestRQPretrainer(nn.Module):
         super().__init__()
         self.options = options
         self.encoder = Encoder(encoder_config)
-        if self.encoder.input_frames_per_frame is None:
+        layout = self.encoder.input_feature_layout()
+        if layout is None:
             raise ValueError(f"the bestrq objective needs a frontend with input features to mask and quantise; "
                              f"frontend {encoder_config.frontend!r} has none (use fbank or none)")
-        self.stack = self.encoder.input_frames_per_frame
-        self.quantizer = RandomProjectionQuantizer(self.stack * self.encoder.input_feature_dim, options.codebooks,
+        self.stack, input_dim = layout
+        self.quantizer = RandomProjectionQuantizer(self.stack * input_dim, options.codebooks,
                                                    options.codebook_entries, options.codebook_dim,
                                                    options.quantizer_seed)
         self.head = nn.Linear(encoder_config.d_model, options.codebooks * options.codebook_entries)
@@ -164,7 +165,7 @@ class BestRQPretrainer(nn.Module):
             captured.update(labels=labels, mask=mask)
             return torch.where(input_mask[..., None], opts.noise_std * noise, x)
 
-        feats, frame_lengths = self.encoder.features(inputs, lengths, input_mask_fn=mask_inputs)
+        feats, frame_lengths = self.encoder.features(inputs, lengths, augment=mask_inputs)
         out = self.encoder.encode_frames(self.encoder.project(feats), frame_lengths)
         frames = min(out.shape[1], captured["labels"].shape[1])
         valid = torch.arange(frames, device=out.device)[None, :] < frame_lengths[:, None]
