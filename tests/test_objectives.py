@@ -141,3 +141,51 @@ def test_bestrq_needs_a_frontend_with_input_features():
 def test_bad_bestrq_options_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         BestRQPretrainer.parse_options(bad)
+
+
+# ---------------------------------------------------------------- training: every objective x every mixer
+
+TRAIN_SETTINGS = [("max_batch_seconds", 2.5), ("save_every", 100), ("log_every", 1), ("warmup_steps", 1)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from train_corpus import make_corpus
+
+    return str(make_corpus(tmp_path_factory.mktemp("corpus"), n=6))
+
+
+def pretrain_config(objective: str, mixer: str, corpus: str, steps: int, sets=()):
+    from streamssl.commands.train import build_config
+
+    return build_config("pretrain", f"tiny-{objective}", None,
+                        [*TRAIN_SETTINGS, ("encoder.mixer", mixer), *sets], train_data=corpus, steps=steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["wav2vec2", "bestrq"])
+@pytest.mark.parametrize("mixer", sorted(__import__("streamssl.mixers", fromlist=["MIXERS"]).MIXERS))
+def test_every_objective_pretrains_every_mixer_and_resumes(objective, mixer, corpus, tmp_path):
+    from streamssl.commands.train import run_training
+    from streamssl.data import AudioDataset, collate, load_utterances
+    from streamssl.masking import utterance_seed
+    from streamssl.train.checkpoint import load_checkpoint
+
+    config = pretrain_config(objective, mixer, corpus, steps=3)
+    run_training("pretrain", config, str(tmp_path / "run"), stop_after=2, progress=False)
+    stopped = load_checkpoint(tmp_path / "run", kind="pretrain")
+    assert stopped.step == 2
+    metrics = run_training("pretrain", config, str(tmp_path / "run"), progress=False)
+    final = load_checkpoint(tmp_path / "run", kind="pretrain")
+    assert final.step == 3 and final.config.objective == objective
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if isinstance(v, float))
+
+    model = final.model.train()
+    utterances = load_utterances(corpus)[:2]
+    batch = collate([AudioDataset(utterances)[i] for i in range(2)])
+    out = model(batch["audio"], batch["lengths"], [utterance_seed(0, 9, u.id) for u in utterances], 9)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    reached = [p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.encoder.stack.parameters()]
+    assert sum(reached) > 0.5 * len(reached)
+    assert float(model.encoder.feature_proj.weight.grad.abs().sum()) > 0
