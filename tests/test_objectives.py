@@ -189,3 +189,22 @@ def test_every_objective_pretrains_every_mixer_and_resumes(objective, mixer, cor
     reached = [p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.encoder.stack.parameters()]
     assert sum(reached) > 0.5 * len(reached)
     assert float(model.encoder.feature_proj.weight.grad.abs().sum()) > 0
+
+
+# ---------------------------------------------------------------- pretraining health
+
+def test_health_rules_warn_near_chance_and_on_collapse_only_after_warmup():
+    from streamssl.train.health import collapse_threshold, health_summary, health_warnings
+
+    metrics = {"accuracy": 0.07, "chance": 0.05, "code_perplexity": 40.0, "masked_fraction": 0.4}
+    health = health_summary(metrics, entries=256)
+    assert health["source"] == "train" and health["accuracy_over_chance"] == pytest.approx(1.4)
+    assert [k for k, _ in health_warnings(health, step=100, warmup_steps=10)] == ["chance"]
+    assert health_warnings(health, step=9, warmup_steps=10) == []
+    dev = health_summary({**metrics, "dev_accuracy": 0.2, "dev_chance": 0.05, "dev_code_perplexity": 1.5,
+                          "dev_masked_fraction": 0.4}, entries=256)
+    assert dev["source"] == "dev"
+    kinds = health_warnings(dev, step=100, warmup_steps=10)
+    assert [k for k, _ in kinds] == ["collapse"] and "1.50 of 256" in kinds[0][1]
+    assert collapse_threshold(64) == 2.0 and collapse_threshold(8192) == pytest.approx(81.92)
+    assert health_summary({"ctc_per_char": 1.0}, entries=8) is None
