@@ -144,10 +144,10 @@ class LLSAStack(MixerStack):
             qc, kc, vc = att.heads(block.norm1(c))
             qa, ka, va = att.heads(block.norm1(a))
             sources = [KeySource(ka, va, self._lo(), 0), KeySource(kc, vc, 1, right)]
-            a_next = block.finish(a, att.merge(blocked_band_attention(qa, sources, lengths, att.block_frames)))
+            a_next = block.residual_feed_forward(a, att.merge(blocked_band_attention(qa, sources, lengths, att.block_frames)))
             if layer < last:
                 oc = blocked_band_attention(qc, [KeySource(kc, vc, self._lo(), 0)], lengths, att.block_frames)
-                c = block.finish(c, att.merge(oc))
+                c = block.residual_feed_forward(c, att.merge(oc))
             a = a_next
         return a
 
@@ -189,7 +189,7 @@ class LLSAStack(MixerStack):
         # c^N is never read, so the last layer computes only the look-ahead stream.
         n_c_out = n_c if layer < len(self.blocks) - 1 else 0
         oc = dense_band_attention(q[:, :, :n_c_out], [KeySource(keys_c, values_c, lo, 0, st["kc_start"])], c_first)
-        out = block.finish(torch.cat([c_new[:, :n_c_out], residual[:, :ready]], dim=1),
+        out = block.residual_feed_forward(torch.cat([c_new[:, :n_c_out], residual[:, :ready]], dim=1),
                            att.merge(torch.cat([oc, oa], dim=2)))
         c_out, a_out = out[:, :n_c_out], out[:, n_c_out:]
         a_next = a_first + ready

@@ -92,13 +92,13 @@ class Block(nn.Module):
         self.ffn = FeedForward(d_model, ffn_dim, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def finish(self, x: Tensor, mixed: Tensor) -> Tensor:
+    def residual_feed_forward(self, x: Tensor, mixed: Tensor) -> Tensor:
         """Residual add of a mixer output, then the feed-forward half of the block."""
         x = x + self.dropout(mixed)
         return x + self.dropout(self.ffn(self.norm2(x)))
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        return self.finish(x, self.mixer(self.norm1(x), lengths))
+        return self.residual_feed_forward(x, self.mixer(self.norm1(x), lengths))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
         d_model = self.norm1.normalized_shape[0]
@@ -109,7 +109,7 @@ class Block(nn.Module):
         pending = torch.cat([state["pending"], x], dim=1)
         mixed, mixer_state = self.mixer.step(self.norm1(x), state["mixer"], final)
         n_out = mixed.shape[1]
-        y = self.finish(pending[:, :n_out], mixed)
+        y = self.residual_feed_forward(pending[:, :n_out], mixed)
         return y, {"pending": pending[:, n_out:], "mixer": mixer_state}
 
 

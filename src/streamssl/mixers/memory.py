@@ -249,7 +249,7 @@ class AMTRFStack(MemoryStack):
                 parts.insert(0, (slots_k, slots_v, count.repeat(batch)))
                 bank = _last(memory, self.memory_size)
             mixed = att.merge(_attend(q, parts)).view(batch, n_segments, width, d_model)
-            h = block.finish(h, mixed)
+            h = block.residual_feed_forward(h, mixed)
             new_banks.append(bank)
         return h, new_banks
 
@@ -378,9 +378,9 @@ class EmformerStack(MemoryStack):
             out = _attend(torch.cat([q_right, q_segments], dim=2), parts)
             out_right, out_main = out[:, :, :r], out[:, :, r:]
             out_main = out_main.reshape(batch, n_segments, h, c, dh).transpose(1, 2).reshape(batch, h, -1, dh)
-            main = block.finish(main, att.merge(out_main))
+            main = block.residual_feed_forward(main, att.merge(out_main))
             if not last:  # the top layer's right-context blocks feed nothing
-                right = block.finish(right, att.merge(out_right).view(batch, n_segments, r, d_model))
+                right = block.residual_feed_forward(right, att.merge(out_right).view(batch, n_segments, r, d_model))
             new_layers.append({**cache, "k": _last(torch.cat([k_cached, k_main], dim=2), self.left_frames),
                                "v": _last(torch.cat([v_cached, v_main], dim=2), self.left_frames)})
         return main, new_layers

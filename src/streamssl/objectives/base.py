@@ -14,20 +14,23 @@ class Reducer(Protocol):
 
     size: int
 
-    def sum(self, x: Tensor) -> Tensor: ...
+    def sum(self, x: Tensor) -> Tensor:
+        """Sum over processes, no gradient."""
+
+    def differentiable_sum(self, x: Tensor) -> Tensor:
+        """Sum over processes whose backward sums the gradients over processes too."""
 
 
-class _SingleProcess:
+class OneProcess:
+    """The :class:`Reducer` of a run in a single process: every sum is the local value."""
+
     size = 1
 
-    @staticmethod
-    def sum(x: Tensor) -> Tensor:
+    def sum(self, x: Tensor) -> Tensor:
         return x.detach().clone()
 
-
-def local_reducer() -> Reducer:
-    """The reducer of a single process: sums are the values themselves."""
-    return _SingleProcess()
+    def differentiable_sum(self, x: Tensor) -> Tensor:
+        return x
 
 
 def code_perplexity(counts: Tensor) -> Tensor:

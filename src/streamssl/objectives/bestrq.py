@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder
 from streamssl.masking import span_mask
-from streamssl.objectives.base import Reducer, code_perplexity, local_reducer
+from streamssl.objectives.base import OneProcess, Reducer, code_perplexity
 
 
 @dataclass
@@ -97,6 +97,7 @@ class BestRQPretrainer(nn.Module):
     def __init__(self, encoder_config: EncoderConfig, options: BestRQOptions):
         super().__init__()
         self.options = options
+        self.codebook_entries = options.codebook_entries
         self.encoder = Encoder(encoder_config)
         layout = self.encoder.input_feature_layout()
         if layout is None:
@@ -150,7 +151,7 @@ class BestRQPretrainer(nn.Module):
             this batch), ``masked`` (masked frames), ``masked_fraction`` (of valid frames) and
             ``code_counts`` ``(codebooks, entries)``: how often each label occurs at masked frames.
         """
-        world = world or local_reducer()
+        world = world or OneProcess()
         opts = self.options
         captured: dict[str, Tensor] = {}
 

@@ -3,7 +3,7 @@
 A checkpoint is one ``torch.save`` file holding a dict::
 
     format         "streamssl-checkpoint"; version: 1
-    kind           "pretrain" (a Wav2Vec2Pretrainer) or "finetune" (a CTCModel)
+    kind           "pretrain" (an objective of streamssl.objectives.OBJECTIVES) or "finetune" (a CTCModel)
     encoder_config EncoderConfig.to_dict()
     task_config    PretrainConfig / FinetuneConfig .to_dict()
     vocab          CTC output symbols (finetune only)
@@ -58,10 +58,10 @@ def build_model(kind: str, config: RunConfig, encoder_config: EncoderConfig,
     """A freshly initialised model of ``kind`` for ``config``, with ``encoder_config`` as its encoder
     (and ``vocab`` as the CTC symbols of a finetune model; default :class:`CharVocab`)."""
     if kind == "pretrain":
-        from streamssl.ssl.wav2vec2 import Wav2Vec2Pretrainer
+        from streamssl.objectives import OBJECTIVES
 
         assert isinstance(config, PretrainConfig)
-        return Wav2Vec2Pretrainer(config)
+        return OBJECTIVES[config.objective](encoder_config, config.parsed_objective_options())
     if kind == "finetune":
         from streamssl.asr.ctc import CharVocab, CTCModel
 

@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from streamssl.config import EncoderConfig
+from streamssl.mixers import MIXERS
+from streamssl.objectives import OBJECTIVES, Wav2Vec2Options
 
 
 def _encoder_from(value: Any) -> EncoderConfig | None:
@@ -117,9 +119,15 @@ class RunConfig:
 
 @dataclass
 class PretrainConfig(RunConfig):
-    """wav2vec 2.0 self-supervised pretraining of an encoder (METHODS.md sections 1-2 give the encoder).
+    """Self-supervised pretraining of an encoder (METHODS.md sections 1-2 give the encoder).
 
-    Masking: spans of ``mask_length`` projected frames start at a fraction ``mask_prob`` of the frames
+    ``objective``: a name in :data:`streamssl.objectives.OBJECTIVES`: ``wav2vec2`` (the default) or
+    ``bestrq``. ``objective_options``: the options of that objective (validated by it; for ``bestrq``
+    see :class:`~streamssl.objectives.BestRQOptions`). The wav2vec 2.0 options are the fields below
+    (their historical home, BASE defaults), so for ``wav2vec2`` ``objective_options`` stays empty;
+    other objectives do not read those fields.
+
+    wav2vec 2.0 masking: spans of ``mask_length`` projected frames start at a fraction ``mask_prob`` of the frames
     (spans may overlap), replaced by a learned embedding. Quantiser: ``codebook_groups`` groups of
     ``codebook_entries`` entries, picked with a straight-through Gumbel softmax whose temperature decays
     from ``gumbel_start`` by ``gumbel_decay`` per step down to ``gumbel_end``. Contrastive loss: cosine
@@ -128,6 +136,8 @@ class PretrainConfig(RunConfig):
     """
 
     encoder: EncoderConfig | None = None   # None: EncoderConfig.base()
+    objective: str = "wav2vec2"
+    objective_options: dict[str, Any] = field(default_factory=dict)
     mask_prob: float = 0.65
     mask_length: int = 10
     num_negatives: int = 100
@@ -144,10 +154,27 @@ class PretrainConfig(RunConfig):
 
     def __post_init__(self) -> None:
         self.encoder = _encoder_from(self.encoder) or EncoderConfig.base()
+        self.objective_options = dict(self.objective_options or {})
         self.validate()
+
+    def parsed_objective_options(self) -> Any:
+        """The options dataclass of ``objective`` (``Wav2Vec2Options`` from the fields for wav2vec2)."""
+        if self.objective == "wav2vec2":
+            return Wav2Vec2Options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Wav2Vec2Options)})
+        return OBJECTIVES[self.objective].parse_options(self.objective_options)
 
     def validate(self) -> None:
         super().validate()
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"PretrainConfig.objective: unknown objective {self.objective!r}; "
+                             f"registered objectives: {sorted(OBJECTIVES)}")
+        if not isinstance(self.objective_options, dict):
+            raise ValueError(f"PretrainConfig.objective_options must be a mapping, got "
+                             f"{type(self.objective_options).__name__}")
+        if self.objective == "wav2vec2" and self.objective_options:
+            raise ValueError(f"PretrainConfig.objective_options must be empty for wav2vec2 (its options are the "
+                             f"fields mask_prob, num_negatives, ...), got {sorted(self.objective_options)}")
+        self.parsed_objective_options()
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"PretrainConfig.mask_prob must be in (0, 1), got {self.mask_prob}")
         for name in ("mask_length", "num_negatives", "codebook_groups", "codebook_entries", "final_dim"):
@@ -170,6 +197,24 @@ class PretrainConfig(RunConfig):
 
 
 HEADS = ("linear", "lstm")
+TRAIN_MODES = ("full", "frozen", "replace")
+
+
+def check_train_mode(train_mode: str, replace_layers: str | None, replace_mixer: str,
+                     replace_options: dict[str, Any]) -> None:
+    """``ValueError`` for an impossible combination of the ``FinetuneConfig`` selective fields."""
+    if train_mode not in TRAIN_MODES:
+        raise ValueError(f"FinetuneConfig.train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
+    if train_mode == "replace" and not replace_layers:
+        raise ValueError("FinetuneConfig.train_mode 'replace' needs replace_layers (e.g. 'last:4')")
+    if train_mode != "replace" and replace_layers:
+        raise ValueError(f"FinetuneConfig.replace_layers is set but train_mode is {train_mode!r}; "
+                         "use train_mode 'replace' (--replace)")
+    if replace_mixer not in MIXERS:
+        raise ValueError(f"FinetuneConfig.replace_mixer: unknown mixer {replace_mixer!r}; "
+                         f"registered mixers: {sorted(MIXERS)}")
+    if not isinstance(replace_options, dict):
+        raise ValueError(f"FinetuneConfig.replace_options must be a mapping, got {type(replace_options).__name__}")
 
 
 @dataclass
@@ -180,7 +225,7 @@ class FinetuneConfig(RunConfig):
 
     ``init``: a ``streamssl pretrain`` (or ``finetune``) checkpoint whose encoder starts the model;
     ``None`` trains from scratch with ``encoder`` (default: the BASE configuration). Other sources are
-    resolved by :data:`streamssl.asr.init.INIT_SOURCES`, e.g. ``hf:DIR`` for a Hugging Face model.
+    resolved by :data:`streamssl.train.sources.INIT_SOURCES`, e.g. ``hf:DIR`` for a Hugging Face model.
     ``head``: ``linear`` (one projection) or ``lstm`` (``lstm_layers`` of ``lstm_hidden`` units, then a
     projection); ``bidirectional`` is allowed only on an encoder that cannot stream anyway (``full``).
     ``train_mode``: ``full``, ``frozen`` (only the head trains) or ``replace`` (the attention of
@@ -240,8 +285,6 @@ class FinetuneConfig(RunConfig):
                              f"got {self.freeze_encoder_steps!r}")
         if self.crop_seconds is not None:
             raise ValueError("FinetuneConfig.crop_seconds must be null: a crop would cut the transcript")
-        from streamssl.selective.finetune import check_train_mode
-
         check_train_mode(self.train_mode, self.replace_layers, self.replace_mixer, self.replace_options)
 
 

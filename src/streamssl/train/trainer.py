@@ -35,7 +35,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from streamssl.asr.init import trainable_parameters
 from streamssl.train.checkpoint import read_payload, rng_state, save_checkpoint, set_rng_state
 from streamssl.train.data import EpochBatches
 from streamssl.train.dist import World
@@ -124,7 +123,7 @@ class Trainer:
         self.progress, self.log = progress and world.is_main, log if world.is_main else (lambda *a, **k: None)
         self.model: nn.Module = task.model.to(world.device)
         cfg = self.config
-        self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=cfg.lr,
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -215,7 +214,8 @@ class Trainer:
             nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return {k: float(v) for k, v in out.items() if k != "loss"}
+        # Per-batch tensors (code histograms) are for dev aggregation, not for the training log.
+        return {k: float(v) for k, v in out.items() if k != "loss" and v.numel() == 1}
 
     def health(self) -> dict[str, Any] | None:
         """Pretraining health of the latest metrics (see :mod:`streamssl.train.health`); ``None`` for a
