@@ -2,7 +2,7 @@
 
 Offline (training)::
 
-    y, y_lengths = encoder(x, lengths)        # x (B, S) waveform or (B, T, input_dim) frames
+    y, y_lengths = encoder(x, lengths)        # x (B, S) waveform, or (B, T, input_dim) frames (frontend "none")
 
 Streaming (the same function, chunk by chunk, for a batch of streams)::
 
@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from streamssl.config import EncoderConfig
-from streamssl.frontend import ConvFrontend
+from streamssl.frontends import FeatureAugment, Frontend, build_frontend
 from streamssl.latency import Latency
 from streamssl.mixers import build_stack
 
@@ -55,13 +55,14 @@ class CausalPositionalConv(nn.Module):
 class EncoderState:
     """Everything one :class:`Encoder` needs to continue a batch of streams.
 
-    ``owner`` ties the state to the encoder that made it; ``samples_in``/``frames_out`` count input
-    units (samples, or frames with ``frontend="none"``) fed and output frames emitted per stream.
+    ``owner`` ties the state to the encoder that made it; ``frontend`` is the frontend's own state (see
+    docs/streaming.md); ``samples_in``/``frames_out`` count input units (samples, or frames with
+    ``frontend="none"``) fed and output frames emitted per stream.
     """
 
     owner: str
     batch_size: int
-    frontend: list[Tensor] | None
+    frontend: Any
     positional: Tensor
     stack: Any
     samples_in: int = 0
@@ -77,16 +78,10 @@ class Encoder(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        if config.frontend == "conv":
-            self.frontend: ConvFrontend | None = ConvFrontend(config.conv_channels, config.conv_kernels,
-                                                              config.conv_strides)
-            feature_dim = config.conv_channels
-        else:
-            self.frontend = None
-            feature_dim = config.input_dim
-        self.feature_dim = feature_dim
-        self.feature_norm = nn.LayerNorm(feature_dim)
-        self.feature_proj = nn.Linear(feature_dim, config.d_model)
+        self.frontend: Frontend = build_frontend(config.frontend, config.frontend_options, config.sample_rate)
+        self.feature_dim = self.frontend.feature_dim
+        self.feature_norm = nn.LayerNorm(self.feature_dim)
+        self.feature_proj = nn.Linear(self.feature_dim, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.positional = CausalPositionalConv(config.d_model, config.pos_conv_kernel, config.pos_conv_groups)
         self.stack = build_stack(config)
@@ -105,11 +100,12 @@ class Encoder(nn.Module):
     def _check_input(self, x: Tensor, what: str) -> None:
         if not isinstance(x, Tensor):
             raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-        if self.frontend is not None:
+        input_dim = self.frontend.input_dim
+        if input_dim is None:
             if x.dim() != 2:
                 raise ValueError(f"{what} must be a waveform of shape (batch, samples), got shape {tuple(x.shape)}")
-        elif x.dim() != 3 or x.shape[2] != self.config.input_dim:
-            raise ValueError(f"{what} must be frames of shape (batch, frames, {self.config.input_dim}), "
+        elif x.dim() != 3 or x.shape[2] != input_dim:
+            raise ValueError(f"{what} must be frames of shape (batch, frames, {input_dim}), "
                              f"got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{what} must be floating point ({self.dtype}), got dtype {x.dtype}; "
@@ -121,7 +117,7 @@ class Encoder(nn.Module):
 
     def _check_lengths(self, x: Tensor, lengths: Tensor | None) -> Tensor:
         batch, total = x.shape[0], x.shape[1]
-        unit = "samples" if self.frontend is not None else "frames"
+        unit = self._unit
         if lengths is None:
             return torch.full((batch,), total, dtype=torch.long, device=x.device)
         if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != batch:
@@ -136,36 +132,27 @@ class Encoder(nn.Module):
             raise ValueError(f"lengths[{worst}]={int(lengths[worst])} exceeds the input's {total} {unit}")
         return lengths.to(device=x.device, dtype=torch.long)
 
-    # ---------------------------------------------------------------- offline
-    def input_feature_layout(self) -> tuple[int, int] | None:
-        """``(frames per encoder frame, width)`` of the frontend's fixed input features (no learned layer
-        before them: what ``augment`` of :meth:`features` sees), or ``None`` when the frontend has none."""
-        return (1, self.config.input_dim) if self.frontend is None else None
+    @property
+    def _unit(self) -> str:
+        return "samples" if self.frontend.input_dim is None else "frames"
 
+    # ---------------------------------------------------------------- offline
     def features(self, x: Tensor, lengths: Tensor | None = None,
-                 augment: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                 augment: FeatureAugment | None = None) -> tuple[Tensor, Tensor]:
         """Frontend features before projection: ``(B, T, feature_dim)`` and frame counts ``(B,)``.
 
         The wav2vec 2.0 objective quantises these; :meth:`project` and :meth:`encode_frames` finish the job.
-        ``augment(inputs, input_lengths) -> inputs`` rewrites the frontend's input features
-        ``(B, T_in, F)`` (``input_lengths`` ``(B,)`` valid input frames) before any learned layer sees
-        them: BEST-RQ reads its targets there and masks them (see :meth:`input_feature_layout`).
+        ``augment`` (training only) is handed to the frontend, which applies it to its spectral features.
         """
         self._check_input(x, "input")
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"input is empty (shape {tuple(x.shape)})")
         lengths = self._check_lengths(x, lengths)
-        if augment is not None and self.input_feature_layout() is None:
-            raise ValueError(f"frontend {self.config.frontend!r} has no input features to augment before its "
-                             "learned layers")
-        if self.frontend is None:
-            return (x if augment is None else augment(x, lengths)), lengths
-        frame_lengths = self.frontend.output_lengths(lengths)
-        if (frame_lengths == 0).any():
+        if (self.frontend.output_lengths(lengths) == 0).any():
             short = int(lengths.min())
-            raise ValueError(f"audio of {short} samples is shorter than one frame "
-                             f"({self.frontend.receptive_field_samples} samples)")
-        return self.frontend(x), frame_lengths
+            raise ValueError(f"input of {short} {self._unit} is shorter than one frame "
+                             f"({self.frontend.geometry.min_input} {self._unit})")
+        return self.frontend(x, lengths, augment)
 
     def project(self, features: Tensor) -> Tensor:
         """``(B, T, feature_dim)`` -> ``(B, T, d_model)``."""
@@ -179,7 +166,7 @@ class Encoder(nn.Module):
         """Offline encoding.
 
         Args:
-            x: waveform ``(B, S)`` at ``sample_rate`` (conv frontend) or frames ``(B, T, input_dim)``.
+            x: waveform ``(B, S)`` at ``sample_rate``, or frames ``(B, T, input_dim)`` (frontend ``none``).
             lengths: ``(B,)`` valid samples (or frames) per utterance; ``None``: all of ``x``.
         Returns:
             ``(B, T, d_model)`` outputs and ``(B,)`` valid output frames. Outputs past an utterance's
@@ -203,7 +190,7 @@ class Encoder(nn.Module):
         return EncoderState(
             owner=self._owner,
             batch_size=batch_size,
-            frontend=self.frontend.init_state(batch_size, device, dtype) if self.frontend is not None else None,
+            frontend=self.frontend.init_state(batch_size, device, dtype),
             positional=torch.zeros(batch_size, d_model, self.config.pos_conv_kernel - 1, device=device, dtype=dtype),
             stack=self.stack.init_state(batch_size, device, dtype),
         )
@@ -217,7 +204,7 @@ class Encoder(nn.Module):
             raise ValueError("stream already flushed; call init_state to start a new one")
 
     def step(self, chunk: Tensor, state: EncoderState) -> tuple[Tensor, EncoderState]:
-        """Feed ``chunk`` ``(B, n)`` samples (or ``(B, n, input_dim)`` frames) to every stream.
+        """Feed ``chunk`` ``(B, n)`` samples (or ``(B, n, input_dim)`` frames with frontend ``none``) to every stream.
 
         Returns the output frames ``(B, m, d_model)`` that became final (``m`` may be 0) and the new state.
         """
@@ -225,18 +212,15 @@ class Encoder(nn.Module):
         self._check_input(chunk, "chunk")
         if chunk.shape[0] != state.batch_size:
             raise ValueError(f"chunk has batch size {chunk.shape[0]} but the state holds {state.batch_size} streams")
-        if self.frontend is not None:
-            feats, frontend_state = self.frontend.step(chunk, state.frontend)
-        else:
-            feats, frontend_state = chunk, None
+        feats, frontend_state = self.frontend.step(chunk, state.frontend)
         return self._advance(feats, state, frontend_state, chunk.shape[1], final=False)
 
     def flush(self, state: EncoderState) -> tuple[Tensor, EncoderState]:
         """End every stream: emit the frames still waiting for look-ahead. The state cannot be used again."""
         self._check_state(state)
-        empty = torch.zeros(state.batch_size, 0, self.feature_dim, device=state.positional.device,
-                            dtype=state.positional.dtype)
-        return self._advance(empty, state, state.frontend, 0, final=True)
+        feats, frontend_state = self.frontend.flush(state.frontend, state.batch_size, state.positional.device,
+                                                    state.positional.dtype)
+        return self._advance(feats, state, frontend_state, 0, final=True)
 
     def _advance(self, feats: Tensor, state: EncoderState, frontend_state: Any, n_in: int,
                  final: bool) -> tuple[Tensor, EncoderState]:
@@ -251,15 +235,10 @@ class Encoder(nn.Module):
     # ---------------------------------------------------------------- latency
     def latency(self) -> Latency:
         """Declared algorithmic look-ahead (METHODS.md section 5.1), frontend and encoder parts apart."""
-        cfg = self.config
-        if self.frontend is not None:
-            frontend_samples = self.frontend.receptive_field_samples - self.frontend.hop_samples
-            frontend_ms = 1000.0 * frontend_samples / cfg.sample_rate
-            field_ms = 1000.0 * self.frontend.receptive_field_samples / cfg.sample_rate
-        else:
-            frontend_ms, field_ms = 0.0, cfg.frame_ms
-        return Latency(mixer=cfg.mixer, n_layers=cfg.n_layers, frame_ms=cfg.frame_ms,
-                       frontend_lookahead_ms=frontend_ms, frontend_receptive_field_ms=field_ms,
+        cfg, geometry = self.config, self.frontend.geometry
+        return Latency(mixer=cfg.mixer, n_layers=cfg.n_layers, frame_ms=geometry.frame_ms,
+                       frontend_lookahead_ms=geometry.lookahead_ms,
+                       frontend_receptive_field_ms=geometry.receptive_field_ms,
                        encoder_lookahead_frames=self.stack.lookahead_frames(),
                        encoder_mean_lookahead_frames=self.stack.mean_lookahead_frames(),
                        streamable=self.stack.stream_error() is None)

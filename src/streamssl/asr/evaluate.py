@@ -35,10 +35,10 @@ class EvalResult:
         return asdict(self)
 
 
-def _load(utterances: list) -> list:
+def _load(utterances: list, sample_rate: int) -> list:
     from streamssl.data import AudioDataset
 
-    dataset = AudioDataset(utterances)
+    dataset = AudioDataset(utterances, sample_rate=sample_rate)
     return [dataset[i] for i in range(len(dataset))]
 
 
@@ -53,7 +53,7 @@ def transcribe_offline(model: RecognitionModel, items: list, device: torch.devic
     batches, current, longest = [], [], 0
     for i in order:
         n = items[i]["audio"].shape[0]
-        if current and max(longest, n) * (len(current) + 1) > batch_seconds * 16000:
+        if current and max(longest, n) * (len(current) + 1) > batch_seconds * model.sample_rate:
             batches.append(current)
             current, longest = [], 0
         current.append(i)
@@ -112,14 +112,14 @@ def evaluate_model(model: RecognitionModel, utterances: list, streaming: bool = 
         raise ValueError(model.stream_error())
     device = device or model.device
     model.eval()
-    items = _load(utterances)
+    rate = model.sample_rate
+    items = _load(utterances, rate)
     if streaming:
         hyps, compute = transcribe_streaming(model, items, device, chunk_ms, progress)
     else:
         hyps, compute = transcribe_offline(model, items, device, progress=progress)
     refs = [item["text"] for item in items]
     wer, cer = score(refs, hyps)
-    rate = model.sample_rate
     audio_seconds = sum(item["audio"].shape[0] for item in items) / rate
     return EvalResult(wer=wer, cer=cer, n_utterances=len(items), audio_seconds=audio_seconds,
                       compute_seconds=compute, rtf=compute / audio_seconds, streaming=streaming,

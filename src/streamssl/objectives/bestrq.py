@@ -88,7 +88,7 @@ class BestRQPretrainer(nn.Module):
     """An encoder, the frozen quantiser and a softmax head. After pretraining only ``self.encoder`` is kept.
 
     The encoder's frontend must expose input features before its learned layers
-    (:meth:`streamssl.Encoder.input_feature_layout` is not ``None``): a waveform frontend has none.
+    (:meth:`streamssl.frontends.Frontend.input_feature_layout` is not ``None``): a waveform frontend has none.
     """
 
     name = "bestrq"
@@ -99,7 +99,7 @@ class BestRQPretrainer(nn.Module):
         self.options = options
         self.codebook_entries = options.codebook_entries
         self.encoder = Encoder(encoder_config)
-        layout = self.encoder.input_feature_layout()
+        layout = self.encoder.frontend.input_feature_layout()
         if layout is None:
             raise ValueError(f"the bestrq objective needs a frontend with input features to mask and quantise; "
                              f"frontend {encoder_config.frontend!r} has none (use fbank or none)")

@@ -21,6 +21,7 @@ import yaml
 from streamssl.config import EncoderConfig
 from streamssl.mixers import MIXERS
 from streamssl.objectives import OBJECTIVES, Wav2Vec2Options
+from streamssl.train.augment import AugmentOptions
 
 
 def _encoder_from(value: Any) -> EncoderConfig | None:
@@ -55,13 +56,15 @@ class RunConfig:
     log_every: int = 50                # steps between CSV/TensorBoard rows
     save_every: int = 1000             # steps between checkpoints (one is always written at the end)
     eval_every: int = 0                # steps between dev evaluations (0: only at the end)
+    augment: dict[str, Any] = field(default_factory=dict)  # AugmentOptions fields (streamssl.train.augment)
+    normalizer_utterances: int = 300   # training utterances a fresh frontend's global statistics come from
 
     def validate(self) -> None:
         def check(ok: bool, what: str) -> None:
             if not ok:
                 raise ValueError(f"{type(self).__name__}.{what}")
 
-        for name in ("steps", "log_every", "save_every"):
+        for name in ("steps", "log_every", "save_every", "normalizer_utterances"):
             value = getattr(self, name)
             check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
         for name in ("warmup_steps", "hold_steps", "eval_every", "num_workers"):
@@ -76,6 +79,16 @@ class RunConfig:
         check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam betas must be in [0, 1)")
         check(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps}")
         check(self.grad_clip >= 0, f"grad_clip must be non-negative, got {self.grad_clip}")
+        if not isinstance(self.augment, dict):
+            raise ValueError(f"{type(self).__name__}.augment must be a mapping of augmentation settings, "
+                             f"got {type(self.augment).__name__}")
+        try:
+            self.augment_options()
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}.{error}") from None
+
+    def augment_options(self) -> AugmentOptions:
+        return AugmentOptions.from_dict(self.augment)
 
     # -------------------------------------------------------------- dict / YAML
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +207,10 @@ class PretrainConfig(RunConfig):
         for name in ("diversity_weight", "feature_penalty_weight", "feature_grad_scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PretrainConfig.{name} must be non-negative, got {getattr(self, name)}")
+        if self.augment_options().spec_augment:
+            raise ValueError("PretrainConfig.augment: SpecAugment (spec_freq_masks, spec_time_masks) is for "
+                             "fine-tuning; the wav2vec 2.0 objective masks spans itself and quantises the "
+                             "features SpecAugment would mask")
 
 
 HEADS = ("linear", "lstm")
@@ -290,7 +307,7 @@ class FinetuneConfig(RunConfig):
 
 def _cpu_encoder(**overrides: Any) -> dict[str, Any]:
     """A small LLSA encoder that trains on a CPU in minutes (ours)."""
-    values = dict(frontend="conv", conv_channels=32, d_model=96, n_layers=3, n_heads=4, ffn_dim=192,
+    values = dict(frontend="conv", frontend_options={"channels": 32}, d_model=96, n_layers=3, n_heads=4, ffn_dim=192,
                   dropout=0.0, pos_conv_kernel=16, pos_conv_groups=8, mixer="llsa", left_frames=32,
                   right_frames=4)
     values.update(overrides)
