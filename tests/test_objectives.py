@@ -158,7 +158,7 @@ def corpus(tmp_path_factory):
 def pretrain_config(objective: str, mixer: str, corpus: str, steps: int, sets=()):
     from streamssl.commands.train import build_config
 
-    return build_config("pretrain", f"tiny-{objective}", None,
+    return build_config("pretrain", {"wav2vec2": "tiny-fbank", "bestrq": "tiny-bestrq"}[objective], None,
                         [*TRAIN_SETTINGS, ("encoder.mixer", mixer), *sets], train_data=corpus, steps=steps)
 
 
@@ -200,11 +200,40 @@ def test_health_rules_warn_near_chance_and_on_collapse_only_after_warmup():
     health = health_summary(metrics, entries=256)
     assert health["source"] == "train" and health["accuracy_over_chance"] == pytest.approx(1.4)
     assert [k for k, _ in health_warnings(health, step=100, warmup_steps=10)] == ["chance"]
-    assert health_warnings(health, step=9, warmup_steps=10) == []
+    assert health_warnings(health, step=19, warmup_steps=10) == []  # a warm-up's worth of full-rate steps first
     dev = health_summary({**metrics, "dev_accuracy": 0.2, "dev_chance": 0.05, "dev_code_perplexity": 1.5,
                           "dev_masked_fraction": 0.4}, entries=256)
     assert dev["source"] == "dev"
     kinds = health_warnings(dev, step=100, warmup_steps=10)
     assert [k for k, _ in kinds] == ["collapse"] and "1.50 of 256" in kinds[0][1]
-    assert collapse_threshold(64) == 2.0 and collapse_threshold(8192) == pytest.approx(81.92)
+    assert collapse_threshold(64) == 2.0 and collapse_threshold(8192) == pytest.approx(40.96)
     assert health_summary({"ctc_per_char": 1.0}, entries=8) is None
+
+
+def test_a_run_near_chance_logs_the_warning_and_its_summary_keeps_it(corpus, tmp_path, capsys):
+    import json
+
+    from streamssl.commands.train import run_training
+
+    # An untrained head (lr 1e-9) predicts no better than the best constant guess, BEST-RQ's chance.
+    config = pretrain_config("bestrq", "llsa", corpus, steps=4, sets=[("lr", 1e-9)])
+    run_training("pretrain", config, str(tmp_path / "run"), progress=False)
+    log = capsys.readouterr().out
+    assert "WARNING: pretraining is not learning" in log and "collapsed" not in log
+    health = json.loads((tmp_path / "run" / "summary.json").read_text())["health"]
+    assert health["source"] == "train" and health["accuracy"] < 1.5 * health["chance"]
+    assert any("not learning" in w for w in health["warnings"])
+    assert 0.0 < health["masked_fraction"] < 1.0 and health["codebook_entries"] == 16
+
+
+def test_a_two_entry_codebook_logs_the_collapse_warning(corpus, tmp_path, capsys):
+    import json
+
+    from streamssl.commands.train import run_training
+
+    config = pretrain_config("bestrq", "llsa", corpus, steps=3,
+                             sets=[("objective_options", {"codebook_entries": 2, "mask_length": 2})])
+    run_training("pretrain", config, str(tmp_path / "run"), progress=False)
+    assert "WARNING: codes collapsed" in capsys.readouterr().out
+    health = json.loads((tmp_path / "run" / "summary.json").read_text())["health"]
+    assert health["code_perplexity"] < 2.0 and any("collapsed" in w for w in health["warnings"])
