@@ -237,3 +237,22 @@ def test_a_two_entry_codebook_logs_the_collapse_warning(corpus, tmp_path, capsys
     assert "WARNING: codes collapsed" in capsys.readouterr().out
     health = json.loads((tmp_path / "run" / "summary.json").read_text())["health"]
     assert health["code_perplexity"] < 2.0 and any("collapsed" in w for w in health["warnings"])
+
+
+def test_selective_fine_tuning_starts_from_a_bestrq_checkpoint(corpus, tmp_path):
+    from streamssl.commands.train import build_config, run_training
+    from streamssl.train.checkpoint import load_checkpoint
+
+    run_training("pretrain", pretrain_config("bestrq", "sa", corpus, steps=2), str(tmp_path / "pt"), progress=False)
+    finetune = build_config("finetune", "tiny", None, [("max_batch_seconds", 2.5), ("steps", 2)], train_data=corpus,
+                            init=str(tmp_path / "pt"), train_mode="replace", replace_layers="last:1",
+                            replace_mixer="wsm")
+    run_training("finetune", finetune, str(tmp_path / "ft"), progress=False)
+    pre = load_checkpoint(tmp_path / "pt", kind="pretrain").model.encoder.state_dict()
+    model = load_checkpoint(tmp_path / "ft", kind="finetune").model
+    fine = model.encoder.state_dict()
+    assert type(model.encoder.stack.blocks[-1].mixer).__name__ != type(
+        load_checkpoint(tmp_path / "pt").model.encoder.stack.blocks[-1].mixer).__name__
+    # Everything outside the replaced layer is the pretrained encoder, unchanged by selective training.
+    for name in ("frontend.normalizer.mean", "feature_proj.weight", "stack.blocks.0.mixer.qkv.weight"):
+        assert torch.equal(pre[name], fine[name]), name

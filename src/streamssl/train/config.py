@@ -324,6 +324,18 @@ def _cpu_schedule(steps: int, lr: float, max_batch_seconds: float = 8.0) -> dict
 # two CPU cores. Its diversity weight is 1.0: at 0.1 the small quantiser collapsed to one code within 50
 # steps. Its fine-tuning head is linear at lr 1e-3: an LSTM head at 2e-3 was still emitting only blanks
 # after 700 steps, while this setting leaves the blank-only stage after about 600 steps from scratch.
+# cpu-fbank-* (ours): the same LLSA encoder on the fbank frontend (20 ms frames), pretraining settings
+# measured in 300-step runs on 0.4 h of synthetic speech (docs/training.md, "Small-scale pretraining"):
+# spans of 2 frames (dev accuracy 16.9 % at 4.9 % chance; spans of 3: 11.9 %, of 5: 7.8 %, because with
+# 4 frames of look-ahead most frames of a long span see no unmasked frame ahead), frontend gradient
+# scale 0.1 (16.9 % against 14.6 % at 1.0), diversity weight 0.1 (23.6 %; on log-mel the quantiser kept
+# 17 of 64 codes per group instead of collapsing), 50 distractors (chance 2.0 %: 6.4x chance against
+# 3.5x with 20). BEST-RQ: spans of 2 (22.0 % at 14.3 % chance; spans of 4: 16.7 % at 15.1 %) and 1024
+# codewords (8192 ran 1.6x slower per step with a label perplexity of only 52).
+_FBANK_ENCODER = _cpu_encoder(frontend="fbank", frontend_options={"channels": 96, "subsampling": 2})
+_FBANK_PRETRAIN = dict(encoder=_FBANK_ENCODER, **_cpu_schedule(3000, 2e-3), crop_seconds=2.0,
+                       normalizer_utterances=300)
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "pretrain": {
         "base": {},
@@ -334,6 +346,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": dict(encoder=EncoderConfig.tiny(mixer="llsa").to_dict(), **_cpu_schedule(4, 1e-3, 4.0),
                      crop_seconds=2.0, mask_prob=0.5, mask_length=2,
                      num_negatives=5, codebook_entries=8, final_dim=16, feature_grad_scale=1.0),
+        "cpu-fbank-wav2vec2": dict(**_FBANK_PRETRAIN, mask_prob=0.5, mask_length=2, num_negatives=50,
+                                   codebook_groups=2, codebook_entries=64, final_dim=64, gumbel_decay=0.995,
+                                   diversity_weight=0.1, feature_grad_scale=0.1),
+        "cpu-fbank-bestrq": dict(**_FBANK_PRETRAIN, objective="bestrq",
+                                 objective_options=dict(codebook_entries=1024, codebook_dim=16, mask_prob=0.5,
+                                                        mask_length=2, noise_std=0.1)),
         "tiny-fbank": dict(encoder=EncoderConfig.tiny(frontend="fbank", mixer="llsa").to_dict(),
                            **_cpu_schedule(4, 1e-3, 4.0), crop_seconds=2.0, mask_prob=0.5, mask_length=2,
                            num_negatives=5, codebook_entries=8, final_dim=16, feature_grad_scale=1.0,
@@ -348,6 +366,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "cpu-small": dict(encoder=_cpu_encoder(), head="linear", mask_prob=0.05, mask_length=5,
                           freeze_frontend=False, final_lr_ratio=0.05, hold_steps=0,
                           **_cpu_schedule(2500, 1e-3)),
+        "cpu-fbank": dict(encoder=_FBANK_ENCODER, head="linear", mask_prob=0.05, mask_length=2,
+                          final_lr_ratio=0.05, hold_steps=0, **_cpu_schedule(1500, 1e-3)),
         "tiny": dict(encoder=EncoderConfig.tiny(mixer="llsa").to_dict(), head="linear", mask_prob=0.1,
                      mask_length=2, **_cpu_schedule(4, 1e-3, 4.0)),
     },
