@@ -256,3 +256,24 @@ def test_selective_fine_tuning_starts_from_a_bestrq_checkpoint(corpus, tmp_path)
     # Everything outside the replaced layer is the pretrained encoder, unchanged by selective training.
     for name in ("frontend.normalizer.mean", "feature_proj.weight", "stack.blocks.0.mixer.qkv.weight"):
         assert torch.equal(pre[name], fine[name]), name
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"objective": "hubert"}, "unknown objective 'hubert'; registered objectives: \\['bestrq', 'wav2vec2'\\]"),
+    ({"objective_options": {"codebook_entries": 8}}, "must be empty for wav2vec2"),
+    ({"objective": "bestrq", "objective_options": {"noise_std": -1.0}}, "noise_std"),
+    ({"objective": "bestrq", "objective_options": "big"}, "objective_options must be a mapping"),
+])
+def test_bad_objective_configs_are_refused(bad, message):
+    from streamssl.train.config import PretrainConfig, preset
+
+    with pytest.raises(ValueError, match=message):
+        PretrainConfig.from_dict(bad, base=preset("pretrain", "tiny-fbank"))
+
+
+def test_bestrq_on_the_waveform_frontend_is_refused_when_the_model_is_built(corpus, tmp_path):
+    from streamssl.commands.train import build_config, run_training
+
+    config = build_config("pretrain", "tiny", None, [("objective", "bestrq")], train_data=corpus)
+    with pytest.raises(ValueError, match="frontend 'conv' has none"):
+        run_training("pretrain", config, str(tmp_path / "run"), progress=False)

@@ -167,7 +167,8 @@ class PretrainConfig(RunConfig):
 
     def __post_init__(self) -> None:
         self.encoder = _encoder_from(self.encoder) or EncoderConfig.base()
-        self.objective_options = dict(self.objective_options or {})
+        if isinstance(self.objective_options, dict) or self.objective_options is None:
+            self.objective_options = dict(self.objective_options or {})
         self.validate()
 
     def parsed_objective_options(self) -> Any:
