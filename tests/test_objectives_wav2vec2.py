@@ -15,7 +15,7 @@ def tiny_config(**overrides) -> PretrainConfig:
 
 
 def pretrainer(config: PretrainConfig) -> Wav2Vec2Pretrainer:
-    return Wav2Vec2Pretrainer(config.encoder, config.objective_options())
+    return Wav2Vec2Pretrainer(config.encoder, config.parsed_objective_options())
 
 
 def test_span_mask_stays_inside_utterances_and_covers_about_the_asked_fraction():

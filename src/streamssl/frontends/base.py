@@ -133,6 +133,13 @@ class Frontend(nn.Module):
         frames whose input is complete (what :meth:`output_lengths` counts), so they hold none."""
         return torch.zeros(batch_size, 0, self.feature_dim, device=device, dtype=dtype), state
 
+    def input_feature_layout(self) -> tuple[int, int] | None:
+        """``(frames per output frame, width)`` of the features ``augment`` sees when they are fixed
+        input features, before any learned layer (BEST-RQ's targets and mask positions); ``None`` when
+        ``augment`` sees learned features. Output frame ``t`` owns input-feature frames
+        ``[t * frames, (t + 1) * frames)``."""
+        return None
+
     # ---------------------------------------------------------------- global statistics
     def needs_statistics(self) -> bool:
         """Whether :meth:`fit_normalizer` must run before training (global feature statistics)."""

@@ -307,6 +307,10 @@ class FbankFrontend(Frontend):
         feats, context = self.encode_step(mel, state["subsampling"])
         return feats, {"samples": pending, "subsampling": context}
 
+    def input_feature_layout(self) -> tuple[int, int]:
+        """The normalised log-mel frames, ``subsampling`` per output frame."""
+        return self.options.subsampling, self.options.num_mel_bins
+
     # ---------------------------------------------------------------- global statistics
     def needs_statistics(self) -> bool:
         return int(self.normalizer.frames) == 0

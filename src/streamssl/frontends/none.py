@@ -52,6 +52,10 @@ class FramesFrontend(Frontend):
             lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
         return (x if augment is None else augment(x, lengths)), lengths
 
+    def input_feature_layout(self) -> tuple[int, int]:
+        """The input frames themselves, one per output frame."""
+        return 1, self.input_dim
+
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
         """Nothing to remember: a frame is ready as soon as it arrives."""
         return None

@@ -1,11 +1,17 @@
 """Self-supervised pretraining objectives around any streaming encoder, found by name in :data:`OBJECTIVES`.
 
-Each entry is a module class built as ``cls(encoder_config, options)`` whose ``forward(wave, lengths,
-seeds, step, world)`` returns a dict with the ``loss`` and detached metrics.
+Each entry is a module class built as ``cls(encoder_config, options)`` whose ``forward(inputs, lengths,
+seeds, step, world)`` returns a dict with the ``loss`` and detached metrics (``accuracy``, ``chance``,
+``code_perplexity``, ``masked_fraction``, ``code_counts`` among them: see :mod:`streamssl.train.health`).
+Class attributes: ``Options`` (the options dataclass) and ``parse_options(dict) -> Options``, which
+raises ``ValueError`` naming an unknown or impossible option; instances have ``codebook_entries``.
 """
 
-from streamssl.objectives.wav2vec2 import GumbelQuantizer, OneProcess, Reducer, Wav2Vec2Options, Wav2Vec2Pretrainer
+from streamssl.objectives.base import OneProcess, Reducer, code_perplexity
+from streamssl.objectives.bestrq import BestRQOptions, BestRQPretrainer, RandomProjectionQuantizer
+from streamssl.objectives.wav2vec2 import GumbelQuantizer, Wav2Vec2Options, Wav2Vec2Pretrainer
 
-OBJECTIVES: dict[str, type] = {"wav2vec2": Wav2Vec2Pretrainer}
+OBJECTIVES: dict[str, type] = {"wav2vec2": Wav2Vec2Pretrainer, "bestrq": BestRQPretrainer}
 
-__all__ = ["OBJECTIVES", "GumbelQuantizer", "OneProcess", "Reducer", "Wav2Vec2Options", "Wav2Vec2Pretrainer"]
+__all__ = ["OBJECTIVES", "BestRQOptions", "BestRQPretrainer", "GumbelQuantizer", "OneProcess",
+           "RandomProjectionQuantizer", "Reducer", "Wav2Vec2Options", "Wav2Vec2Pretrainer", "code_perplexity"]

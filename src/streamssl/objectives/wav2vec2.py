@@ -16,8 +16,9 @@ process or batch position an utterance lands in: a DDP run and a single-process 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder
 from streamssl.masking import span_mask
+from streamssl.objectives.base import OneProcess, Reducer, code_perplexity
 
 
 @dataclass(frozen=True)
@@ -52,30 +54,6 @@ class Wav2Vec2Options:
     diversity_weight: float
     feature_penalty_weight: float
     feature_grad_scale: float
-
-
-class Reducer(Protocol):
-    """Sums over the processes of a run (``streamssl.train.dist.World`` is one)."""
-
-    size: int
-
-    def sum(self, x: Tensor) -> Tensor:
-        """Sum over processes, no gradient."""
-
-    def differentiable_sum(self, x: Tensor) -> Tensor:
-        """Sum over processes whose backward sums the gradients over processes too."""
-
-
-class OneProcess:
-    """The :class:`Reducer` of a run in a single process: every sum is the local value."""
-
-    size = 1
-
-    def sum(self, x: Tensor) -> Tensor:
-        return x.detach().clone()
-
-    def differentiable_sum(self, x: Tensor) -> Tensor:
-        return x
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -131,15 +109,28 @@ class Wav2Vec2Pretrainer(nn.Module):
     After pretraining only ``self.encoder`` is kept for fine-tuning.
     """
 
+    name = "wav2vec2"
+    Options = Wav2Vec2Options
+
     def __init__(self, encoder_config: EncoderConfig, options: Wav2Vec2Options):
         super().__init__()
         self.options = options
+        self.codebook_entries = options.codebook_entries
         self.encoder = Encoder(encoder_config)
         self.mask_embedding = nn.Parameter(torch.empty(encoder_config.d_model).uniform_())
         self.target_norm = nn.LayerNorm(self.encoder.feature_dim)
         self.quantizer = GumbelQuantizer(self.encoder.feature_dim, options.codebook_groups,
                                          options.codebook_entries, options.final_dim)
         self.final_proj = nn.Linear(encoder_config.d_model, options.final_dim)
+
+    @classmethod
+    def parse_options(cls, options: dict[str, Any]) -> Wav2Vec2Options:
+        """Every field of :class:`Wav2Vec2Options` is required (``PretrainConfig`` holds the defaults)."""
+        known = {f.name for f in dataclasses.fields(Wav2Vec2Options)}
+        if set(options) != known:
+            raise ValueError(f"wav2vec2 options need exactly {sorted(known)}; unknown: {sorted(set(options) - known)}, "
+                             f"missing: {sorted(known - set(options))}")
+        return Wav2Vec2Options(**options)
 
     def temperature(self, step: int) -> float:
         cfg = self.options
@@ -157,7 +148,13 @@ class Wav2Vec2Pretrainer(nn.Module):
         Returns:
             ``loss`` (this rank's share: DDP's average over ranks is the global loss) and detached,
             globally reduced metrics: ``contrastive``, ``diversity``, ``feature_penalty``, ``accuracy``
-            (how often the true target scores highest), ``perplexity``, ``temperature``, ``masked`` and ``objective`` (the total loss).
+            (how often the true target scores highest), ``chance`` (the mean over masked frames of
+            ``1 / (1 + distractors)``, counting only distractors whose code differs from the target's: the
+            accuracy of context vectors that carry nothing), ``perplexity`` (soft, of the batch-average code
+            distribution, summed over groups), ``code_perplexity`` (hard, per group, see
+            :func:`~streamssl.objectives.base.code_perplexity`), ``temperature``, ``masked``,
+            ``masked_fraction`` (of valid frames), ``code_counts`` ``(groups, entries)`` (arg-max codes of
+            the valid frames) and ``objective`` (the total loss).
         """
         world = world or OneProcess()
         cfg = self.options
@@ -197,7 +194,7 @@ class Wav2Vec2Pretrainer(nn.Module):
         # Contrastive loss per utterance against distractors from its own masked frames.
         target_of = torch.full((batch, frames), -1, dtype=torch.long, device=feats.device)
         target_of[valid] = torch.arange(int(valid.sum()), device=feats.device)
-        losses, correct, n_masked_local = [], [], 0
+        losses, correct, chance_hits, n_masked_local = [], [], [], 0
         for b, g in enumerate(generators):
             where = mask[b].nonzero().squeeze(1)
             m = where.numel()
@@ -215,6 +212,7 @@ class Wav2Vec2Pretrainer(nn.Module):
             losses.append(F.cross_entropy(logits, torch.zeros(m, dtype=torch.long, device=logits.device),
                                           reduction="sum"))
             correct.append((logits.argmax(-1) == 0).sum())
+            chance_hits.append((1.0 / (1.0 + (~same).sum(-1).float())).sum())
             n_masked_local += m
         n_masked = world.sum(torch.tensor(float(n_masked_local), device=feats.device)).clamp(min=1)
         contrastive = torch.stack(losses).sum() / n_masked if losses else context.sum() * 0.0
@@ -224,10 +222,16 @@ class Wav2Vec2Pretrainer(nn.Module):
         loss = world.size * local + cfg.diversity_weight * diversity
         with torch.no_grad():
             accuracy = (torch.stack(correct).sum().float() if correct else n_masked * 0) / n_masked
+            chance = world.sum(torch.stack(chance_hits).sum() if chance_hits else n_masked * 0) / n_masked
+            codes = probs.argmax(-1)                                              # (N, groups)
+            counts = torch.zeros(cfg.codebook_groups, cfg.codebook_entries, device=feats.device)
+            counts.scatter_add_(1, codes.T, torch.ones_like(codes.T, dtype=counts.dtype))
+            counts = world.sum(counts)
             metrics = {
                 "contrastive": world.sum(contrastive), "diversity": diversity.detach(),
                 "feature_penalty": world.sum(penalty), "accuracy": world.sum(accuracy),
-                "perplexity": perplexity.detach(), "masked": n_masked,
+                "chance": chance, "perplexity": perplexity.detach(), "code_perplexity": code_perplexity(counts),
+                "code_counts": counts, "masked": n_masked, "masked_fraction": n_masked / n_valid.clamp(min=1),
                 "temperature": torch.tensor(self.temperature(step)),
             }
             metrics["objective"] = (metrics["contrastive"] + cfg.diversity_weight * metrics["diversity"]

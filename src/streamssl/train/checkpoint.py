@@ -3,7 +3,7 @@
 A checkpoint is one ``torch.save`` file holding a dict::
 
     format         "streamssl-checkpoint"; version: 1 (a newer version is refused with a clear error)
-    kind           "pretrain" (a Wav2Vec2Pretrainer) or "finetune" (a CTCModel)
+    kind           "pretrain" (an objective of streamssl.objectives.OBJECTIVES) or "finetune" (a CTCModel)
     encoder_config EncoderConfig.to_dict()
     task_config    PretrainConfig / FinetuneConfig .to_dict()
     vocab          CTC output symbols (finetune only)
@@ -63,7 +63,7 @@ def build_model(kind: str, config: RunConfig, encoder_config: EncoderConfig,
         from streamssl.objectives import OBJECTIVES
 
         assert isinstance(config, PretrainConfig)
-        return OBJECTIVES["wav2vec2"](config.encoder, config.objective_options())
+        return OBJECTIVES[config.objective](encoder_config, config.parsed_objective_options())
     if kind == "finetune":
         from streamssl.asr.ctc import CharVocab, CTCModel
 

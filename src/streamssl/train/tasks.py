@@ -13,7 +13,7 @@ from streamssl.asr.evaluate import evaluate_model
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder
 from streamssl.masking import utterance_seed
-from streamssl.objectives import Wav2Vec2Pretrainer
+from streamssl.objectives import code_perplexity
 from streamssl.train.checkpoint import build_model
 from streamssl.train.augment import SpecAugment
 from streamssl.train.config import FinetuneConfig, PretrainConfig, RunConfig
@@ -50,7 +50,7 @@ def fit_frontend_statistics(encoder: nn.Module, utterances: list, config: RunCon
 
 
 class PretrainTask:
-    """wav2vec 2.0 pretraining of ``config.encoder``."""
+    """Self-supervised pretraining of ``config.encoder`` with ``config.objective``."""
 
     kind = "pretrain"
     find_unused_parameters = False
@@ -59,7 +59,8 @@ class PretrainTask:
         self.config = config
         self.encoder_config: EncoderConfig = config.encoder
         self.vocab: CharVocab | None = None
-        self.model: Wav2Vec2Pretrainer = build_model("pretrain", config, config.encoder)
+        self.model: nn.Module = build_model("pretrain", config, config.encoder)
+        self.codebook_entries: int = self.model.codebook_entries
         self.sample_rate = config.encoder.sample_rate
 
     def prepare(self, utterances: list, log=print) -> None:
@@ -79,19 +80,30 @@ class PretrainTask:
 
     @torch.no_grad()
     def evaluate(self, utterances: list, world: World) -> dict[str, float]:
-        """Dev loss and accuracy with fixed masks (step 0 seeds) and arg-max codes."""
+        """Dev objective, accuracy, chance, code perplexity and masked fraction over all of ``utterances``,
+        with fixed masks (step 0 seeds) and arg-max codes. Accuracy and chance are means over masked
+        frames; code perplexity is that of the code histogram of the whole dev set."""
         from streamssl.data import AudioDataset, collate
 
         self.model.eval()
         dataset = AudioDataset(utterances, sample_rate=self.sample_rate)
-        totals = {"objective": 0.0, "contrastive": 0.0, "accuracy": 0.0}
+        objective = masked = correct = chance = valid = 0.0
+        counts = None
         for start in range(0, len(dataset), 8):
             batch = collate([dataset[i] for i in range(start, min(start + 8, len(dataset)))])
             out = self.loss(self.model, batch, 0, World(device=world.device))
-            for key in totals:
-                totals[key] += float(out[key]) * len(batch["ids"])
+            n = float(out["masked"])
+            objective += float(out["objective"]) * n
+            correct += float(out["accuracy"]) * n
+            chance += float(out["chance"]) * n
+            masked += n
+            valid += n / max(float(out["masked_fraction"]), 1e-12)
+            counts = out["code_counts"].cpu() if counts is None else counts + out["code_counts"].cpu()
         self.model.train()
-        return {f"dev_{k}": v / len(dataset) for k, v in totals.items()}
+        chance_of = getattr(self.model, "chance_accuracy", None)
+        return {"dev_objective": objective / masked, "dev_accuracy": correct / masked,
+                "dev_chance": chance_of(counts) if chance_of is not None else chance / masked,
+                "dev_code_perplexity": float(code_perplexity(counts)), "dev_masked_fraction": masked / valid}
 
     def before_step(self, step: int) -> bool:
         return True

@@ -8,7 +8,11 @@ A run lives in one folder::
     train.csv        one row per ``log_every`` steps: step, epoch, lr, averaged metrics, elapsed time
     eval.csv         one row per dev evaluation
     tb/              the same scalars for TensorBoard
-    summary.json     written when the run reaches ``steps``
+    summary.json     written when the run reaches ``steps``; a pretraining run's has a ``health`` block
+
+Pretraining runs also log their health (streamssl.train.health): accuracy against its chance level,
+code perplexity and masked fraction, with a ``WARNING`` line when, after the learning-rate warm-up,
+accuracy stays within 1.5x chance or the codes collapse.
 
 Starting a run in a folder that holds a checkpoint of the same configuration resumes it (an already
 finished run returns at once); a different configuration is an error. Only rank 0 writes.
@@ -34,6 +38,7 @@ from tqdm import tqdm
 from streamssl.train.checkpoint import naming, read_payload, rng_state, save_checkpoint, set_rng_state
 from streamssl.train.data import EpochBatches
 from streamssl.train.dist import World
+from streamssl.train.health import health_summary, health_warnings
 
 # Configuration fields that change bookkeeping, not the numbers a run computes: they may differ on resume.
 BOOKKEEPING = {"log_every", "save_every", "eval_every", "num_workers", "train_data", "dev_data", "skip_bad"}
@@ -125,6 +130,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.hold_steps, cfg.steps, cfg.final_lr_ratio))
         self.step = self.epoch = self.batch_in_epoch = 0
         self.metrics: dict[str, float] = {}
+        self.warned: dict[str, str] = {}  # health warning kind -> its first message
         if not self.checkpoint_path.exists():
             task.prepare(train_utterances, self.log)
         self._resume()
@@ -166,6 +172,7 @@ class Trainer:
         progress = payload["progress"]
         self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
         self.metrics = payload.get("metrics", {})
+        self.warned = payload.get("warnings", {})
         states = payload["rng"]
         set_rng_state(states[self.world.rank] if len(states) == self.world.size else states[0])
         self.log(f"resuming {self.run_dir} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
@@ -188,6 +195,7 @@ class Trainer:
                 "progress": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
                 "rng": states,
                 "metrics": self.metrics,
+                "warnings": self.warned,
             })
         self.world.barrier()
 
@@ -210,7 +218,26 @@ class Trainer:
             nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return {k: float(v) for k, v in out.items() if k != "loss"}
+        # Per-batch tensors (code histograms) are for dev aggregation, not for the training log.
+        return {k: float(v) for k, v in out.items() if k != "loss" and v.numel() == 1}
+
+    def health(self) -> dict[str, Any] | None:
+        """Pretraining health of the latest metrics (see :mod:`streamssl.train.health`); ``None`` for a
+        task without codes (fine-tuning)."""
+        entries = getattr(self.task, "codebook_entries", None)
+        return None if entries is None else health_summary(self.metrics, entries)
+
+    def check_health(self) -> list[str]:
+        """Log each kind of health warning the first time it holds; returns the warnings that hold now."""
+        health = self.health()
+        if health is None:
+            return []
+        found = health_warnings(health, self.step, self.config.warmup_steps)
+        for kind, message in found:
+            if kind not in self.warned:
+                self.warned[kind] = message
+                self.log(f"WARNING: {message}")
+        return [message for _, message in found]
 
     def evaluate(self) -> dict[str, float]:
         results: dict[str, float] = {}
@@ -257,8 +284,10 @@ class Trainer:
                                                         **{k: round(v, 6) for k, v in averages.items()},
                                                         "elapsed_s": round(time.perf_counter() - started, 2)})
                     sums, count = {}, 0
+                    self.check_health()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.metrics.update(self.evaluate())
+                    self.check_health()
                 # The finished run is saved after its final evaluation, below.
                 if self.step % cfg.save_every == 0 or self.step == stop < cfg.steps:
                     self.save()
@@ -272,10 +301,18 @@ class Trainer:
         bar.close()
         if self.step >= cfg.steps:
             self.metrics.update(self.evaluate())
+            holding = self.check_health()
             self.save()
+            summary: dict[str, Any] = {"kind": self.task.kind, "step": self.step, "epoch": self.epoch, **self.metrics}
+            health = self.health()
+            if health is not None:
+                summary["health"] = {**health, "warnings": holding}
+                self.log(f"pretraining health ({health['source']}): accuracy {health['accuracy']:.4f} against chance "
+                         f"{health['chance']:.4f} ({health['accuracy_over_chance']:.2f}x), code perplexity "
+                         f"{health['code_perplexity']:.1f} of {health['codebook_entries']} entries, masked fraction "
+                         f"{health['masked_fraction']:.3f}")
             if self.world.is_main:
-                (self.run_dir / "summary.json").write_text(json.dumps(
-                    {"kind": self.task.kind, "step": self.step, "epoch": self.epoch, **self.metrics}, indent=2) + "\n")
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if self.logger is not None:
             self.logger.close()
         return self.metrics
