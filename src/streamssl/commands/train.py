@@ -201,9 +201,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     pretrain = sub.add_parser(
-        "pretrain", help="wav2vec 2.0 self-supervised pretraining of an encoder",
-        description="Pretrain a streaming encoder with the wav2vec 2.0 objective (masked spans, a Gumbel "
-                    "quantiser, a contrastive loss). The configuration is --preset, then the --config YAML "
+        "pretrain", help="self-supervised pretraining of an encoder (wav2vec 2.0 or BEST-RQ)",
+        description="Pretrain a streaming encoder with a self-supervised objective: wav2vec 2.0 (masked spans, "
+                    "a Gumbel quantiser, a contrastive loss; the default) or BEST-RQ (objective: bestrq; masked "
+                    "log-mel spans, labels from a frozen random-projection quantiser). The configuration is --preset, then the --config YAML "
                     "file (PretrainConfig fields, encoder fields under 'encoder:'), then --set KEY=VALUE, "
                     "then the flags below. Running the same command again resumes from --out; "
                     "torchrun --nproc-per-node N -m streamssl pretrain ... trains with DDP.")
