@@ -71,12 +71,9 @@ class BigramChain:
         firsts = np.array([p[0] for p in pairs], dtype=np.int64)
         offsets = np.searchsorted(firsts, np.arange(len(vocabulary) + 1))
         weights = np.array([p[2] for p in pairs]) ** SHARPNESS
-        sums = np.add.reduceat(weights, offsets[:-1][np.diff(offsets) > 0])
-        has_next = np.diff(offsets) > 0
-        totals = np.zeros(len(vocabulary))
-        totals[has_next] = sums
-        probs = weights / np.repeat(totals, np.diff(offsets))
-        start = np.array([counts[w] for w in vocabulary]) ** START_SHARPNESS * has_next
+        totals = np.bincount(firsts, weights=weights, minlength=len(vocabulary))
+        probs = weights / totals[firsts]
+        start = np.array([counts[w] for w in vocabulary]) ** START_SHARPNESS * (totals > 0)
         return cls(np.array(vocabulary), offsets, np.array([p[1] for p in pairs], dtype=np.int64), probs,
                    start / start.sum())
 
