@@ -6,7 +6,7 @@ Model: a CTC model (linear head) on a 12-layer encoder, d_model 256, 4 heads, FF
 with 256 channels, left 64 / right 8 frames, random weights, eval mode, one CPU thread, batch of one.
 Audio: deterministic noise (the content does not change the compute of these models).
 
-Method. Each point builds a :class:`~streamssl.Recognizer` with ``chunk_ms`` and feeds the audio in
+Method. Each point builds a :class:`~streamssl.streaming.Recognizer` with ``chunk_ms`` and feeds the audio in
 chunks of that size at real-time pace: chunk ``k`` is fed when audio second ``(k+1) * chunk`` has
 arrived. The pace is simulated (:class:`~streamssl.streaming.pacing.PacedClock` moves its clock
 forward instead of sleeping) on two clocks: ``wall`` (compute takes its wall time, including time lost

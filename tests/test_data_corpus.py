@@ -248,3 +248,36 @@ def test_cli_synth(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["hours"] > 0 and (tmp_path / "train.jsonl").is_file()
     assert isinstance(read_manifest(tmp_path / "train.jsonl")[0], Utterance)
+
+
+def test_synth_varied_noise_leaves_some_utterances_clean_and_noises_others(corpus, tmp_path):
+    out, _ = corpus
+    synthesize_corpus(tmp_path / "varied", HOURS, seed=7, varied_noise=True, progress=False)
+    clean_utts = read_manifest(out / "train.jsonl")
+    varied_utts = read_manifest(tmp_path / "varied" / "train.jsonl")
+    assert [u.text for u in clean_utts] == [u.text for u in varied_utts]
+    snrs = []
+    for clean_utt, varied_utt in zip(clean_utts, varied_utts):
+        clean, varied = load_audio(clean_utt.audio).astype(np.float64), load_audio(varied_utt.audio).astype(np.float64)
+        gain = varied @ clean / (clean @ clean)
+        residual = np.sum((varied - gain * clean) ** 2)
+        snrs.append(np.inf if residual < 1e-6 * np.sum(clean ** 2) else 10 * np.log10(np.sum((gain * clean) ** 2) / residual))
+    noisy = [s for s in snrs if np.isfinite(s)]
+    assert 0 < len(noisy) < len(snrs)
+    assert all(4.5 < s < 25.5 for s in noisy)
+    with pytest.raises(ValueError, match="not both"):
+        synthesize_corpus(tmp_path / "both", HOURS, seed=7, noise_snr_db=10.0, varied_noise=True, progress=False)
+
+
+def test_bigram_prose_is_deterministic_general_english():
+    from streamssl.data.prose import MAX_WORDS, MIN_WORDS, BigramChain
+
+    chain = BigramChain.from_wordsegment()
+    first = [chain.sentence(np.random.default_rng(5)) for _ in range(3)]
+    assert first == [chain.sentence(np.random.default_rng(5)) for _ in range(3)]
+    sentences = [chain.sentence(np.random.default_rng(seed)) for seed in range(200)]
+    words = [w for s in sentences for w in s.rstrip(".").lower().split()]
+    assert all(len(s.split()) <= MAX_WORDS for s in sentences)
+    assert sum(len(s.split()) >= MIN_WORDS for s in sentences) > 150
+    assert len(set(words)) > 0.5 * len(words)   # a wide vocabulary, not a handful of template words
+    assert set(words) <= set(chain.words.tolist())

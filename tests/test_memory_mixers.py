@@ -70,7 +70,7 @@ def amtrf_reference(stack, x: torch.Tensor) -> torch.Tensor:
             mixed = naive_attention(block.mixer, torch.cat([u, summary]), torch.cat([stacked(last(bank, m), u), u]))
             if m > 0:
                 bank.append(torch.tanh(mixed[-1]))
-            h = block.finish(h, mixed[:-1])
+            h = block.residual_feed_forward(h, mixed[:-1])
         outputs.append(h[centre])
     return torch.cat(outputs)
 
@@ -96,8 +96,8 @@ def emformer_reference(stack, x: torch.Tensor) -> torch.Tensor:
             banks[layer].append(made)
             made = torch.tanh(summary[0])
             past[layer].extend(u_centre)
-            centre = block.finish(centre, mixed[:centre.shape[0]])
-            right_block = block.finish(right_block, mixed[centre.shape[0]:])
+            centre = block.residual_feed_forward(centre, mixed[:centre.shape[0]])
+            right_block = block.residual_feed_forward(right_block, mixed[centre.shape[0]:])
         outputs.append(centre)
     return torch.cat(outputs)
 

@@ -13,13 +13,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamssl import Recognizer
 from streamssl.asr.ctc import CTCModel
 from streamssl.cli import main
 from streamssl.config import EncoderConfig
 from streamssl.mixers import MIXERS
 from streamssl.streaming.pacing import PacedClock
-from streamssl.streaming.recognizer import merge_states, split_state, state_signature
+from streamssl.streaming.recognizer import Recognizer, merge_states, split_state, state_signature
 from streamssl.streaming.report import build_report
 from streamssl.train.checkpoint import build_model, save_checkpoint
 from streamssl.train.config import preset
@@ -374,7 +373,7 @@ def test_cli_streams_files_reports_latency_and_survives_bad_files(checkpoint, tm
 def test_partial_display_rewrites_one_line_on_a_terminal():
     import io
 
-    from streamssl.streaming.cli import PartialDisplay
+    from streamssl.commands.stream import PartialDisplay
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -376,3 +376,26 @@ def test_finetune_config_rejects_inconsistent_modes():
         FinetuneConfig(train_mode="partial")
     with pytest.raises(ValueError, match="replace_layers is set"):
         FinetuneConfig(replace_layers="last:2")
+
+
+def test_a_hugging_face_checkpoint_says_it_cannot_stream(saved, tmp_path, capsys):
+    from streamssl.cli import main
+    from streamssl.streaming import Recognizer
+    from streamssl.train.checkpoint import load_checkpoint
+
+    manifest = tiny_corpus(tmp_path)
+    run = tmp_path / "run"
+    assert main(["finetune", "--preset", "tiny", "--init", f"hf:{saved['wav2vec2']}", "--train", manifest,
+                 "--steps", "1", "--out", str(run), "--no-progress"]) == 0
+    model = load_checkpoint(run, kind="finetune").model
+    # the two-layer conv stack: kernels (10, 4), strides (5, 4)
+    assert (model.sample_rate, model.hop_samples, model.window_samples) == (16000, 20, 25)
+    assert model.latency().frontend_lookahead_ms == pytest.approx(5 / 16)
+    with pytest.raises(ValueError, match="^cannot stream: hf-wav2vec2 "):
+        Recognizer(model)
+    capsys.readouterr()
+    for argv in (["evaluate", "--checkpoint", str(run), "--data", manifest, "--streaming"],
+                 ["stream", str(tmp_path / "utt0.wav"), "--checkpoint", str(run)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"streamssl {argv[0]}: error: cannot stream: hf-wav2vec2 " in err, err

@@ -7,7 +7,7 @@ import torch
 from train_corpus import make_corpus
 
 from streamssl.train.checkpoint import load_checkpoint
-from streamssl.train.cli import build_config, run_training
+from streamssl.commands.train import build_config, run_training
 
 SETTINGS = {
     "pretrain": [("encoder.dropout", 0.1), ("max_batch_seconds", 2.5), ("save_every", 100), ("log_every", 1)],

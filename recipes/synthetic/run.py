@@ -20,12 +20,12 @@ from pathlib import Path
 import yaml
 
 from streamssl.asr.evaluate import evaluate_model
-from streamssl.cli import declared_latency
+from streamssl.commands.train import build_config, run_training
 from streamssl.config import EncoderConfig
 from streamssl.data import load_utterances, synthesize_corpus
+from streamssl.encoder import declared_latency
 from streamssl.mixers import MIXERS
 from streamssl.train.checkpoint import load_checkpoint
-from streamssl.train.cli import build_config, run_training
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["full", "maa", "sa", "llsa", "amtrf", "emformer", "summary", "wsm"]

@@ -1,11 +1,14 @@
-"""streamssl: streaming, low-latency speech transformers and self-supervised speech representation learning."""
+"""streamssl: streaming, low-latency speech transformers and self-supervised speech representation learning.
+
+The package exports the core (encoder, configuration, mixers, latency); the recogniser is
+:class:`streamssl.streaming.Recognizer`.
+"""
 
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder, EncoderState
 from streamssl.latency import Latency, MeasuredLookahead, measure_lookahead
 from streamssl.mixers import MIXERS
-from streamssl.streaming import Recognizer
 
 __all__ = ["EncoderConfig", "Encoder", "EncoderState", "Latency", "MeasuredLookahead", "measure_lookahead",
-           "MIXERS", "Recognizer"]
+           "MIXERS"]
 __version__ = "0.1.0"

@@ -1,22 +1,23 @@
-"""The ``streamssl`` command line. Each feature area adds its subcommands through ``add_commands``."""
+"""The ``streamssl`` command line; each feature area's subcommands live in :mod:`streamssl.commands`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from typing import Any
 
-import torch
 import yaml
 
+from streamssl.commands import data, stream, train
 from streamssl.config import EncoderConfig
-from streamssl.encoder import Encoder
+from streamssl.demo import run_demo
+from streamssl.encoder import declared_latency
 from streamssl.mixers import MIXERS
+from streamssl.tables import latency_table
 
-# Modules that provide ``add_commands(subparsers)``; each registers its own subcommands.
-COMMAND_MODULES: list[str] = ["streamssl.data.cli", "streamssl.train.cli", "streamssl.streaming.cli"]
+# Each provides ``add_commands(subparsers)`` and registers its own subcommands.
+COMMAND_MODULES = (data, train, stream)
 
 
 def _left_frames(text: str) -> int | None:
@@ -69,30 +70,6 @@ def encoder_config_from_args(args: argparse.Namespace) -> EncoderConfig:
     return EncoderConfig.from_dict(data)
 
 
-def declared_latency(config: EncoderConfig):
-    """Declared latency without allocating weights (the model is built on the meta device)."""
-    with torch.device("meta"):
-        return Encoder(config).latency()
-
-
-def _ms(value: float | None) -> str:
-    return "whole utterance" if value is None else f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
-
-
-def latency_table(latencies: list) -> str:
-    """A plain-text table of declared latencies."""
-    rows = [("mixer", "layers", "encoder look-ahead", "frames", "mean", "frontend", "total", "streams")]
-    for lat in latencies:
-        frames = "-" if lat.encoder_lookahead_frames is None else str(lat.encoder_lookahead_frames)
-        rows.append((lat.mixer, str(lat.n_layers), _ms(lat.encoder_lookahead_ms), frames,
-                     _ms(lat.encoder_mean_lookahead_ms), _ms(lat.frontend_lookahead_ms),
-                     _ms(lat.total_lookahead_ms), "yes" if lat.streamable else "no"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def cmd_latency(args: argparse.Namespace) -> int:
     config = encoder_config_from_args(args)
     latency = declared_latency(config)
@@ -104,8 +81,6 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streamssl.train.demo import run_demo
-
     run_demo(args.out, progress=not args.no_progress)
     return 0
 
@@ -126,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     for module in COMMAND_MODULES:
-        importlib.import_module(module).add_commands(sub)
+        module.add_commands(sub)
     return parser
 
 

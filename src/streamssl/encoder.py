@@ -378,3 +378,9 @@ class Encoder(nn.Module):
                        encoder_lookahead_frames=self.stack.lookahead_frames(),
                        encoder_mean_lookahead_frames=self.stack.mean_lookahead_frames(),
                        streamable=self.stack.stream_error() is None)
+
+
+def declared_latency(config: EncoderConfig) -> Latency:
+    """The declared latency of ``config`` without allocating weights (the encoder is built on the meta device)."""
+    with torch.device("meta"):
+        return Encoder(config).latency()

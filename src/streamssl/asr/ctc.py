@@ -5,13 +5,13 @@ Offline::
     log_probs, frame_lengths = model(wave, lengths)      # (B, T, V) log-probabilities, (B,)
     texts = greedy_decode(log_probs, frame_lengths, model.vocab)
 
-Streaming (what :class:`streamssl.Recognizer` drives)::
+Streaming (what :class:`streamssl.streaming.Recognizer` drives)::
 
     state = model.init_state(batch_size)
     decoder = GreedyDecoder(model.vocab, batch_size)
     for chunk in chunks:                                 # (B, n) samples, any n
         log_probs, state = model.step(chunk, state)      # (B, m, V), m >= 0 frames became final
-        new_tokens = decoder.push(log_probs)             # per stream, the characters emitted now
+        new_tokens = decoder.push(log_probs)             # per stream, the (frame, token id) emitted now
     log_probs, state = model.flush(state)
     decoder.push(log_probs); decoder.texts()             # == greedy_decode of the offline output
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder, EncoderState
 from streamssl.latency import Latency
-from streamssl.ssl.wav2vec2 import span_mask
+from streamssl.masking import span_mask
 
 BLANK = "<blank>"
 
@@ -66,42 +67,86 @@ class CharVocab:
 
 
 def greedy_decode(log_probs: Tensor, lengths: Tensor, vocab: CharVocab) -> list[str]:
-    """Best path per utterance: arg-max per frame, merge repeats, drop blanks. ``log_probs`` ``(B, T, V)``."""
-    best = log_probs.argmax(-1).cpu()
-    texts = []
-    for row, length in zip(best, lengths.tolist()):
-        ids = torch.unique_consecutive(row[:length]).tolist()
-        texts.append(vocab.decode(ids))
-    return texts
+    """Best path per utterance: arg-max per frame, merge repeats, drop blanks. ``log_probs`` ``(B, T, V)``,
+    ``lengths`` ``(B,)`` valid frames."""
+    decoder = GreedyDecoder(vocab, log_probs.shape[0])
+    decoder.push(log_probs, lengths)
+    return decoder.texts()
 
 
 class GreedyDecoder:
-    """Incremental best-path decoding for a batch of streams.
+    """Best-path (greedy CTC) decoding for a batch of streams, whole utterances or chunk by chunk.
 
     It keeps the last frame's arg-max per stream, so a character repeated across a chunk boundary is
-    merged exactly as it would be inside one chunk.
+    merged exactly as it would be inside one chunk. ``frames[b]`` counts the frames stream ``b`` has seen.
     """
 
     def __init__(self, vocab: CharVocab, batch_size: int):
         self.vocab = vocab
         self.previous = [vocab.blank] * batch_size
+        self.frames = [0] * batch_size
         self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
 
-    def push(self, log_probs: Tensor) -> list[list[int]]:
-        """``log_probs`` ``(B, m, V)`` of newly final frames -> the tokens each stream emits now."""
+    def push(self, log_probs: Tensor, lengths: Tensor | None = None) -> list[list[tuple[int, int]]]:
+        """Feed ``log_probs`` ``(B, m, V)`` of newly final frames (the first ``lengths[b]`` of row ``b``
+        when given). Returns, per stream, the ``(frame, token_id)`` emitted now; ``frame`` counts from the
+        stream's first frame."""
+        rows = log_probs.argmax(-1).tolist()
+        counts = [len(row) for row in rows] if lengths is None else lengths.tolist()
         new = []
-        for b, row in enumerate(log_probs.argmax(-1).tolist()):
+        for b, (row, count) in enumerate(zip(rows, counts)):
             emitted = []
-            for token in row:
+            for offset, token in enumerate(row[:count]):
                 if token != self.previous[b] and token != self.vocab.blank:
-                    emitted.append(token)
+                    emitted.append((self.frames[b] + offset, token))
                 self.previous[b] = token
-            self.tokens[b] += emitted
+            self.frames[b] += count
+            self.tokens[b] += [token for _, token in emitted]
             new.append(emitted)
         return new
 
     def texts(self) -> list[str]:
         return [self.vocab.decode(t) for t in self.tokens]
+
+
+class RecognitionModel(Protocol):
+    """What evaluation, :class:`streamssl.streaming.Recognizer` and the command line use of a CTC model.
+
+    ``forward(wave, lengths)``: ``(B, S)`` samples at ``sample_rate`` -> ``(B, T, V)`` log-probabilities
+    over ``vocab`` and ``(B,)`` valid frames. Output frame ``t`` reads samples
+    ``[t * hop_samples, t * hop_samples + window_samples)`` (both ``None`` without a waveform frontend).
+    ``stream_error()`` says why the model cannot stream (``None`` if it can); only then do
+    ``init_state``/``step``/``flush`` work, with the meaning of :class:`CTCModel`'s.
+    """
+
+    vocab: CharVocab
+
+    @property
+    def sample_rate(self) -> int: ...
+
+    @property
+    def hop_samples(self) -> int | None: ...
+
+    @property
+    def window_samples(self) -> int | None: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __call__(self, wave: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
+
+    def latency(self) -> Latency: ...
+
+    def stream_error(self) -> str | None: ...
+
+    def init_state(self, batch_size: int) -> Any: ...
+
+    def step(self, chunk: Tensor, state: Any) -> tuple[Tensor, Any]: ...
+
+    def flush(self, state: Any) -> tuple[Tensor, Any]: ...
 
 
 @dataclass
@@ -129,7 +174,7 @@ class CTCModel(nn.Module):
         super().__init__()
         self.vocab = vocab or CharVocab()
         self.encoder = Encoder(encoder_config)
-        if bidirectional and self.encoder.stack.stream_error() is None:
+        if bidirectional and self.stream_error() is None:
             raise ValueError(f"a bidirectional LSTM head reads the whole utterance; mixer "
                              f"{encoder_config.mixer!r} streams, so use a unidirectional head "
                              "(bidirectional is for offline encoders such as 'full')")
@@ -211,6 +256,31 @@ class CTCModel(nn.Module):
         y, enc = self.encoder.flush(state.encoder)
         log_probs, lstm = self._head_step(y, state.lstm)
         return log_probs, CTCState(enc, lstm)
+
+    # ------------------------------------------------------------ RecognitionModel
+    @property
+    def sample_rate(self) -> int:
+        return self.encoder.config.sample_rate
+
+    @property
+    def hop_samples(self) -> int | None:
+        return None if self.encoder.frontend is None else self.encoder.frontend.hop_samples
+
+    @property
+    def window_samples(self) -> int | None:
+        return None if self.encoder.frontend is None else self.encoder.frontend.receptive_field_samples
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def stream_error(self) -> str | None:
+        """Why the encoder cannot stream, or ``None`` if it can."""
+        return self.encoder.stack.stream_error()
 
     def latency(self) -> Latency:
         """The encoder's declared latency (a unidirectional head adds none; a BLSTM only exists on an

@@ -9,7 +9,7 @@ import jiwer
 import torch
 from tqdm import tqdm
 
-from streamssl.asr.ctc import CTCModel, GreedyDecoder, greedy_decode
+from streamssl.asr.ctc import GreedyDecoder, RecognitionModel, greedy_decode
 
 
 @dataclass
@@ -43,7 +43,7 @@ def _load(utterances: list) -> list:
 
 
 @torch.no_grad()
-def transcribe_offline(model: CTCModel, items: list, device: torch.device, batch_seconds: float = 60.0,
+def transcribe_offline(model: RecognitionModel, items: list, device: torch.device, batch_seconds: float = 60.0,
                        progress: bool = False) -> tuple[list[str], float]:
     """Whole-utterance decoding in duration-sorted batches. Returns hypotheses (input order) and the
     compute time in seconds."""
@@ -65,7 +65,7 @@ def transcribe_offline(model: CTCModel, items: list, device: torch.device, batch
     for batch in tqdm(batches, desc="decode (offline)", disable=not progress, leave=False):
         collated = collate([items[i] for i in batch])
         start = time.perf_counter()
-        log_probs, frame_lengths = model(collated["audio"].to(device, model.encoder.dtype),
+        log_probs, frame_lengths = model(collated["audio"].to(device, model.dtype),
                                          collated["lengths"].to(device))
         texts = greedy_decode(log_probs, frame_lengths, model.vocab)
         compute += time.perf_counter() - start
@@ -75,15 +75,15 @@ def transcribe_offline(model: CTCModel, items: list, device: torch.device, batch
 
 
 @torch.no_grad()
-def transcribe_streaming(model: CTCModel, items: list, device: torch.device, chunk_ms: float,
+def transcribe_streaming(model: RecognitionModel, items: list, device: torch.device, chunk_ms: float,
                          progress: bool = False) -> tuple[list[str], float]:
     """Chunk-by-chunk decoding, one stream per utterance, through ``step``/``flush`` and
     :class:`GreedyDecoder`. Returns hypotheses and the compute time in seconds."""
-    chunk = max(1, round(chunk_ms * model.encoder.config.sample_rate / 1000))
+    chunk = max(1, round(chunk_ms * model.sample_rate / 1000))
     hyps, compute = [], 0.0
     for item in tqdm(items, desc=f"decode (streaming, {chunk_ms:g} ms chunks)", disable=not progress,
                      leave=False):
-        wave = item["audio"].to(device, model.encoder.dtype)[None]
+        wave = item["audio"].to(device, model.dtype)[None]
         start = time.perf_counter()
         state = model.init_state(1)
         decoder = GreedyDecoder(model.vocab, 1)
@@ -102,10 +102,15 @@ def score(references: list[str], hypotheses: list[str]) -> tuple[float, float]:
     return float(jiwer.wer(references, hypotheses)), float(jiwer.cer(references, hypotheses))
 
 
-def evaluate_model(model: CTCModel, utterances: list, streaming: bool = False, chunk_ms: float = 40.0,
+def evaluate_model(model: RecognitionModel, utterances: list, streaming: bool = False, chunk_ms: float = 40.0,
                    device: torch.device | None = None, progress: bool = False) -> EvalResult:
-    """Greedy-decode ``utterances`` (``streamssl.data.Utterance``) and score them against their text."""
-    device = device or model.encoder.device
+    """Greedy-decode ``utterances`` (``streamssl.data.Utterance``) and score them against their text.
+
+    ``streaming`` decodes chunk by chunk; a model that cannot stream is a ``ValueError`` saying why.
+    """
+    if streaming and model.stream_error() is not None:
+        raise ValueError(model.stream_error())
+    device = device or model.device
     model.eval()
     items = _load(utterances)
     if streaming:
@@ -114,7 +119,7 @@ def evaluate_model(model: CTCModel, utterances: list, streaming: bool = False, c
         hyps, compute = transcribe_offline(model, items, device, progress=progress)
     refs = [item["text"] for item in items]
     wer, cer = score(refs, hyps)
-    rate = model.encoder.config.sample_rate
+    rate = model.sample_rate
     audio_seconds = sum(item["audio"].shape[0] for item in items) / rate
     return EvalResult(wer=wer, cer=cer, n_utterances=len(items), audio_seconds=audio_seconds,
                       compute_seconds=compute, rtf=compute / audio_seconds, streaming=streaming,

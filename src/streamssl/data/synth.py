@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from streamssl.data.audio import SAMPLE_RATE, resample
 from streamssl.data.manifest import Utterance, write_manifest
+from streamssl.data.prose import BigramChain
 from streamssl.data.text import describe_characters, normalize_text, spell_out, unsupported_characters
 
 SPLITS = {"train": 0.8, "dev": 0.1, "test": 0.1}
@@ -48,6 +49,13 @@ FIRST_CHAPTER_ID = 1000
 RATE_WPM = (135, 205)
 PITCH = (25, 75)
 PITCH_RANGE = (30, 90)
+# Share of generated sentences that come from the bigram chain rather than from Faker's templates.
+PROSE_FRACTION = 0.6
+# Varied noise: this share of utterances gets noise of a random colour at a random SNR in this range (dB).
+NOISY_FRACTION = 0.5
+NOISE_SNR_DB = (5.0, 25.0)
+# Spectral slope of the noise, power ~ 1 / f**colour: 0 white, 1 pink, 2 brown.
+NOISE_COLOURS = (0.0, 1.0, 2.0)
 # Peak level the written audio is scaled down to if it would exceed it (eSpeak output can reach full scale).
 PEAK = 0.95
 
@@ -150,21 +158,29 @@ class ChapterTask:
     split_dir: str
     text_file: str | None
     noise_snr_db: float | None
+    varied_noise: bool
+    chain: BigramChain | None
 
 
 class SentenceGenerator:
-    """Varied English sentences from Faker (en_US), with numbers and symbols for the normaliser to spell out.
+    """Varied English sentences: general word sequences from a :class:`BigramChain` (a fraction
+    ``PROSE_FRACTION`` of them) and Faker (en_US) templates with names, places, numbers and symbols for the
+    normaliser to spell out.
 
     Faker calls that depend on today's date are avoided so the text depends only on the seed.
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, chain: BigramChain | None = None) -> None:
         from faker import Faker
 
         self._fake = Faker("en_US")
         self._fake.seed_instance(seed)
+        self._chain = chain
+        self._rng = np.random.default_rng([seed, 2])
 
     def _sentence(self) -> str:
+        if self._chain is not None and self._rng.random() < PROSE_FRACTION:
+            return self._chain.sentence(self._rng)
         fake = self._fake
         kind = fake.random_int(0, 11)
         if kind == 0:
@@ -281,7 +297,7 @@ def synthesize_chapter(task: ChapterTask) -> list[Utterance]:
     # A separate stream for noise, so a noisy corpus has the same texts and voices as the clean one of its seed.
     noise_rng = np.random.default_rng([*seed_words, 1])
     if task.text_file is None:
-        next_text = SentenceGenerator(int(rng.integers(2**32)))
+        next_text = SentenceGenerator(int(rng.integers(2**32)), task.chain)
     else:
         lines = read_text_file(task.text_file)
 
@@ -303,6 +319,9 @@ def synthesize_chapter(task: ChapterTask) -> list[Utterance]:
         audio = resample(raw.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
         if task.noise_snr_db is not None:
             audio = add_noise(audio, task.noise_snr_db, noise_rng)
+        elif task.varied_noise and noise_rng.random() < NOISY_FRACTION:
+            audio = add_noise(audio, float(noise_rng.uniform(*NOISE_SNR_DB)), noise_rng,
+                              colour=float(noise_rng.choice(NOISE_COLOURS)))
         audio = audio / max(1.0, float(np.abs(audio).max()) / PEAK)
         path = folder / f"{utt_id}.flac"
         soundfile.write(str(path), audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
@@ -314,11 +333,18 @@ def synthesize_chapter(task: ChapterTask) -> list[Utterance]:
     return utterances
 
 
-def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
-    """Add white Gaussian noise at ``snr_db`` dB below the mean power of ``audio`` (shape (S,), float32)."""
+def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator, colour: float = 0.0) -> np.ndarray:
+    """Add Gaussian noise at ``snr_db`` dB below the mean power of ``audio`` (shape (S,), float32), white or, with
+    ``colour`` > 0, with power falling as ``1 / f**colour`` (1: pink, 2: brown)."""
     signal_power = float(np.mean(audio.astype(np.float64) ** 2))
-    noise_std = math.sqrt(signal_power / 10 ** (snr_db / 10))
-    return (audio + rng.standard_normal(len(audio)) * noise_std).astype(np.float32)
+    noise = rng.standard_normal(len(audio))
+    if colour > 0:
+        spectrum = np.fft.rfft(noise)
+        frequencies = np.arange(len(spectrum), dtype=np.float64)
+        frequencies[0] = 1.0
+        noise = np.fft.irfft(spectrum / frequencies ** (colour / 2), n=len(audio))
+    noise *= math.sqrt(signal_power / 10 ** (snr_db / 10) / max(float(np.mean(noise ** 2)), 1e-30))
+    return (audio + noise).astype(np.float32)
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -333,7 +359,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 def synthesize_corpus(out_dir: str | Path, hours: float, seed: int, text_file: str | Path | None = None,
-                      noise_snr_db: float | None = None, workers: int | None = None,
+                      noise_snr_db: float | None = None, varied_noise: bool = False, workers: int | None = None,
                       progress: bool = True) -> dict:
     """Build a synthetic spoken corpus of about ``hours`` hours (see the module docstring for the layout).
 
@@ -343,7 +369,9 @@ def synthesize_corpus(out_dir: str | Path, hours: float, seed: int, text_file: s
             about half an utterance per chapter of ``hours``.
         seed: the same seed gives byte-identical files (with the same package versions), whatever ``workers``.
         text_file: speak random lines of this UTF-8 file instead of generated sentences.
-        noise_snr_db: add white Gaussian noise at this signal-to-noise ratio in dB.
+        noise_snr_db: add white Gaussian noise at this signal-to-noise ratio in dB to every utterance.
+        varied_noise: add noise to a share ``NOISY_FRACTION`` of the utterances, of a colour drawn from
+            ``NOISE_COLOURS`` at an SNR drawn from ``NOISE_SNR_DB`` (not with ``noise_snr_db``).
         workers: worker processes (default: all CPU cores).
         progress: show a progress bar (on a terminal) counting seconds of audio.
 
@@ -358,6 +386,8 @@ def synthesize_corpus(out_dir: str | Path, hours: float, seed: int, text_file: s
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    if varied_noise and noise_snr_db is not None:
+        raise ValueError("give noise_snr_db (one fixed SNR) or varied_noise, not both")
     out_dir = Path(out_dir)
     root = out_dir / "LibriSpeech"
     if root.exists():
@@ -367,8 +397,9 @@ def synthesize_corpus(out_dir: str | Path, hours: float, seed: int, text_file: s
         text_file = str(Path(text_file).resolve())
     started = time.perf_counter()
     plan = plan_corpus(hours, seed)
+    chain = BigramChain.from_wordsegment() if text_file is None else None
     tasks = [ChapterTask(speaker, chapter, target_s, seed, str((root / speaker.split).resolve()), text_file,
-                         noise_snr_db)
+                         noise_snr_db, varied_noise, chain)
              for speaker, chapters in plan for chapter, target_s in chapters]
     root.mkdir(parents=True)
     utterances: list[Utterance] = []

@@ -155,10 +155,10 @@ class LLSAStack(MixerStack):
             qc, kc, vc = att.heads(block.norm1(c))
             qa, ka, va = att.heads(block.norm1(a))
             sources = [KeySource(ka, va, self._lo(), 0), KeySource(kc, vc, 1, right)]
-            a_next = block.finish(a, att.merge(blocked_band_attention(qa, sources, lengths, att.block_frames)))
+            a_next = block.residual_feed_forward(a, att.merge(blocked_band_attention(qa, sources, lengths, att.block_frames)))
             if layer < last:
                 oc = blocked_band_attention(qc, [KeySource(kc, vc, self._lo(), 0)], lengths, att.block_frames)
-                c = block.finish(c, att.merge(oc))
+                c = block.residual_feed_forward(c, att.merge(oc))
             a = a_next
         return a
 
@@ -214,7 +214,7 @@ class LLSAStack(MixerStack):
         # c^N is never read, so the last layer computes only the look-ahead stream.
         n_c = n if layer < len(self.blocks) - 1 else 0
         oc = dense_band_attention(q[:, :, :n_c], [KeySource(kv_c[..., :dh], kv_c[..., dh:], lo, 0, -(width_c - n), valid_c)])
-        out = block.finish(torch.cat([c_new[:, :n_c], residual_a[:, :n]], dim=1), att.merge(torch.cat([oc, oa], dim=2)))
+        out = block.residual_feed_forward(torch.cat([c_new[:, :n_c], residual_a[:, :n]], dim=1), att.merge(torch.cat([oc, oa], dim=2)))
         keep_a = None if self.left_frames is None else self.left_frames + delay
         keep_c = None if self.left_frames is None else st.kv_c.shape[2]
         new_state = LLSALayerState(keep_last(kv_c, keep_c, dim=2), keep_last(kv_a, keep_a, dim=2),

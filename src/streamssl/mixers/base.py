@@ -100,13 +100,13 @@ class Block(nn.Module):
         self.ffn = FeedForward(d_model, ffn_dim, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def finish(self, x: Tensor, mixed: Tensor) -> Tensor:
+    def residual_feed_forward(self, x: Tensor, mixed: Tensor) -> Tensor:
         """Residual add of a mixer output, then the feed-forward half of the block."""
         x = x + self.dropout(mixed)
         return x + self.dropout(self.ffn(self.norm2(x)))
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        return self.finish(x, self.mixer(self.norm1(x), lengths))
+        return self.residual_feed_forward(x, self.mixer(self.norm1(x), lengths))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> "BlockState":
         d_model = self.norm1.normalized_shape[0]
@@ -119,8 +119,8 @@ class Block(nn.Module):
         n = x.shape[1]
         residual = push(state.residual, x, chunk.count)
         mixed, mixer_state = self.mixer.step(self.norm1(x), chunk, state.mixer)
-        return self.finish(residual[:, :n], mixed), BlockState(keep_last(residual, state.residual.shape[1]),
-                                                               mixer_state)
+        y = self.residual_feed_forward(residual[:, :n], mixed)
+        return y, BlockState(keep_last(residual, state.residual.shape[1]), mixer_state)
 
 
 @streaming_state

@@ -261,7 +261,7 @@ class AMTRFStack(MemoryStack):
                 parts.insert(0, (slots_k, slots_v, count.repeat(batch)))
                 bank = _last(memory, self.memory_size)
             mixed = att.merge(_attend(q, parts)).view(batch, n_segments, width, d_model)
-            h = block.finish(h, mixed)
+            h = block.residual_feed_forward(h, mixed)
             new_banks.append(bank)
         return h, new_banks
 
@@ -360,7 +360,7 @@ class AMTRFStack(MemoryStack):
                     new = torch.tanh(att.merge(dense_band_attention(att.heads(summary)[0], sources)))
                     appended = torch.cat([banks[layer][:, 1:], new], dim=1)
                     banks[layer] = torch.where((k < ready).view(-1, 1, 1), appended, banks[layer])
-                h = blk.finish(h, att.merge(dense_band_attention(q, sources)))
+                h = blk.residual_feed_forward(h, att.merge(dense_band_attention(q, sources)))
             outputs.append(take(h, centre - first, c))
         y = torch.cat(outputs, dim=1) if outputs else x[:, :0]
         new_state = AMTRFState(keep_last(window, self._frames_kept()), state.next_segment + ready, banks)
@@ -435,9 +435,9 @@ class EmformerStack(MemoryStack):
             out = _attend(torch.cat([q_right, q_segments], dim=2), parts)
             out_right, out_main = out[:, :, :r], out[:, :, r:]
             out_main = out_main.reshape(batch, n_segments, h, c, dh).transpose(1, 2).reshape(batch, h, -1, dh)
-            main = block.finish(main, att.merge(out_main))
+            main = block.residual_feed_forward(main, att.merge(out_main))
             if not last:  # the top layer's right-context blocks feed nothing
-                right = block.finish(right, att.merge(out_right).view(batch, n_segments, r, d_model))
+                right = block.residual_feed_forward(right, att.merge(out_right).view(batch, n_segments, r, d_model))
             new_layers.append({**cache, "k": _last(torch.cat([k_cached, k_main], dim=2), self.left_frames),
                                "v": _last(torch.cat([v_cached, v_main], dim=2), self.left_frames)})
         return main, new_layers
@@ -534,9 +534,9 @@ class EmformerStack(MemoryStack):
             out = dense_band_attention(torch.cat([q_right, q_segments], dim=2), sources)
             out_right, out_main = out[:, :, :r], out[:, :, r:]
             out_main = out_main.reshape(batch, slots, h, c, dh).transpose(1, 2).reshape(batch, h, -1, dh)
-            main = block.finish(main, att.merge(out_main))
+            main = block.residual_feed_forward(main, att.merge(out_main))
             if not last:
-                right = block.finish(right, att.merge(out_right).view(batch, slots, r, d_model))
+                right = block.residual_feed_forward(right, att.merge(out_right).view(batch, slots, r, d_model))
             # Right-aligned at the next segment's first frame (an unlimited cache grows by S * C slots,
             # whose oldest then hold positions before the stream's start).
             keep = kv_cached.shape[2] if self.left_frames is not None else kv.shape[2]

@@ -24,29 +24,9 @@ import yaml
 from torch import Tensor, nn
 
 from streamssl.latency import Latency
-from streamssl.selective.replace import Replacement, freeze_all_but, replace_attention
-
-TRAIN_MODES = ("full", "frozen", "replace")
-
-
-def check_train_mode(train_mode: str, replace_layers: str | None, replace_mixer: str,
-                     replace_options: dict[str, Any]) -> None:
-    """``ValueError`` for an impossible combination of the ``FinetuneConfig`` selective fields."""
-    from streamssl.mixers import MIXERS
-
-    if train_mode not in TRAIN_MODES:
-        raise ValueError(f"FinetuneConfig.train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
-    if train_mode == "replace" and not replace_layers:
-        raise ValueError("FinetuneConfig.train_mode 'replace' needs replace_layers (e.g. 'last:4')")
-    if train_mode != "replace" and replace_layers:
-        raise ValueError(f"FinetuneConfig.replace_layers is set but train_mode is {train_mode!r}; "
-                         "use train_mode 'replace' (--replace)")
-    if replace_mixer not in MIXERS:
-        raise ValueError(f"FinetuneConfig.replace_mixer: unknown mixer {replace_mixer!r}; "
-                         f"registered mixers: {sorted(MIXERS)}")
-    if not isinstance(replace_options, dict):
-        raise ValueError(f"FinetuneConfig.replace_options must be a mapping, got {type(replace_options).__name__}")
-
+from streamssl.masking import span_mask
+from streamssl.selective.layers import freeze_all_but
+from streamssl.selective.replace import Replacement, replace_attention
 
 def _head_modules(model: nn.Module) -> list[nn.Module]:
     return [module for name, module in model.named_children() if name != "encoder"]
@@ -65,7 +45,7 @@ def apply_train_mode(model: nn.Module, train_mode: str, replace_layers: str | No
         freeze_all_but(model, _head_modules(model))
         return model
     if train_mode != "replace":
-        raise ValueError(f"unknown train_mode {train_mode!r}; modes: {TRAIN_MODES}")
+        raise ValueError(f"unknown train_mode {train_mode!r}; modes: 'full', 'frozen', 'replace'")
     options = dict(replace_options or {})
     if isinstance(model, HFCTCModel):
         replace_attention(model.encoder, replace_layers, replace_mixer, **options)
@@ -143,7 +123,8 @@ class HFCTCModel(nn.Module):
 
     Offline only (the Hugging Face encoders attend to the whole utterance). Same offline interface as
     ``CTCModel``: ``forward(x, lengths, mask_seeds, train_encoder)`` -> ``(B, T, V)`` float32
-    log-probabilities and ``(B,)`` frame counts; ``encoder``, ``vocab``, ``latency()``.
+    log-probabilities and ``(B,)`` frame counts; ``encoder``, ``vocab``, and the rest of
+    :class:`~streamssl.asr.ctc.RecognitionModel`, whose ``stream_error()`` always says why it cannot stream.
 
     Time masking uses the base model's own masked-frame embedding with streamssl's seeded span masks,
     so runs stay reproducible; the model's own random SpecAugment is switched off. The sample-level
@@ -161,8 +142,6 @@ class HFCTCModel(nn.Module):
         self.encoder = spec.build()
         self.encoder.config.mask_time_prob = 0.0
         self.encoder.config.mask_feature_prob = 0.0
-        # streamssl's evaluation reads the input rate from the encoder's config; these models take 16 kHz.
-        self.encoder.config.sample_rate = 16000
         self.mask_prob, self.mask_length = mask_prob, mask_length
         if freeze_frontend:
             self.encoder.feature_extractor._freeze_parameters()
@@ -171,8 +150,6 @@ class HFCTCModel(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask_seeds: list[int] | None = None,
                 train_encoder: bool = True) -> tuple[Tensor, Tensor]:
         """Waveform ``(B, S)`` at 16 kHz -> log-probabilities ``(B, T, V)`` and valid frames ``(B,)``."""
-        from streamssl.ssl.wav2vec2 import span_mask
-
         if lengths is None:
             lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
         sample_mask = (torch.arange(x.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
@@ -187,23 +164,56 @@ class HFCTCModel(nn.Module):
             hidden = self.encoder(x, attention_mask=sample_mask, **kwargs).last_hidden_state
         return self.output(hidden).float().log_softmax(-1), frame_lengths
 
-    def latency(self) -> Latency:
+    # ------------------------------------------------------------ RecognitionModel (offline only)
+    sample_rate = 16000
+
+    def _conv_frames(self) -> tuple[int, int]:
+        """``(hop, receptive field)`` in samples of the convolution feature extractor."""
         config = self.encoder.config
         hop = receptive = 1
         for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride)):
             receptive = (receptive - 1) * stride + kernel
         for stride in config.conv_stride:
             hop *= stride
-        sample_ms = 1000.0 / 16000
-        return Latency(mixer=self.spec.mixer, n_layers=config.num_hidden_layers, frame_ms=hop * sample_ms,
-                       frontend_lookahead_ms=(receptive - hop) * sample_ms,
+        return hop, receptive
+
+    @property
+    def hop_samples(self) -> int:
+        return self._conv_frames()[0]
+
+    @property
+    def window_samples(self) -> int:
+        return self._conv_frames()[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def latency(self) -> Latency:
+        hop, receptive = self._conv_frames()
+        sample_ms = 1000.0 / self.sample_rate
+        return Latency(mixer=self.spec.mixer, n_layers=self.encoder.config.num_hidden_layers,
+                       frame_ms=hop * sample_ms, frontend_lookahead_ms=(receptive - hop) * sample_ms,
                        frontend_receptive_field_ms=receptive * sample_ms, encoder_lookahead_frames=None,
                        encoder_mean_lookahead_frames=None, streamable=False)
 
+    def stream_error(self) -> str:
+        return (f"cannot stream: {self.spec.mixer} is a Hugging Face encoder that attends to the whole "
+                "utterance; evaluate it offline")
+
     def init_state(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(f"{self.spec.mixer} attends to the whole utterance and cannot stream; "
-                         "evaluate it offline")
+        raise ValueError(self.stream_error())
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(self.stream_error())
+
+    def flush(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(self.stream_error())
 
 
-__all__ = ["TRAIN_MODES", "HFCTCModel", "HFEncoderSpec", "Replacement", "apply_train_mode", "check_train_mode",
-           "encoder_config_from_dict", "load_hf_encoder"]
+__all__ = ["HFCTCModel", "HFEncoderSpec", "Replacement", "apply_train_mode", "encoder_config_from_dict",
+           "load_hf_encoder"]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from streamssl.mixers import LayerMixer
-from streamssl.selective.replace import build_layer_mixer, cut_graph_before, parse_layers, split_options
+from streamssl.selective.layers import build_layer_mixer, cut_graph_before, parse_layers, split_options
 
 FAMILIES = ("wav2vec2", "hubert", "wavlm")
 """``config.model_type`` of the supported Hugging Face models."""

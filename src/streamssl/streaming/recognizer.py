@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from streamssl.asr.ctc import CTCModel, CTCState
+from streamssl.asr.ctc import CTCState, GreedyDecoder, RecognitionModel
 from streamssl.encoder import EncoderState
 from streamssl.latency import Latency
 
@@ -187,11 +187,11 @@ def _as_samples(samples: Any) -> Tensor:
 
 
 class Recognizer:
-    """Streaming greedy-CTC recognition with a :class:`~streamssl.asr.ctc.CTCModel`.
+    """Streaming greedy-CTC recognition with a :class:`~streamssl.asr.ctc.RecognitionModel`.
 
     Args:
-        model: a CTC model with a waveform (``"conv"``) frontend and a streamable encoder; it is put in
-            eval mode.
+        model: a CTC model (:class:`~streamssl.asr.ctc.CTCModel`) that streams and reads a waveform; it is
+            put in eval mode.
         chunk_ms: model step size. ``None`` steps on whatever each ``accept`` brings; a number buffers
             audio and steps in whole chunks of this many milliseconds (the rest waits for more audio
             or :meth:`Stream.finish`). Transcripts never depend on it; latency and speed do.
@@ -199,19 +199,18 @@ class Recognizer:
             simulated clock (see :mod:`streamssl.streaming.pacing`) can be passed in.
     """
 
-    def __init__(self, model: CTCModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter):
-        encoder = model.encoder
-        if encoder.frontend is None:
-            raise ValueError("the recogniser takes waveform input; this model's encoder has frontend='none'")
-        error = encoder.stack.stream_error()
+    def __init__(self, model: RecognitionModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter):
+        error = model.stream_error()
         if error is not None:
             raise ValueError(error)
+        if model.hop_samples is None or model.window_samples is None:
+            raise ValueError("the recogniser takes waveform input; this model's encoder has frontend='none'")
         if chunk_ms is not None and chunk_ms <= 0:
             raise ValueError(f"chunk_ms must be positive, got {chunk_ms}")
         self.model = model.eval()
-        self.sample_rate = encoder.config.sample_rate
-        self.hop_samples = encoder.frontend.hop_samples
-        self.window_samples = encoder.frontend.receptive_field_samples
+        self.sample_rate = model.sample_rate
+        self.hop_samples = model.hop_samples
+        self.window_samples = model.window_samples
         self.chunk_ms = chunk_ms
         self.chunk_samples = None if chunk_ms is None else max(1, round(chunk_ms * self.sample_rate / 1000))
         self.clock = clock
@@ -296,12 +295,12 @@ class Stream:
         self.recognizer = recognizer
         model = recognizer.model
         self._state: CTCState = model.init_state(1)
-        self._pending = torch.zeros(0, dtype=model.encoder.dtype)
+        self._pending = torch.zeros(0, dtype=model.dtype)
         # (samples accepted up to and including this call, clock reading of the call), for the
         # feed time of the sample that completes each frame.
         self._feed_ends: list[int] = []
         self._feed_times: list[float] = []
-        self._previous = model.vocab.blank
+        self._decoder = GreedyDecoder(model.vocab, 1)
         self._word: list[Token] = []
         self.tokens: list[Token] = []
         self._text: list[str] = []
@@ -312,7 +311,6 @@ class Stream:
         self.flush_s = 0.0
         self.flush_cpu_s = 0.0
         self.samples_in = 0
-        self.frames_out = 0
         self.finished = False
 
     @property
@@ -365,29 +363,30 @@ class Stream:
         del self._feed_ends[:call], self._feed_times[:call]
         return self._feed_times[0]
 
+    @property
+    def frames_out(self) -> int:
+        """Output frames emitted so far, blank or not."""
+        return self._decoder.frames[0]
+
     def _emit(self, log_probs: Tensor, emitted_at: float, update: Update) -> None:
         """Greedy CTC on newly final frames ``(m, V)``, merging repeats across calls."""
         rec = self.recognizer
-        vocab = rec.model.vocab
-        for token_id in log_probs.argmax(-1).tolist():
-            frame = self.frames_out
-            self.frames_out += 1
-            delay_s = emitted_at - self._fed_at(frame)
-            self.frame_delays_s.append(delay_s)
-            if token_id != self._previous and token_id != vocab.blank:
-                start = frame * rec.hop_samples
-                token = Token(vocab.symbols[token_id], token_id, frame, start / rec.sample_rate,
-                              (start + rec.window_samples) / rec.sample_rate, delay_s)
-                self.tokens.append(token)
-                self._text.append(token.text)
-                update.tokens.append(token)
-                if token.text == " ":
-                    word = self._close_word()
-                    if word is not None:
-                        update.words.append(word)
-                else:
-                    self._word.append(token)
-            self._previous = token_id
+        first = self.frames_out
+        delays_s = [emitted_at - self._fed_at(frame) for frame in range(first, first + log_probs.shape[0])]
+        self.frame_delays_s += delays_s
+        for frame, token_id in self._decoder.push(log_probs[None])[0]:
+            start = frame * rec.hop_samples
+            token = Token(rec.model.vocab.symbols[token_id], token_id, frame, start / rec.sample_rate,
+                          (start + rec.window_samples) / rec.sample_rate, delays_s[frame - first])
+            self.tokens.append(token)
+            self._text.append(token.text)
+            update.tokens.append(token)
+            if token.text == " ":
+                word = self._close_word()
+                if word is not None:
+                    update.words.append(word)
+            else:
+                self._word.append(token)
 
     def _close_word(self) -> Word | None:
         if not self._word:

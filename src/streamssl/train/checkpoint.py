@@ -58,10 +58,10 @@ def build_model(kind: str, config: RunConfig, encoder_config: EncoderConfig,
     """A freshly initialised model of ``kind`` for ``config``, with ``encoder_config`` as its encoder
     (and ``vocab`` as the CTC symbols of a finetune model; default :class:`CharVocab`)."""
     if kind == "pretrain":
-        from streamssl.ssl.wav2vec2 import Wav2Vec2Pretrainer
+        from streamssl.objectives import OBJECTIVES
 
         assert isinstance(config, PretrainConfig)
-        return Wav2Vec2Pretrainer(config)
+        return OBJECTIVES["wav2vec2"](config.encoder, config.objective_options())
     if kind == "finetune":
         from streamssl.asr.ctc import CharVocab, CTCModel
 

@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from streamssl.config import EncoderConfig
+from streamssl.mixers import MIXERS
+from streamssl.objectives.wav2vec2 import Wav2Vec2Options
 
 
 def _encoder_from(value: Any) -> EncoderConfig | None:
@@ -146,6 +148,10 @@ class PretrainConfig(RunConfig):
         self.encoder = _encoder_from(self.encoder) or EncoderConfig.base()
         self.validate()
 
+    def objective_options(self) -> Wav2Vec2Options:
+        """The fields the wav2vec 2.0 objective reads."""
+        return Wav2Vec2Options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Wav2Vec2Options)})
+
     def validate(self) -> None:
         super().validate()
         if not 0.0 < self.mask_prob < 1.0:
@@ -170,6 +176,24 @@ class PretrainConfig(RunConfig):
 
 
 HEADS = ("linear", "lstm")
+TRAIN_MODES = ("full", "frozen", "replace")
+
+
+def check_train_mode(train_mode: str, replace_layers: str | None, replace_mixer: str,
+                     replace_options: dict[str, Any]) -> None:
+    """``ValueError`` for an impossible combination of the ``FinetuneConfig`` selective fields."""
+    if train_mode not in TRAIN_MODES:
+        raise ValueError(f"FinetuneConfig.train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
+    if train_mode == "replace" and not replace_layers:
+        raise ValueError("FinetuneConfig.train_mode 'replace' needs replace_layers (e.g. 'last:4')")
+    if train_mode != "replace" and replace_layers:
+        raise ValueError(f"FinetuneConfig.replace_layers is set but train_mode is {train_mode!r}; "
+                         "use train_mode 'replace' (--replace)")
+    if replace_mixer not in MIXERS:
+        raise ValueError(f"FinetuneConfig.replace_mixer: unknown mixer {replace_mixer!r}; "
+                         f"registered mixers: {sorted(MIXERS)}")
+    if not isinstance(replace_options, dict):
+        raise ValueError(f"FinetuneConfig.replace_options must be a mapping, got {type(replace_options).__name__}")
 
 
 @dataclass
@@ -180,7 +204,7 @@ class FinetuneConfig(RunConfig):
 
     ``init``: a ``streamssl pretrain`` (or ``finetune``) checkpoint whose encoder starts the model;
     ``None`` trains from scratch with ``encoder`` (default: the BASE configuration). Other sources are
-    resolved by :data:`streamssl.asr.init.INIT_SOURCES`, e.g. ``hf:DIR`` for a Hugging Face model.
+    resolved by :data:`streamssl.train.sources.INIT_SOURCES`, e.g. ``hf:DIR`` for a Hugging Face model.
     ``head``: ``linear`` (one projection) or ``lstm`` (``lstm_layers`` of ``lstm_hidden`` units, then a
     projection); ``bidirectional`` is allowed only on an encoder that cannot stream anyway (``full``).
     ``train_mode``: ``full``, ``frozen`` (only the head trains) or ``replace`` (the attention of
@@ -240,8 +264,6 @@ class FinetuneConfig(RunConfig):
                              f"got {self.freeze_encoder_steps!r}")
         if self.crop_seconds is not None:
             raise ValueError("FinetuneConfig.crop_seconds must be null: a crop would cut the transcript")
-        from streamssl.selective.finetune import check_train_mode
-
         check_train_mode(self.train_mode, self.replace_layers, self.replace_mixer, self.replace_options)
 
 

@@ -9,12 +9,13 @@ from torch import nn
 
 from streamssl.asr.ctc import CharVocab, CTCModel
 from streamssl.asr.evaluate import evaluate_model
-from streamssl.asr.init import resolve_init
 from streamssl.config import EncoderConfig
-from streamssl.ssl.wav2vec2 import Wav2Vec2Pretrainer, utterance_seed
+from streamssl.masking import utterance_seed
+from streamssl.objectives import Wav2Vec2Pretrainer
 from streamssl.train.checkpoint import build_model
 from streamssl.train.config import FinetuneConfig, PretrainConfig
 from streamssl.train.data import crop_batch
+from streamssl.train.sources import resolve_init
 from streamssl.train.dist import World
 
 

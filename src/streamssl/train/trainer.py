@@ -31,7 +31,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from streamssl.asr.init import trainable_parameters
 from streamssl.train.checkpoint import read_payload, rng_state, save_checkpoint, set_rng_state
 from streamssl.train.data import EpochBatches
 from streamssl.train.dist import World
@@ -119,7 +118,7 @@ class Trainer:
         self.progress, self.log = progress and world.is_main, log if world.is_main else (lambda *a, **k: None)
         self.model: nn.Module = task.model.to(world.device)
         cfg = self.config
-        self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=cfg.lr,
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -27,6 +27,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     summary = synthesize_corpus(args.out, args.hours, args.seed, text_file=args.text, noise_snr_db=args.snr_db,
+                                varied_noise=args.varied_noise,
                                 workers=args.workers)
     print(json.dumps(summary, indent=2))
     return 0
@@ -56,5 +57,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--seed", type=int, required=True, help="the same seed gives byte-identical output")
     synth.add_argument("--text", help="UTF-8 text file whose lines are spoken (default: generated sentences)")
     synth.add_argument("--snr-db", type=float, help="add white noise at this signal-to-noise ratio (dB)")
+    synth.add_argument("--varied-noise", action="store_true",
+                       help="add white, pink or brown noise at 5-25 dB SNR to half of the utterances")
     synth.add_argument("--workers", type=int, help="worker processes (default: all CPU cores)")
     synth.set_defaults(func=cmd_synth)

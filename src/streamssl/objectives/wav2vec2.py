@@ -10,13 +10,14 @@ Per utterance::
            + diversity_weight * (1 - perplexity / (G V)) + feature_penalty_weight * mean(feats^2)
 
 Every random choice (mask spans, distractors, Gumbel noise) is drawn from a generator seeded by
-:func:`utterance_seed` (run seed, step, utterance id), so it does not depend on which process or
-batch position an utterance lands in: a DDP run and a single-process run see the same masks.
+:func:`~streamssl.masking.utterance_seed` (run seed, step, utterance id), so it does not depend on which
+process or batch position an utterance lands in: a DDP run and a single-process run see the same masks.
 """
 
 from __future__ import annotations
 
-import hashlib
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,33 +25,57 @@ from torch import Tensor, nn
 
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder
-from streamssl.train.config import PretrainConfig
-from streamssl.train.dist import World
+from streamssl.masking import span_mask
 
 
-def utterance_seed(seed: int, step: int, utterance_id: str) -> int:
-    """A 63-bit seed for one utterance at one step, stable across processes and Python runs."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{utterance_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+@dataclass(frozen=True)
+class Wav2Vec2Options:
+    """The objective's hyperparameters (the training run's ``PretrainConfig`` holds their defaults).
 
-
-def span_mask(frame_lengths: Tensor, seeds: list[int], prob: float, span: int, total: int) -> Tensor:
-    """Boolean ``(B, total)`` mask: about ``prob * T / span`` spans of ``span`` frames start at random
-    valid frames of each utterance (spans may overlap; at least one span). Padding is never masked.
-
-    Args:
-        frame_lengths: ``(B,)`` valid frames per utterance.
-        seeds: one generator seed per utterance.
+    Masking: spans of ``mask_length`` projected frames start at a fraction ``mask_prob`` of the frames.
+    Quantiser: ``codebook_groups`` groups of ``codebook_entries`` entries, projected to ``final_dim``,
+    picked with a Gumbel softmax whose temperature decays from ``gumbel_start`` by ``gumbel_decay`` per
+    step down to ``gumbel_end``. Contrastive loss: cosine similarity / ``logit_temperature`` against
+    ``num_negatives`` distractors. ``feature_grad_scale`` scales the gradient reaching the frontend.
     """
-    mask = torch.zeros(len(seeds), total, dtype=torch.bool)
-    for b, (length, seed) in enumerate(zip(frame_lengths.tolist(), seeds)):
-        g = torch.Generator().manual_seed(seed)
-        width = min(span, length)
-        n_spans = int(prob * length / width + torch.rand((), generator=g))  # random rounding
-        n_spans = min(max(n_spans, 1), length - width + 1)
-        for start in torch.randperm(length - width + 1, generator=g)[:n_spans].tolist():
-            mask[b, start:start + width] = True
-    return mask.to(frame_lengths.device)
+
+    mask_prob: float
+    mask_length: int
+    num_negatives: int
+    logit_temperature: float
+    codebook_groups: int
+    codebook_entries: int
+    final_dim: int
+    gumbel_start: float
+    gumbel_end: float
+    gumbel_decay: float
+    diversity_weight: float
+    feature_penalty_weight: float
+    feature_grad_scale: float
+
+
+class Reducer(Protocol):
+    """Sums over the processes of a run (``streamssl.train.dist.World`` is one)."""
+
+    size: int
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Sum over processes, no gradient."""
+
+    def differentiable_sum(self, x: Tensor) -> Tensor:
+        """Sum over processes whose backward sums the gradients over processes too."""
+
+
+class OneProcess:
+    """The :class:`Reducer` of a run in a single process: every sum is the local value."""
+
+    size = 1
+
+    def sum(self, x: Tensor) -> Tensor:
+        return x.detach().clone()
+
+    def differentiable_sum(self, x: Tensor) -> Tensor:
+        return x
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -106,28 +131,27 @@ class Wav2Vec2Pretrainer(nn.Module):
     After pretraining only ``self.encoder`` is kept for fine-tuning.
     """
 
-    def __init__(self, config: PretrainConfig):
+    def __init__(self, encoder_config: EncoderConfig, options: Wav2Vec2Options):
         super().__init__()
-        self.config = config
-        self.encoder = Encoder(config.encoder)
-        enc: EncoderConfig = config.encoder
-        self.mask_embedding = nn.Parameter(torch.empty(enc.d_model).uniform_())
+        self.options = options
+        self.encoder = Encoder(encoder_config)
+        self.mask_embedding = nn.Parameter(torch.empty(encoder_config.d_model).uniform_())
         self.target_norm = nn.LayerNorm(self.encoder.feature_dim)
-        self.quantizer = GumbelQuantizer(self.encoder.feature_dim, config.codebook_groups,
-                                         config.codebook_entries, config.final_dim)
-        self.final_proj = nn.Linear(enc.d_model, config.final_dim)
+        self.quantizer = GumbelQuantizer(self.encoder.feature_dim, options.codebook_groups,
+                                         options.codebook_entries, options.final_dim)
+        self.final_proj = nn.Linear(encoder_config.d_model, options.final_dim)
 
     def temperature(self, step: int) -> float:
-        cfg = self.config
+        cfg = self.options
         return max(cfg.gumbel_start * cfg.gumbel_decay ** step, cfg.gumbel_end)
 
     def forward(self, wave: Tensor, lengths: Tensor, seeds: list[int], step: int,
-                world: World | None = None) -> dict[str, Tensor]:
+                world: Reducer | None = None) -> dict[str, Tensor]:
         """The loss of one batch.
 
         Args:
             wave: ``(B, S)`` 16 kHz waveform; ``lengths``: ``(B,)`` valid samples.
-            seeds: one :func:`utterance_seed` per utterance (masks, distractors, Gumbel noise).
+            seeds: one :func:`~streamssl.masking.utterance_seed` per utterance (masks, distractors, Gumbel noise).
             step: the optimiser step (sets the Gumbel temperature).
             world: the process group; losses are normalised by counts summed over all ranks.
         Returns:
@@ -135,8 +159,8 @@ class Wav2Vec2Pretrainer(nn.Module):
             globally reduced metrics: ``contrastive``, ``diversity``, ``feature_penalty``, ``accuracy``
             (how often the true target scores highest), ``perplexity``, ``temperature``, ``masked`` and ``objective`` (the total loss).
         """
-        world = world or World()
-        cfg = self.config
+        world = world or OneProcess()
+        cfg = self.options
         feats, frame_lengths = self.encoder.features(wave, lengths)
         batch, frames, channels = feats.shape
         if cfg.feature_grad_scale != 1.0:

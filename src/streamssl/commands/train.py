@@ -4,6 +4,8 @@ A run's configuration is built in layers: ``--preset`` (``base``: wav2vec 2.0 BA
 ``tiny``), then the ``--config`` YAML file, then ``--set KEY=VALUE`` flags (``encoder.KEY`` for encoder
 fields), then the named flags (``--train``, ``--steps``...). ``torchrun --nproc-per-node N -m streamssl
 pretrain ...`` trains with DDP.
+
+:func:`build_config` and :func:`run_training` are the same steps as functions, for the demo and recipes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from streamssl.tables import results_table
 from streamssl.train.config import PRESETS, FinetuneConfig, PretrainConfig, RunConfig
 
 
@@ -153,8 +156,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     checkpoint = load_checkpoint(args.checkpoint, kind="finetune")
     model = checkpoint.model
-    if args.streaming and model.encoder.stack.stream_error() is not None:
-        raise ValueError(model.encoder.stack.stream_error())
+    if args.streaming and model.stream_error() is not None:
+        raise ValueError(model.stream_error())
     utterances = load_split(args.data, args.skip_bad, "evaluation data", model.vocab,
                             log=lambda m: print(m, file=sys.stderr))
     device = pick_device(args.device)
@@ -171,21 +174,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for utt_id, ref, hyp in result.hypotheses:
             print(f"{utt_id}\n  REF: {ref}\n  HYP: {hyp}")
     return 0
-
-
-def results_table(rows: list[tuple[str, Any]]) -> str:
-    """One line per (label, :class:`~streamssl.asr.evaluate.EvalResult`)."""
-    from streamssl.cli import _ms
-
-    table = [("model", "mode", "latency", "WER %", "CER %", "RTF", "utterances")]
-    for label, r in rows:
-        mode = f"streaming {r.chunk_ms:g} ms" if r.streaming else "offline"
-        table.append((label, mode, _ms(r.latency["total_lookahead_ms"]), f"{100 * r.wer:.1f}",
-                      f"{100 * r.cer:.1f}", f"{r.rtf:.3f}", str(r.n_utterances)))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -15,7 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from streamssl.train.cli import build_config, results_table, run_training
+from streamssl.commands.train import build_config, run_training
+from streamssl.tables import results_table
 
 DEMO_HOURS = 0.5
 DEMO_SEED = 0

@@ -5,12 +5,17 @@ import pytest
 import torch
 from train_corpus import tone_audio
 
-from streamssl.ssl.wav2vec2 import GumbelQuantizer, Wav2Vec2Pretrainer, span_mask, utterance_seed
+from streamssl.masking import span_mask, utterance_seed
+from streamssl.objectives import GumbelQuantizer, Wav2Vec2Pretrainer
 from streamssl.train.config import PretrainConfig, preset
 
 
 def tiny_config(**overrides) -> PretrainConfig:
     return PretrainConfig.from_dict(overrides, base=preset("pretrain", "tiny"))
+
+
+def pretrainer(config: PretrainConfig) -> Wav2Vec2Pretrainer:
+    return Wav2Vec2Pretrainer(config.encoder, config.objective_options())
 
 
 def test_span_mask_stays_inside_utterances_and_covers_about_the_asked_fraction():
@@ -50,7 +55,7 @@ def test_quantiser_is_hard_forward_and_soft_backward():
 def test_loss_pieces_are_consistent():
     torch.manual_seed(0)
     cfg = tiny_config()
-    model = Wav2Vec2Pretrainer(cfg)
+    model = pretrainer(cfg)
     wave = torch.randn(2, 12000)
     out = model(wave, torch.tensor([12000, 9000]), [1, 2], step=0)
     expected = out["contrastive"] + cfg.diversity_weight * out["diversity"] + cfg.feature_penalty_weight * out["feature_penalty"]
@@ -64,7 +69,7 @@ def test_loss_pieces_are_consistent():
 
 def test_padding_does_not_change_the_loss():
     torch.manual_seed(0)
-    model = Wav2Vec2Pretrainer(tiny_config()).eval()
+    model = pretrainer(tiny_config()).eval()
     wave = torch.randn(1, 9000)
     alone = model(wave, torch.tensor([9000]), [5], step=0)
     padded = model(torch.cat([wave, torch.randn(1, 3000)], 1), torch.tensor([9000]), [5], step=0)
@@ -84,7 +89,7 @@ def tone_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
-    model = Wav2Vec2Pretrainer(tiny_config())
+    model = pretrainer(tiny_config())
     wave, lengths = tone_batch()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     history = []
@@ -104,7 +109,7 @@ def test_frontend_gradient_is_scaled():
     grads = {}
     for scale in (1.0, 0.1):
         torch.manual_seed(0)
-        model = Wav2Vec2Pretrainer(tiny_config(feature_grad_scale=scale, feature_penalty_weight=0.0))
+        model = pretrainer(tiny_config(feature_grad_scale=scale, feature_penalty_weight=0.0))
         model(torch.randn(1, 8000, generator=torch.Generator().manual_seed(1)), None, [3], 0)["loss"].backward()
         grads[scale] = model.encoder.frontend.layers[0].conv.weight.grad.clone()
     torch.testing.assert_close(grads[0.1], 0.1 * grads[1.0], rtol=1e-4, atol=1e-7)

@@ -2,36 +2,28 @@
 
 ``init`` is ``SOURCE:LOCATION`` or a plain path. A plain path is a streamssl checkpoint (``pretrain``
 or ``finetune``) whose encoder weights are copied. Other sources register a loader in
-:data:`INIT_SOURCES`, such as ``hf:DIR`` (a local Hugging Face wav2vec 2.0 / HuBERT / WavLM model);
-``--replace/--full/--frozen`` choose what trains through :func:`trainable_parameters`.
+:data:`INIT_SOURCES`, such as ``hf:DIR`` (a local Hugging Face wav2vec 2.0 / HuBERT / WavLM model).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from streamssl.config import EncoderConfig
+from streamssl.selective.finetune import load_hf_encoder
+from streamssl.train.checkpoint import read_payload
 
 InitLoader = Callable[[str], tuple[EncoderConfig, dict[str, Tensor]]]
 
 
 def load_streamssl_encoder(location: str) -> tuple[EncoderConfig, dict[str, Tensor]]:
     """Encoder configuration and ``Encoder`` state dict of a streamssl checkpoint (file or run folder)."""
-    from streamssl.train.checkpoint import read_payload
-
     payload = read_payload(location)
     prefix = "encoder."
     weights = {k[len(prefix):]: v for k, v in payload["model"].items() if k.startswith(prefix)}
     return EncoderConfig.from_dict(payload["encoder_config"]), weights
-
-
-def load_hf_encoder(location: str):
-    """``hf:DIR``: a Hugging Face wav2vec 2.0 / HuBERT / WavLM model (see :mod:`streamssl.selective`)."""
-    from streamssl.selective.finetune import load_hf_encoder as load
-
-    return load(location)
 
 
 INIT_SOURCES: dict[str, InitLoader] = {"": load_streamssl_encoder, "hf": load_hf_encoder}
@@ -47,7 +39,3 @@ def resolve_init(spec: str) -> tuple[EncoderConfig, dict[str, Tensor]]:
                          f"{sorted(s for s in INIT_SOURCES if s) or 'none'} or a checkpoint path")
     return INIT_SOURCES[source](location)
 
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters the optimiser updates: everything that requires grad (a frozen frontend does not)."""
-    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,1 @@
+"""CTC recognition on top of an encoder: the model, greedy decoding, evaluation."""

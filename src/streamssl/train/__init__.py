@@ -1,0 +1,1 @@
+"""Training: run configurations, the trainer, checkpoints, the data pipeline, encoder init sources, DDP."""
