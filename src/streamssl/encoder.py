@@ -168,7 +168,9 @@ class Encoder(nn.Module):
                              "convert integer PCM with x.float() / 32768")
         if x.dtype != self.dtype:
             raise ValueError(f"{what} has dtype {x.dtype} but the encoder's weights are {self.dtype}")
-        if not torch.isfinite(x).all():
+        # A traced graph cannot branch on values; the exported model's runtime checks its input instead.
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if not tracing and not torch.isfinite(x).all():
             raise ValueError(f"{what} contains NaN or infinite values")
 
     def _check_lengths(self, x: Tensor, lengths: Tensor | None) -> Tensor:
@@ -242,14 +244,16 @@ class Encoder(nn.Module):
         samples = None
         if self.frontend is not None:
             samples = torch.zeros(batch_size, self.frontend.receptive_field_samples - 1, device=device, dtype=dtype)
-        counter = torch.zeros(batch_size, dtype=torch.long, device=device)
+        def counter() -> Tensor:
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
+
         return EncoderState(
             owner=self._owner,
             samples=samples,
             positional=torch.zeros(batch_size, self.config.pos_conv_kernel - 1, self.config.d_model,
                                    device=device, dtype=dtype),
             stack=self.stack.init_state(batch_size, device, dtype),
-            samples_in=counter, frames_in=counter, frames_end=counter, frames_out=counter,
+            samples_in=counter(), frames_in=counter(), frames_end=counter(), frames_out=counter(),
         )
 
     @staticmethod

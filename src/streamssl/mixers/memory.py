@@ -328,6 +328,8 @@ class AMTRFStack(MemoryStack):
         """Each ready segment's block ``[L; C; R]`` runs through the whole stack, one segment after the
         other (every stream's segment ``k`` of this call at once), with each layer's memory bank."""
         c, r, left = self.segment_frames, self.right_frames, self.left_frames
+        if x.shape[1] == 0:
+            return x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device), state
         window = push(state.frames, x, chunk.count)
         width = window.shape[1]
         slots = self._slots(x.shape[1])
@@ -482,6 +484,8 @@ class EmformerStack(MemoryStack):
     def step(self, x: Tensor, chunk: Chunk, state: "EmformerState") -> tuple[Tensor, Tensor, "EmformerState"]:
         """Every ready segment at once, as in the training form, from per-stream segment indices."""
         c, r, m = self.segment_frames, self.right_frames, self.memory_size
+        if x.shape[1] == 0:
+            return x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device), state
         window = push(state.frames, x, chunk.count)
         slots = self._slots(x.shape[1])
         seg = state.next_segment
