@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from streamssl import export
 from streamssl.commands import data, stream, train
 from streamssl.config import EncoderConfig
 from streamssl.demo import run_demo
@@ -17,7 +18,7 @@ from streamssl.mixers import MIXERS
 from streamssl.tables import latency_table
 
 # Each provides ``add_commands(subparsers)`` and registers its own subcommands.
-COMMAND_MODULES = (data, train, stream)
+COMMAND_MODULES = (data, train, stream, export)
 
 
 def _left_frames(text: str) -> int | None:

@@ -334,7 +334,7 @@ class Encoder(nn.Module):
             return chunk, counts, None
         hop, field = self.frontend.hop_samples, self.frontend.receptive_field_samples
         n = chunk.shape[1]
-        slots = -(-n // hop)
+        slots = (n + hop - 1) // hop  # not -(-n // hop): traced shape arithmetic divides toward zero
         window = push(state.samples, chunk, counts)
         samples_in = state.samples_in + counts
         made = torch.where(samples_in >= field, torch.div(samples_in - field, hop, rounding_mode="floor") + 1, 0)
@@ -360,7 +360,8 @@ class Encoder(nn.Module):
         y, valid, stack_state = self.stack.step(h, chunk, state.stack)
         emitted = valid.sum(dim=1)
         if y.shape[1]:
-            y = take(y, valid.to(torch.int32).argmax(dim=1), y.shape[1])
+            leading = (valid.long().cumsum(dim=1) == 0).sum(dim=1)   # filler slots before the first real one
+            y = take(y, leading, y.shape[1])
         y = self.final_norm(y)
         samples_in = state.samples_in if final else state.samples_in + torch.where(flushing, 0, counts)
         new_state = EncoderState(state.owner, samples, positional, stack_state, samples_in, chunk.valid_end,

@@ -89,7 +89,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     # read_audio gives its own per-file notice; the loader's once-per-rate warning would repeat it.
     logging.getLogger("streamssl.data.audio").setLevel(logging.ERROR)
     clock = PacedClock(simulate=not args.realtime)
-    recognizer = Recognizer.from_checkpoint(args.checkpoint, chunk_ms=args.chunk_ms, clock=clock.now)
+    recognizer = Recognizer.from_checkpoint(args.checkpoint, chunk_ms=args.chunk_ms, clock=clock.now,
+                                            backend=args.backend)
     chunk_samples = recognizer.chunk_samples
     streams, results, failed = [], [], []
     for path in args.files:
@@ -133,5 +134,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--chunk-ms", type=float, default=40.0, help="audio per model step (default 40)")
     parser.add_argument("--realtime", action="store_true", help="feed at real-time pace, sleeping between chunks")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                        help="run the model in PyTorch, or export its step at --chunk-ms and run it in ONNX Runtime")
     parser.add_argument("--json", action="store_true", help="machine-readable transcripts and report")
     parser.set_defaults(func=cmd_stream)

@@ -68,9 +68,9 @@ def dense_band_attention(q: Tensor, sources: list[KeySource], q_start: int = 0,
         rel = j - t
         hide = torch.zeros_like(rel, dtype=torch.bool)
         if src.lo is not None:
-            hide |= rel < src.lo
+            hide = hide | (rel < src.lo)
         if src.hi is not None:
-            hide |= rel > src.hi
+            hide = hide | (rel > src.hi)
         hide = hide[None, None]
         if key_lengths is not None:
             hide = hide | (j >= key_lengths.view(-1, 1, 1, 1))

@@ -202,7 +202,7 @@ class MemoryStack(MixerStack):
 
     def _slots(self, n: int) -> int:
         """Segments that can complete in one step of ``n`` frames, whatever the stream's position."""
-        return -(-n // self.segment_frames)
+        return (n + self.segment_frames - 1) // self.segment_frames
 
     def _n_ready(self, chunk: Chunk, next_segment: Tensor, slots: int) -> Tensor:
         """``(B,)`` segments from ``next_segment`` on whose frames and right context are all known."""
@@ -500,7 +500,8 @@ class EmformerStack(MemoryStack):
         centre_count = main_valid.view(batch, slots, c).sum(-1)
         right_index = (first.view(-1, 1, 1) + c * (k_index.view(1, -1, 1) + 1)
                        + torch.arange(r, device=device).view(1, 1, -1)).clamp(0, window.shape[1] - 1)
-        right = window[torch.arange(batch, device=device).view(-1, 1, 1), right_index]    # (B, S, R, D)
+        right = torch.gather(window, 1, right_index.view(batch, slots * r, 1).expand(batch, slots * r, d_model))
+        right = right.view(batch, slots, r, d_model)
         right_pos = (segments.unsqueeze(-1) + 1) * c + torch.arange(r, device=device)
         right_valid = (right_pos < chunk.valid_end.view(-1, 1, 1)).reshape(batch * slots, r)
         zeros = torch.zeros_like(seg)
@@ -559,9 +560,9 @@ class EmformerStack(MemoryStack):
         c, left = self.segment_frames, self.left_frames
         batch, heads, total, width2 = kv.shape
         if left is not None:
-            windows = kv.unfold(2, left + c, c)                       # (B, H, S, 2dh, L + C)
-            windows = windows.permute(0, 2, 1, 4, 3).reshape(batch * slots, heads, left + c, width2)
             offsets = torch.arange(slots, device=kv.device).view(-1, 1) * c + torch.arange(left + c, device=kv.device)
+            windows = kv.index_select(2, offsets.reshape(-1)).view(batch, heads, slots, left + c, width2)
+            windows = windows.transpose(1, 2).reshape(batch * slots, heads, left + c, width2)
         else:
             windows = kv.unsqueeze(1).expand(batch, slots, heads, total, width2).reshape(
                 batch * slots, heads, total, width2)
@@ -570,7 +571,7 @@ class EmformerStack(MemoryStack):
         centre = (seg.view(-1, 1) + torch.arange(slots, device=kv.device)) * c     # (B, S)
         valid = (pos >= 0) & (pos < (centre + c).unsqueeze(-1)) & (pos < chunk.valid_end.view(-1, 1, 1))
         if left is not None:
-            valid &= pos >= (centre - left).unsqueeze(-1)
+            valid = valid & (pos >= (centre - left).unsqueeze(-1))
         return windows, valid.reshape(batch * slots, -1)
 
 

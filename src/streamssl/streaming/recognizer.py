@@ -39,9 +39,11 @@ import torch
 from torch import Tensor
 
 from streamssl.asr.ctc import CTCState, GreedyDecoder, RecognitionModel
+from streamssl.export import OnnxModel, export_model
 from streamssl.latency import Latency
 
 Clock = Callable[[], float]
+BACKENDS = ("torch", "onnx")
 
 
 @dataclass(frozen=True)
@@ -124,9 +126,19 @@ class Recognizer:
             or :meth:`Stream.finish`). Transcripts never depend on it; latency and speed do.
         clock: seconds, monotonic; emission delays are differences of its readings. A paced or
             simulated clock (see :mod:`streamssl.streaming.pacing`) can be passed in.
+        backend: ``"torch"``, or ``"onnx"``: the model's step exported at ``chunk_ms``
+            (:func:`streamssl.export.export_model`) and run by ONNX Runtime on one thread; an
+            :class:`~streamssl.export.OnnxModel` may also be passed as ``model``.
     """
 
-    def __init__(self, model: RecognitionModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter):
+    def __init__(self, model: RecognitionModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter,
+                 backend: str = "torch"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "onnx" and not isinstance(model, OnnxModel):
+            if chunk_ms is None:
+                raise ValueError("backend='onnx' runs an export at a fixed chunk size; give chunk_ms")
+            model = OnnxModel(export_model(model, chunk_ms)[0])
         error = model.stream_error()
         if error is not None:
             raise ValueError(error)
@@ -144,11 +156,11 @@ class Recognizer:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, chunk_ms: float | None = None,
-                        clock: Clock = time.perf_counter) -> "Recognizer":
+                        clock: Clock = time.perf_counter, backend: str = "torch") -> "Recognizer":
         """Load a fine-tuned CTC checkpoint (file or run folder) made by ``streamssl finetune``."""
         from streamssl.train.checkpoint import load_checkpoint
 
-        return cls(load_checkpoint(path, kind="finetune").model, chunk_ms, clock)
+        return cls(load_checkpoint(path, kind="finetune").model, chunk_ms, clock, backend)
 
     def latency(self) -> Latency:
         """The model's declared look-ahead (the chunk wait is :attr:`chunk_ms` on top)."""
