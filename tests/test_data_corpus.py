@@ -238,9 +238,12 @@ def test_cli_check_manifest_and_exit_codes(train_copy, corpus, tmp_path, capsys)
     for path in planted.values():
         assert path in printed
     assert main(["corpus", "manifest", str(train_copy), "--out", str(tmp_path / "m.jsonl")]) == 2
-    assert f"{len(planted) - 1} problem(s)" in capsys.readouterr().err
+    # The manifest command decodes every file, so it finds the truncated one too.
+    assert f"{len(planted)} problem(s)" in capsys.readouterr().err
     assert main(["corpus", "manifest", str(train_copy), "--out", str(tmp_path / "m.jsonl"), "--skip-bad"]) == 0
-    assert len(read_manifest(tmp_path / "m.jsonl")) == len(load_utterances(train_copy, skip_bad=True))
+    written = read_manifest(tmp_path / "m.jsonl")
+    assert len(written) == len(load_utterances(train_copy, skip_bad=True)) - 1
+    assert planted["truncated"] not in {utt.audio for utt in written}
 
 
 def test_cli_synth(tmp_path, capsys):
@@ -270,9 +273,11 @@ def test_synth_varied_noise_leaves_some_utterances_clean_and_noises_others(corpu
 
 
 def test_bigram_prose_is_deterministic_general_english():
-    from streamssl.data.prose import MAX_WORDS, MIN_WORDS, BigramChain
+    from streamssl.data.prose import MAX_WORDS, MIN_WORDS, BigramChain, blocked_words, is_blocked
 
     chain = BigramChain.from_wordsegment()
+    blocked, prefixes = blocked_words()
+    assert len(blocked) > 500 and not any(is_blocked(w, blocked, prefixes) for w in chain.words.tolist())
     first = [chain.sentence(np.random.default_rng(5)) for _ in range(3)]
     assert first == [chain.sentence(np.random.default_rng(5)) for _ in range(3)]
     sentences = [chain.sentence(np.random.default_rng(seed)) for seed in range(200)]
@@ -281,3 +286,36 @@ def test_bigram_prose_is_deterministic_general_english():
     assert sum(len(s.split()) >= MIN_WORDS for s in sentences) > 150
     assert len(set(words)) > 0.5 * len(words)   # a wide vocabulary, not a handful of template words
     assert set(words) <= set(chain.words.tolist())
+
+
+def test_audio_blocks_equal_load_audio_in_bounded_pieces(tmp_path):
+    from streamssl.data import audio_blocks
+
+    rng = np.random.default_rng(3)
+    native = tmp_path / "native.flac"
+    soundfile.write(native, rng.uniform(-0.5, 0.5, 40000).astype(np.float32), 16000)
+    blocks = list(audio_blocks(native, block_frames=4096))
+    assert max(block.size for block in blocks) == 4096
+    assert np.array_equal(np.concatenate(blocks), load_audio(native))
+    stereo = tmp_path / "stereo_44k.wav"
+    soundfile.write(stereo, rng.uniform(-0.5, 0.5, (44100, 2)).astype(np.float32), 44100)
+    streamed = np.concatenate(list(audio_blocks(stereo, block_frames=5000)))
+    whole = load_audio(stereo)
+    assert streamed.shape == whole.shape == (16000,)
+    assert np.abs(streamed - whole)[100:-100].max() < 1e-3  # soxr's streaming and one-shot forms agree
+    truncated = tmp_path / "cut.flac"
+    soundfile.write(truncated, rng.uniform(-0.5, 0.5, 64000).astype(np.float32), 16000)
+    truncated.write_bytes(truncated.read_bytes()[:20000])
+    with pytest.raises(ValueError, match="cut.flac"):
+        list(audio_blocks(truncated))
+
+
+@pytest.mark.parametrize("make, message", [(lambda p: None, "no such file"), (lambda p: p.mkdir(), "is a folder")])
+def test_missing_path_or_folder_as_audio_is_named(tmp_path, make, message):
+    from streamssl.data import audio_blocks, audio_info
+
+    path = tmp_path / "talk.wav"
+    make(path)
+    for read in (audio_info, load_audio, lambda p: list(audio_blocks(p))):
+        with pytest.raises(ValueError, match=f"talk.wav: {message}"):
+            read(path)

@@ -46,12 +46,16 @@ def tiny_model(mixer: str, head: str = "linear") -> CTCModel:
     varied symbols, repeats and blanks, and the symbol it says most becomes the word boundary, so
     transcripts hold several words. Everything the greedy merge across chunks must get right."""
     torch.manual_seed(0)
-    model = CTCModel(EncoderConfig.tiny(mixer=mixer), head=head, lstm_hidden=16).double().eval()
+    return make_talk(CTCModel(EncoderConfig.tiny(mixer=mixer), head=head, lstm_hidden=16).double().eval())
+
+
+def make_talk(model: CTCModel) -> CTCModel:
+    """Sharpen the output layer, bias it to blank, and swap the most said symbol with the space."""
     space = model.vocab.index[" "]
     with torch.no_grad():
         model.output.weight *= 6
         model.output.bias[model.vocab.blank] += 3
-        best = model(wave()[None])[0][0].argmax(-1)
+        best = model(wave().to(model.output.weight.dtype)[None])[0][0].argmax(-1)
         talk = best[best != model.vocab.blank]
         if talk.numel():
             common = int(talk.mode().values)
@@ -291,6 +295,9 @@ def test_bad_input_is_refused_with_a_reason():
         stream.accept(np.zeros(100, dtype=np.int16))
     with pytest.raises(ValueError, match="NaN"):
         stream.accept(torch.tensor([0.0, float("nan")]))
+    with pytest.raises(ValueError, match=r"peak magnitude of 1200.*dividing by 32768"):
+        stream.accept(np.array([0.0, -1200.0, 3.0], dtype=np.float32))
+    stream.accept(np.array([1.5, -1.5], dtype=np.float32))  # headroom for overshoot is accepted
     assert stream.accept(np.zeros(0, dtype=np.float32)).tokens == []
     other = stream.recognizer.stream()
     with pytest.raises(ValueError, match="1-D"):
@@ -313,9 +320,7 @@ def test_bad_input_is_refused_with_a_reason():
 def checkpoint(tmp_path_factory):
     config = preset("finetune", "tiny")
     torch.manual_seed(0)
-    model = build_model("finetune", config, config.encoder)
-    with torch.no_grad():
-        model.output.bias[model.vocab.blank] += 1.5
+    model = make_talk(build_model("finetune", config, config.encoder).eval())
     path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
     save_checkpoint(path, {"kind": "finetune", "encoder_config": config.encoder.to_dict(),
                            "task_config": config.to_dict(), "vocab": model.vocab.symbols,
@@ -357,30 +362,63 @@ def test_cli_streams_files_reports_latency_and_survives_bad_files(checkpoint, tm
     assert latency["algorithmic_ms"] == pytest.approx(declared)
     assert latency["audio_s"] == pytest.approx(1.2, abs=0.01)
     assert latency["compute_p50_ms"] > 0 and latency["rtf"] > 0
-    assert latency["word_delay_mean_ms"] >= recognizer.latency().encoder_lookahead_ms
+    # A word finished before the flush waited at least the encoder's look-ahead for its right context.
+    lookahead_ms = recognizer.latency().encoder_lookahead_ms
+    words = result["files"][0]["words"]
+    before_flush = [w for w in words if w["end_s"] + (lookahead_ms + 40) / 1000 <= 0.6]
+    assert before_flush and all(w["delay_ms"] >= lookahead_ms for w in before_flush)
 
     code = main(["stream", "--checkpoint", str(checkpoint), str(good)])
     out, _ = capsys.readouterr()
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].startswith(f"{good}: ")  # piped: the partial transcript as growing lines
-    assert f"{good}: {result['files'][0]['transcript']}" in lines
+    transcript = result["files"][0]["transcript"]
+    assert f"{good}: {transcript}" in lines
+    # piped: each update prints only the words it completed, never the transcript so far
+    progress = [line.split(": ", 1)[1] for line in lines if line.startswith(f"{good} @ ")]
+    assert progress and " ".join(progress).split() == transcript.split()[:len(" ".join(progress).split())]
     assert any(line.startswith("  emission delay per word") for line in lines)
 
 
-def test_partial_display_rewrites_one_line_on_a_terminal():
+def test_partial_display_rewrites_one_line_on_a_terminal_and_prints_only_news_to_a_pipe():
     import io
 
     from streamssl.commands.stream import PartialDisplay
+    from streamssl.streaming.recognizer import Token, Update, Word
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
 
+    token = Token("L", 12, 3, 0.06, 0.085, 0.05)
+    hello = Word("HELLO", 0.0, 0.5, 0.1)
+    updates = [Update([token], [], "HEL"), Update([], [], "HEL"), Update([token], [hello], "HELLO "),
+               Update([token], [], "HELLO W")]
     out = Terminal()
     display = PartialDisplay("a.wav", out)
-    display.show("HEL")
-    display.show("HEL")
-    display.show("HELLO")
+    for update in updates:
+        display.show(update)
     display.done("HELLO WORLD")
-    assert out.getvalue() == "\r\x1b[Ka.wav: HEL\r\x1b[Ka.wav: HELLO\r\x1b[Ka.wav: HELLO WORLD\n"
+    assert out.getvalue() == "\r\x1b[Ka.wav: HEL\r\x1b[Ka.wav: HELLO \r\x1b[Ka.wav: HELLO W\r\x1b[Ka.wav: HELLO WORLD\n"
+    piped = io.StringIO()
+    display = PartialDisplay("a.wav", piped)
+    for update in updates:
+        display.show(update)
+    display.done("HELLO WORLD")
+    assert piped.getvalue() == "a.wav @ 0.50 s: HELLO\na.wav: HELLO WORLD\n"
+
+
+def test_cli_names_bad_parameters_and_paths(checkpoint, tmp_path, capsys):
+    good = tmp_path / "good.wav"
+    soundfile.write(good, wave(0.3).numpy().astype(np.float32), SAMPLE_RATE)
+    assert main(["stream", "--checkpoint", str(checkpoint), str(good), "--threads", "0"]) == 2
+    assert capsys.readouterr().err == "streamssl stream: error: --threads must be at least 1, got 0\n"
+    assert main(["stream", "--checkpoint", str(checkpoint), str(good), "--chunk-ms", "-5"]) == 2
+    assert "--chunk-ms must be positive, got -5" in capsys.readouterr().err
+    code = main(["stream", "--checkpoint", str(checkpoint), str(tmp_path / "nope.wav"), str(tmp_path), str(good),
+                 "--json"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert f"{tmp_path / 'nope.wav'}: no such file" in err and f"{tmp_path}: is a folder" in err
+    assert "System error" not in err
+    assert [f["file"] for f in json.loads(out)["files"]] == [str(good)]

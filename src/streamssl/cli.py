@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -40,7 +42,9 @@ def _option(text: str) -> tuple[str, Any]:
 def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that describe an :class:`EncoderConfig`: a preset or file, then overrides."""
     group = parser.add_argument_group("encoder configuration")
-    group.add_argument("--config", help="EncoderConfig as YAML or JSON (overrides --preset)")
+    group.add_argument("--config", help="an encoder YAML or JSON file of EncoderConfig fields (such as a run "
+                                        "folder's encoder.yaml), a run folder, or a pretrain/finetune run "
+                                        "config (its encoder: fields over --preset)")
     group.add_argument("--preset", choices=("base", "tiny"), default="base",
                        help="starting configuration: wav2vec 2.0 BASE size, or a tiny test encoder")
     group.add_argument("--mixer", choices=sorted(MIXERS), help="mixer family")
@@ -55,9 +59,40 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
                        help="an option of the mixer family (repeatable)")
 
 
+def encoder_fields_of(path: str, preset: str) -> dict[str, Any]:
+    """EncoderConfig fields from ``--config``: an encoder YAML/JSON file (such as a run folder's
+    ``encoder.yaml``), a run folder, or a pretrain/finetune run config, whose ``encoder:`` fields go
+    over the ``preset`` encoder (as ``streamssl pretrain --config`` would build it with that preset)."""
+    from streamssl.train.config import FinetuneConfig, PretrainConfig
+
+    file = Path(path) / "encoder.yaml" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: no such file (expected an EncoderConfig YAML/JSON, a run folder "
+                         "or a run config)")
+    try:
+        text = file.read_text()
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        raise ValueError(f"--config {file}: cannot be read: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {file}: expected a mapping of EncoderConfig fields, got {type(data).__name__}")
+    encoder_keys = {f.name for f in dataclasses.fields(EncoderConfig)}
+    run_keys = {f.name for cls in (PretrainConfig, FinetuneConfig) for f in dataclasses.fields(cls)}
+    if set(data) <= encoder_keys or not set(data) <= run_keys:
+        return data  # unknown keys are named by EncoderConfig.from_dict
+    if data.get("init"):
+        raise ValueError(f"--config {file}: this run config takes its encoder from init {data['init']!r}; "
+                         "pass that checkpoint's run folder instead")
+    encoder = data.get("encoder") or {}
+    if not isinstance(encoder, dict):
+        raise ValueError(f"--config {file}: encoder must be a mapping of EncoderConfig fields")
+    base = EncoderConfig.tiny() if preset == "tiny" else EncoderConfig.base()
+    return {**base.to_dict(), **encoder}
+
+
 def encoder_config_from_args(args: argparse.Namespace) -> EncoderConfig:
     if args.config:
-        data = EncoderConfig.load(args.config).to_dict()
+        data = encoder_fields_of(args.config, args.preset)
     else:
         data = (EncoderConfig.tiny() if args.preset == "tiny" else EncoderConfig.base()).to_dict()
     for key in ("mixer", "n_layers", "d_model", "n_heads", "right_frames"):
@@ -87,7 +122,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamssl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="streamssl", description="Streaming speech transformers and self-supervised speech learning: "
+                                      "speech corpora, pretraining, CTC fine-tuning, evaluation, streaming "
+                                      "recognition and declared latency. 'streamssl COMMAND --help' says more.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     latency = sub.add_parser("latency", help="print the declared latency of an encoder configuration")

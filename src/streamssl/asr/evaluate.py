@@ -35,35 +35,34 @@ class EvalResult:
         return asdict(self)
 
 
-def _load(utterances: list) -> list:
-    from streamssl.data import AudioDataset
-
-    dataset = AudioDataset(utterances)
-    return [dataset[i] for i in range(len(dataset))]
+# Offline decoding holds a whole utterance's activations at once (memory grows with its length, with
+# full attention quadratically); longer utterances are refused rather than cut (see evaluate_model).
+MAX_OFFLINE_SECONDS = 120.0
 
 
 @torch.no_grad()
-def transcribe_offline(model: RecognitionModel, items: list, device: torch.device, batch_seconds: float = 60.0,
+def transcribe_offline(model: RecognitionModel, dataset, device: torch.device, batch_seconds: float = 60.0,
                        progress: bool = False) -> tuple[list[str], float]:
-    """Whole-utterance decoding in duration-sorted batches. Returns hypotheses (input order) and the
-    compute time in seconds."""
+    """Whole-utterance decoding in duration-sorted batches of ``dataset`` (an
+    :class:`~streamssl.data.AudioDataset`), loading one batch's audio at a time. Returns hypotheses
+    (dataset order) and the compute time in seconds."""
     from streamssl.data import collate
 
-    order = sorted(range(len(items)), key=lambda i: items[i]["audio"].shape[0])
-    batches, current, longest = [], [], 0
+    durations = dataset.durations
+    order = sorted(range(len(dataset)), key=lambda i: durations[i])
+    batches, current, longest = [], [], 0.0
     for i in order:
-        n = items[i]["audio"].shape[0]
-        if current and max(longest, n) * (len(current) + 1) > batch_seconds * 16000:
+        if current and max(longest, durations[i]) * (len(current) + 1) > batch_seconds:
             batches.append(current)
-            current, longest = [], 0
+            current, longest = [], 0.0
         current.append(i)
-        longest = max(longest, n)
+        longest = max(longest, durations[i])
     if current:
         batches.append(current)
-    hyps: list[str] = [""] * len(items)
+    hyps: list[str] = [""] * len(dataset)
     compute = 0.0
     for batch in tqdm(batches, desc="decode (offline)", disable=not progress, leave=False):
-        collated = collate([items[i] for i in batch])
+        collated = collate([dataset[i] for i in batch])
         start = time.perf_counter()
         log_probs, frame_lengths = model(collated["audio"].to(device, model.dtype),
                                          collated["lengths"].to(device))
@@ -75,15 +74,17 @@ def transcribe_offline(model: RecognitionModel, items: list, device: torch.devic
 
 
 @torch.no_grad()
-def transcribe_streaming(model: RecognitionModel, items: list, device: torch.device, chunk_ms: float,
+def transcribe_streaming(model: RecognitionModel, dataset, device: torch.device, chunk_ms: float,
                          progress: bool = False) -> tuple[list[str], float]:
-    """Chunk-by-chunk decoding, one stream per utterance, through ``step``/``flush`` and
-    :class:`GreedyDecoder`. Returns hypotheses and the compute time in seconds."""
+    """Chunk-by-chunk decoding, one stream per utterance of ``dataset`` (loaded one at a time), through
+    ``step``/``flush`` and :class:`GreedyDecoder`. Returns hypotheses and the compute time in seconds."""
+    if not chunk_ms > 0:
+        raise ValueError(f"chunk_ms must be positive, got {chunk_ms:g}")
     chunk = max(1, round(chunk_ms * model.sample_rate / 1000))
     hyps, compute = [], 0.0
-    for item in tqdm(items, desc=f"decode (streaming, {chunk_ms:g} ms chunks)", disable=not progress,
-                     leave=False):
-        wave = item["audio"].to(device, model.dtype)[None]
+    for index in tqdm(range(len(dataset)), desc=f"decode (streaming, {chunk_ms:g} ms chunks)",
+                      disable=not progress, leave=False):
+        wave = dataset[index]["audio"].to(device, model.dtype)[None]
         start = time.perf_counter()
         state = model.init_state(1)
         decoder = GreedyDecoder(model.vocab, 1)
@@ -103,25 +104,39 @@ def score(references: list[str], hypotheses: list[str]) -> tuple[float, float]:
 
 
 def evaluate_model(model: RecognitionModel, utterances: list, streaming: bool = False, chunk_ms: float = 40.0,
-                   device: torch.device | None = None, progress: bool = False) -> EvalResult:
+                   device: torch.device | None = None, progress: bool = False,
+                   max_offline_s: float = MAX_OFFLINE_SECONDS) -> EvalResult:
     """Greedy-decode ``utterances`` (``streamssl.data.Utterance``) and score them against their text.
 
     ``streaming`` decodes chunk by chunk; a model that cannot stream is a ``ValueError`` saying why.
+    Offline, an utterance longer than ``max_offline_s`` seconds is a ``ValueError`` naming it, raised
+    before any audio is decoded. It is refused rather than split: cutting at fixed points would split
+    words and take away the whole-utterance context that offline decoding stands for, so the score
+    would measure the cuts; streaming evaluation decodes any length in bounded memory.
     """
     if streaming and model.stream_error() is not None:
         raise ValueError(model.stream_error())
+    if streaming and not chunk_ms > 0:
+        raise ValueError(f"chunk_ms must be positive, got {chunk_ms:g}")
+    if not streaming:
+        longest = max(utterances, key=lambda utt: utt.duration, default=None)
+        if longest is not None and longest.duration > max_offline_s:
+            raise ValueError(f"utterance {longest.id} ({longest.audio}) is {longest.duration:.0f} s long, over "
+                             f"the {max_offline_s:g} s offline limit: offline decoding holds a whole utterance "
+                             "in memory; evaluate it with --streaming, segment it, or raise --max-offline-s")
+    from streamssl.data import AudioDataset
+
     device = device or model.device
     model.eval()
-    items = _load(utterances)
+    dataset = AudioDataset(utterances)
     if streaming:
-        hyps, compute = transcribe_streaming(model, items, device, chunk_ms, progress)
+        hyps, compute = transcribe_streaming(model, dataset, device, chunk_ms, progress)
     else:
-        hyps, compute = transcribe_offline(model, items, device, progress=progress)
-    refs = [item["text"] for item in items]
+        hyps, compute = transcribe_offline(model, dataset, device, progress=progress)
+    refs = [utt.text for utt in utterances]
     wer, cer = score(refs, hyps)
-    rate = model.sample_rate
-    audio_seconds = sum(item["audio"].shape[0] for item in items) / rate
-    return EvalResult(wer=wer, cer=cer, n_utterances=len(items), audio_seconds=audio_seconds,
+    audio_seconds = sum(utt.duration for utt in utterances)
+    return EvalResult(wer=wer, cer=cer, n_utterances=len(utterances), audio_seconds=audio_seconds,
                       compute_seconds=compute, rtf=compute / audio_seconds, streaming=streaming,
                       chunk_ms=chunk_ms if streaming else None, latency=model.latency().to_dict(),
-                      hypotheses=[(item["id"], ref, hyp) for item, ref, hyp in zip(items, refs, hyps)])
+                      hypotheses=[(utt.id, ref, hyp) for utt, ref, hyp in zip(utterances, refs, hyps)])

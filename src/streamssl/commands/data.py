@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from streamssl.data.check import check_report
 from streamssl.data.manifest import write_manifest
@@ -12,7 +13,7 @@ from streamssl.data.synth import synthesize_corpus
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    utterances = load_utterances(args.src, skip_bad=args.skip_bad)
+    utterances = load_utterances(args.src, skip_bad=args.skip_bad, decode=not args.headers_only)
     write_manifest(utterances, args.out)
     hours = sum(utt.duration for utt in utterances) / 3600
     print(f"wrote {len(utterances)} utterance(s), {hours:.3f} h, to {args.out}")
@@ -22,7 +23,10 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     scan, lines = check_report(args.src, decode=not args.headers_only, progress=True)
     print("\n".join(lines))
-    return 1 if scan.problems else 0
+    if not scan.utterances and not scan.problems:
+        print(f"streamssl corpus check: error: {args.src} holds no utterances (no audio files or transcripts "
+              "found)", file=sys.stderr)
+    return 1 if scan.problems or not scan.utterances else 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -43,9 +47,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     manifest.add_argument("--out", required=True, help="manifest to write (FILE.jsonl)")
     manifest.add_argument("--skip-bad", action="store_true",
                           help="leave out utterances with problems (listed as warnings) instead of failing")
+    manifest.add_argument("--headers-only", action="store_true",
+                          help="read audio headers only instead of decoding every file (faster; truncated "
+                               "audio behind a valid header then goes unnoticed)")
     manifest.set_defaults(func=cmd_manifest)
 
-    check = sub.add_parser("check", help="list every problem of a corpus; exit status 1 if there is any")
+    check = sub.add_parser("check", help="list every problem of a corpus; exit status 1 if there is any, or if "
+                                         "the corpus holds no utterances")
     check.add_argument("src", help="corpus folder or .jsonl manifest")
     check.add_argument("--headers-only", action="store_true",
                        help="read audio headers only instead of decoding every file (faster, finds less)")

@@ -4,78 +4,97 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import sys
-from typing import TextIO
+from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 import torch
 
+from streamssl.data.audio import audio_blocks, audio_info
 from streamssl.streaming.pacing import PacedClock
-from streamssl.streaming.recognizer import Recognizer, Stream
+from streamssl.streaming.recognizer import Recognizer, Stream, Update
 from streamssl.streaming.report import build_report
 
 
 class PartialDisplay:
-    """Shows a stream's transcript as it grows: rewritten in place on a terminal, one line per change
-    when the output is a pipe or a file (so a log keeps every step)."""
+    """Shows a stream's transcript as it grows. On a terminal the partial transcript is rewritten in place;
+    on a pipe or a file each update prints one line with only what it added (the words it completed, and
+    the audio time they end at), so a log keeps every step without repeating the transcript."""
 
     def __init__(self, name: str, out: TextIO):
         self.name = name
         self.out = out
         self.in_place = out.isatty()
-        self.shown = ""
 
-    def show(self, text: str) -> None:
-        if text == self.shown:
-            return
-        self.shown = text
-        line = f"{self.name}: {text}"
+    def show(self, update: Update) -> None:
         if self.in_place:
+            if not update.tokens:
+                return
             width = shutil.get_terminal_size().columns - 1
+            line = f"{self.name}: {update.partial[-width:]}"
             if len(line) > width:
                 line = "…" + line[len(line) - width + 1:]
             self.out.write("\r\x1b[K" + line)
         else:
-            self.out.write(line + "\n")
+            if not update.words:
+                return
+            words = " ".join(word.text for word in update.words)
+            self.out.write(f"{self.name} @ {update.words[-1].end_s:.2f} s: {words}\n")
         self.out.flush()
 
-    def done(self, text: str) -> None:
-        """Print the final transcript and leave the line."""
+    def done(self, text: str | None) -> None:
+        """Print the final transcript (``None``: the stream failed) and leave the line."""
         if self.in_place:
             self.out.write("\r\x1b[K")
-        self.out.write(f"{self.name}: {text}\n")
+        if text is not None:
+            self.out.write(f"{self.name}: {text}\n")
         self.out.flush()
 
 
-def read_audio(path: str, sample_rate: int) -> np.ndarray:
-    """Mono float32 samples at ``sample_rate``; says on stderr when it resamples or downmixes."""
-    from streamssl.data.audio import audio_info, load_audio
-
+def open_audio(path: str, sample_rate: int) -> Iterator[np.ndarray]:
+    """Blocks of mono float32 samples at ``sample_rate`` (see :func:`streamssl.data.audio_blocks`); says on
+    stderr when it resamples or downmixes, and refuses a file without samples."""
     info = audio_info(path)
+    if info.frames == 0:
+        raise ValueError(f"{path}: no audio samples")
     if info.channels > 1:
         print(f"notice: {path}: {info.channels} channels, averaged to mono", file=sys.stderr)
     if info.sample_rate != sample_rate:
         print(f"notice: {path}: {info.sample_rate} Hz, resampled to {sample_rate} Hz", file=sys.stderr)
-    audio = load_audio(path, sample_rate)
-    if audio.size == 0:
-        raise ValueError(f"{path}: no audio samples")
-    return audio
+    return audio_blocks(path, sample_rate)
 
 
-def stream_file(recognizer: Recognizer, clock: PacedClock, audio: np.ndarray, chunk_samples: int,
+def stream_file(recognizer: Recognizer, clock: PacedClock, blocks: Iterable[np.ndarray], chunk_samples: int,
                 display: PartialDisplay | None) -> Stream:
-    """Feed ``audio`` in chunks at real-time pace (slept or simulated by ``clock``); returns the finished stream."""
+    """Feed the audio of ``blocks`` in chunks of ``chunk_samples`` at real-time pace (slept or simulated by
+    ``clock``); returns the finished stream. Only one block and one chunk are held at a time."""
     stream = recognizer.stream()
-    samples = torch.from_numpy(audio)
     clock.start()
-    for start in range(0, samples.numel(), chunk_samples):
-        piece = samples[start:start + chunk_samples]
-        clock.wait_until((start + piece.numel()) / recognizer.sample_rate)
-        update = stream.accept(piece)
-        if display is not None and update.tokens:
-            display.show(update.partial)
+    fed = 0
+    carry = np.zeros(0, dtype=np.float32)
+
+    def feed(piece: np.ndarray) -> None:
+        nonlocal fed
+        fed += piece.size
+        clock.wait_until(fed / recognizer.sample_rate)
+        update = stream.accept(torch.from_numpy(piece))
+        if display is not None:
+            display.show(update)
+
+    try:
+        for block in blocks:
+            carry = np.concatenate([carry, block]) if carry.size else block
+            whole = carry.size - carry.size % chunk_samples
+            for start in range(0, whole, chunk_samples):
+                feed(carry[start:start + chunk_samples])
+            carry = carry[whole:]
+        if carry.size:
+            feed(carry)
+    except ValueError:
+        if display is not None:
+            display.done(None)
+        raise
     transcript = stream.finish()
     if display is not None:
         display.done(transcript.text)
@@ -83,27 +102,27 @@ def stream_file(recognizer: Recognizer, clock: PacedClock, audio: np.ndarray, ch
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    if args.chunk_ms <= 0:
-        raise ValueError(f"--chunk-ms must be positive, got {args.chunk_ms}")
+    if not args.chunk_ms > 0:
+        raise ValueError(f"--chunk-ms must be positive, got {args.chunk_ms:g}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    # read_audio gives its own per-file notice; the loader's once-per-rate warning would repeat it.
-    logging.getLogger("streamssl.data.audio").setLevel(logging.ERROR)
     clock = PacedClock(simulate=not args.realtime)
     recognizer = Recognizer.from_checkpoint(args.checkpoint, chunk_ms=args.chunk_ms, clock=clock.now,
                                             backend=args.backend)
     chunk_samples = recognizer.chunk_samples
     streams, results, failed = [], [], []
     for path in args.files:
+        display = None if args.json else PartialDisplay(path, sys.stdout)
         try:
-            audio = read_audio(path, recognizer.sample_rate)
+            stream = stream_file(recognizer, clock, open_audio(path, recognizer.sample_rate), chunk_samples,
+                                 display)
         except ValueError as error:
             print(f"streamssl stream: error: {error}", file=sys.stderr)
             failed.append({"file": path, "error": str(error)})
             continue
-        display = None if args.json else PartialDisplay(path, sys.stdout)
-        stream = stream_file(recognizer, clock, audio, chunk_samples, display)
         streams.append(stream)
-        results.append({"file": path, "audio_s": audio.size / recognizer.sample_rate, "transcript": stream.text,
+        results.append({"file": path, "audio_s": stream.samples_in / recognizer.sample_rate, "transcript": stream.text,
                         "words": [{"text": w.text, "start_s": w.start_s, "end_s": w.end_s,
                                    "delay_ms": 1000 * w.delay_s} for w in stream.words]})
     pace = "real-time" if args.realtime else "simulated real-time (clock skips the waits)"

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from streamssl.asr.evaluate import MAX_OFFLINE_SECONDS
 from streamssl.tables import results_table
 from streamssl.train.config import PRESETS, FinetuneConfig, PretrainConfig, RunConfig
 
@@ -71,8 +72,10 @@ def build_config(kind: str, preset_name: str, config_path: str | None = None,
 def _add_run_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--config", help=f"YAML file of {'PretrainConfig' if kind == 'pretrain' else 'FinetuneConfig'} "
                                          "fields (encoder fields under 'encoder:')")
-    parser.add_argument("--preset", choices=sorted(PRESETS[kind]), default="base",
-                        help="starting values: wav2vec 2.0 BASE, or small CPU settings (default: base)")
+    parser.add_argument("--preset", choices=sorted(PRESETS[kind]),
+                        help="starting values: base (the wav2vec 2.0 BASE recipe, meant for GPUs), cpu-small "
+                             "(minutes on a CPU) or tiny (seconds, for tests); required unless --config is "
+                             "given, which then starts from base")
     parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                         dest="sets", help="override one field (encoder.KEY for the encoder); repeatable")
     parser.add_argument("--train", dest="train_data", help="training data: manifest, LibriSpeech or audio+txt folder")
@@ -118,13 +121,26 @@ def run_training(kind: str, config: RunConfig, out: str, device: str | None = No
         close_world(world)
 
 
+def starting_preset(kind: str, preset_name: str | None, config_path: str | None) -> str:
+    """The preset a run starts from: the one named, else ``base`` under a ``--config`` file. With neither,
+    a ``ValueError``: the BASE defaults (400 k pretraining updates) must never start by accident."""
+    if preset_name is not None:
+        return preset_name
+    if config_path is not None:
+        return "base"
+    raise ValueError(f"{kind} needs a starting point: --preset {'|'.join(sorted(PRESETS[kind]))} (base is the "
+                     "wav2vec 2.0 BASE recipe, meant for GPUs; cpu-small trains on a CPU in minutes) or "
+                     "--config FILE")
+
+
 def _cmd_train(kind: str):
     def command(args: argparse.Namespace) -> int:
         flags = dict(train_data=args.train_data, dev_data=args.dev_data, steps=args.steps, lr=args.lr,
                      seed=args.seed, skip_bad=args.skip_bad)
         if kind == "finetune":
             flags.update(init=args.init, head=args.head, **_train_mode_flags(args))
-        config = build_config(kind, args.preset, args.config, args.sets, **flags)
+        config = build_config(kind, starting_preset(kind, args.preset, args.config), args.config, args.sets,
+                              **flags)
         metrics = run_training(kind, config, args.out, args.device, args.stop_after, not args.no_progress)
         if int(os.environ.get("RANK", "0")) == 0:
             shown = {k: round(v, 4) for k, v in metrics.items()}
@@ -151,18 +167,25 @@ def _train_mode_flags(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from streamssl.asr.evaluate import evaluate_model
     from streamssl.train.checkpoint import load_checkpoint
-    from streamssl.train.data import load_split
+    from streamssl.train.data import load_split, spellable
     from streamssl.train.dist import pick_device
 
+    if args.streaming and not args.chunk_ms > 0:
+        raise ValueError(f"--chunk-ms must be positive, got {args.chunk_ms:g}")
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    # The data is checked before any model is built, so a bad corpus fails fast and names its files.
+    utterances = load_split(args.data, args.skip_bad, "evaluation data", log=log)
     checkpoint = load_checkpoint(args.checkpoint, kind="finetune")
     model = checkpoint.model
     if args.streaming and model.stream_error() is not None:
         raise ValueError(model.stream_error())
-    utterances = load_split(args.data, args.skip_bad, "evaluation data", model.vocab,
-                            log=lambda m: print(m, file=sys.stderr))
+    utterances = spellable(utterances, model.vocab, args.skip_bad, "evaluation data", args.data, log)
     device = pick_device(args.device)
     result = evaluate_model(model.to(device), utterances, streaming=args.streaming, chunk_ms=args.chunk_ms,
-                            device=device, progress=not args.json)
+                            device=device, progress=not args.json, max_offline_s=args.max_offline_s)
     if args.json:
         out = result.to_dict()
         if not args.hypotheses:
@@ -177,13 +200,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    pretrain = sub.add_parser("pretrain", help="wav2vec 2.0 self-supervised pretraining of an encoder",
-                              description=PretrainConfig.__doc__)
+    pretrain = sub.add_parser(
+        "pretrain", help="wav2vec 2.0 self-supervised pretraining of an encoder",
+        description="Pretrain a streaming encoder with the wav2vec 2.0 objective (masked spans, a Gumbel "
+                    "quantiser, a contrastive loss). The configuration is --preset, then the --config YAML "
+                    "file (PretrainConfig fields, encoder fields under 'encoder:'), then --set KEY=VALUE, "
+                    "then the flags below. Running the same command again resumes from --out; "
+                    "torchrun --nproc-per-node N -m streamssl pretrain ... trains with DDP.")
     _add_run_arguments(pretrain, "pretrain")
     pretrain.set_defaults(func=_cmd_train("pretrain"))
 
-    finetune = sub.add_parser("finetune", help="CTC fine-tuning over characters",
-                              description=FinetuneConfig.__doc__)
+    finetune = sub.add_parser(
+        "finetune", help="CTC fine-tuning over characters",
+        description="Fine-tune an encoder with CTC over characters: from a streamssl checkpoint or run "
+                    "folder (--init), a local Hugging Face wav2vec 2.0 / HuBERT / WavLM model "
+                    "(--init hf:DIR), or from scratch. The whole model trains (--full, the default), only "
+                    "the head (--frozen), or only fresh layers that replace the attention of some layers "
+                    "(--replace). The configuration is built as for pretrain (FinetuneConfig fields).")
     _add_run_arguments(finetune, "finetune")
     finetune.add_argument("--init", help="checkpoint (or run folder) whose encoder starts the model; "
                                          "omit to train from scratch")
@@ -202,6 +235,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--data", required=True, help="manifest, LibriSpeech or audio+txt folder")
     evaluate.add_argument("--streaming", action="store_true", help="decode chunk by chunk through step/flush")
     evaluate.add_argument("--chunk-ms", type=float, default=40.0, help="streaming chunk length (default 40)")
+    evaluate.add_argument("--max-offline-s", type=float, default=MAX_OFFLINE_SECONDS, metavar="SECONDS",
+                          help="offline mode refuses longer utterances, since it decodes each one whole in "
+                               f"memory (default {MAX_OFFLINE_SECONDS:g}; --streaming takes any length)")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     evaluate.add_argument("--skip-bad", action="store_true", help="skip utterances that fail corpus check")
     evaluate.add_argument("--hypotheses", action="store_true", help="also print every reference/hypothesis")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,15 +33,25 @@ class AudioInfo:
         return self.frames / self.sample_rate
 
 
+def _existing_file(path: str | Path) -> str:
+    """``path`` as a string, or a ``ValueError`` naming it if it is missing or a folder (libsndfile would
+    only say "System error.")."""
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a folder, not an audio file")
+    if not Path(path).exists():
+        raise ValueError(f"{path}: no such file")
+    return str(path)
+
+
 def audio_info(path: str | Path) -> AudioInfo:
     """Read an audio file's header without decoding it.
 
     Raises:
-        ValueError: the file is missing, unreadable or not an audio format libsndfile knows; the message
-            names the file.
+        ValueError: the file is missing, a folder, unreadable or not an audio format libsndfile knows; the
+            message names the file.
     """
     try:
-        info = soundfile.info(str(path))
+        info = soundfile.info(_existing_file(path))
     except (RuntimeError, OSError) as error:
         raise ValueError(f"{path}: cannot read audio header: {error}") from None
     return AudioInfo(frames=int(info.frames), sample_rate=int(info.samplerate), channels=int(info.channels))
@@ -65,7 +76,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         ValueError: the file cannot be decoded (missing, corrupt, truncated); the message names the file.
     """
     try:
-        data, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        data, file_rate = soundfile.read(_existing_file(path), dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as error:
         raise ValueError(f"{path}: cannot decode audio: {error}") from None
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
@@ -74,3 +85,43 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         logger.warning("resampling %d Hz audio to %d Hz with soxr (first such file: %s)", file_rate, sample_rate,
                        path)
     return np.ascontiguousarray(resample(mono, file_rate, sample_rate), dtype=np.float32)
+
+
+def audio_blocks(path: str | Path, sample_rate: int = SAMPLE_RATE, block_frames: int = 16384) -> Iterator[np.ndarray]:
+    """Decode an audio file block by block to float32 mono at ``sample_rate`` Hz.
+
+    Reads ``block_frames`` frames (at the file's own rate, all channels) at a time with soundfile,
+    averages them to mono and resamples them on the fly with soxr's streaming resampler, so memory stays
+    that of one block whatever the file's length. Yields arrays of shape (S_i,) (some may be empty while
+    the resampler fills its filter); joined, they are the whole file, as :func:`load_audio` gives it up
+    to the resampler's streaming form (identical when no resampling is needed). Unlike
+    :func:`load_audio`, this logs nothing: callers say themselves when they resample.
+
+    Raises:
+        ValueError: the file cannot be opened, or decoding fails or ends early (after the blocks before
+            that were yielded); the message names the file.
+    """
+    if block_frames < 1:
+        raise ValueError(f"block_frames must be positive, got {block_frames}")
+    try:
+        audio = soundfile.SoundFile(_existing_file(path))
+    except (RuntimeError, OSError) as error:
+        raise ValueError(f"{path}: cannot decode audio: {error}") from None
+    with audio:
+        resampler = (None if audio.samplerate == sample_rate else
+                     soxr.ResampleStream(audio.samplerate, sample_rate, 1, dtype="float32", quality="HQ"))
+        decoded = 0
+        while True:
+            try:
+                block = audio.read(block_frames, dtype="float32", always_2d=True)
+            except (RuntimeError, OSError) as error:
+                raise ValueError(f"{path}: decoding failed after {decoded} frames: {error}") from None
+            decoded += block.shape[0]
+            last = block.shape[0] < block_frames
+            mono = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
+            mono = np.ascontiguousarray(mono, dtype=np.float32)
+            yield mono if resampler is None else resampler.resample_chunk(mono, last=last)
+            if last:
+                break
+    if decoded != audio.frames:
+        raise ValueError(f"{path}: header says {audio.frames} frames but {decoded} decode (truncated or corrupt)")

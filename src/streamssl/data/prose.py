@@ -4,12 +4,14 @@ A handful of sentence templates teaches a recogniser those templates; a model tr
 text. The counts of the ``wordsegment`` package (unigrams and bigrams of Google's web corpus) give word sequences
 with the vocabulary and the local statistics of general written English, without a download: a walk along
 the bigram chain, each next word drawn in proportion to its bigram count raised to ``SHARPNESS`` (below 1 to
-spread the draws over more of the vocabulary).
+spread the draws over more of the vocabulary). Web counts include offensive words: every word that is on, or
+begins with a word of four letters or more on, ``better_profanity``'s word list is left out of the vocabulary.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,19 @@ SHARPNESS = 0.6
 # Start words drawn from unigram counts raised to this power (flatter than the counts: more varied openings).
 START_SHARPNESS = 0.5
 MIN_WORDS, MAX_WORDS = 5, 18
+# Blocked words at least this long also block the words they begin (plurals, "-ing" forms).
+BLOCKED_PREFIX_LETTERS = 4
+
+
+def blocked_words() -> tuple[frozenset[str], tuple[str, ...]]:
+    """Offensive words (lower case) and the prefixes that block every word they begin."""
+    text = (resources.files("better_profanity") / "profanity_wordlist.txt").read_text(encoding="utf-8")
+    words = frozenset(w.strip().lower() for w in text.splitlines() if w.strip() and " " not in w.strip())
+    return words, tuple(sorted(w for w in words if len(w) >= BLOCKED_PREFIX_LETTERS and w.isalpha()))
+
+
+def is_blocked(word: str, blocked: frozenset[str], prefixes: tuple[str, ...]) -> bool:
+    return word in blocked or word.startswith(prefixes)
 
 
 @dataclass(frozen=True)
@@ -35,13 +50,14 @@ class BigramChain:
 
     @classmethod
     def from_wordsegment(cls, vocabulary_size: int = VOCABULARY_SIZE) -> "BigramChain":
-        """The chain over the ``vocabulary_size`` most frequent dictionary words (letters only)."""
+        """The chain over the ``vocabulary_size`` most frequent dictionary words (letters only, none blocked)."""
         folder = Path(wordsegment.__file__).parent
         dictionary = set((folder / "words.txt").read_text().split())
+        blocked, prefixes = blocked_words()
         counts: dict[str, float] = {}
         for line in (folder / "unigrams.txt").read_text().splitlines():
             word, count = line.split("\t")
-            if word.isalpha() and word in dictionary:
+            if word.isalpha() and word in dictionary and not is_blocked(word, blocked, prefixes):
                 counts[word] = float(count)
         vocabulary = sorted(counts, key=counts.__getitem__, reverse=True)[:vocabulary_size]
         index = {word: i for i, word in enumerate(vocabulary)}

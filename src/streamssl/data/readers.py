@@ -36,6 +36,11 @@ class Scan:
     utterances: list[Utterance] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     sample_rates: Counter = field(default_factory=Counter)
+    layout: str = "folder"
+
+    def ordered(self) -> list[Utterance]:
+        """The good utterances in loading order: sorted by id for the folder layouts, file order for a manifest."""
+        return self.utterances if self.layout == "manifest" else sorted(self.utterances, key=lambda utt: utt.id)
 
     def resample_note(self, sample_rate: int = SAMPLE_RATE) -> str | None:
         """A sentence about files not at ``sample_rate`` (they are resampled on load), or None if there are none."""
@@ -263,24 +268,30 @@ def scan_manifest(path: str | Path, decode: bool = False, progress: bool = False
 
 def scan_corpus(src: str | Path, decode: bool = False, progress: bool = False) -> Scan:
     """Read ``src`` with the reader for its layout (see :func:`corpus_layout`)."""
-    reader = {"manifest": scan_manifest, "librispeech": scan_librispeech, "folder": scan_folder}[corpus_layout(src)]
-    return reader(src, decode=decode, progress=progress)
+    layout = corpus_layout(src)
+    reader = {"manifest": scan_manifest, "librispeech": scan_librispeech, "folder": scan_folder}[layout]
+    scan = reader(src, decode=decode, progress=progress)
+    scan.layout = layout
+    return scan
 
 
-def load_utterances(src: str | Path, skip_bad: bool = False) -> list[Utterance]:
+def load_utterances(src: str | Path, skip_bad: bool = False, decode: bool = False) -> list[Utterance]:
     """Load the utterances of a LibriSpeech-layout folder, a folder of audio + ``.txt``, or a ``.jsonl`` manifest.
 
-    Audio headers are read (not decoded) for the folder layouts; ``check_corpus`` decodes everything.
+    Without ``decode``, audio headers are read (not decoded) for the folder layouts and a manifest's
+    durations are trusted; with it every file is decoded in full, so the result leaves out exactly what
+    ``check_corpus`` reports (truncated audio behind a valid header too).
     Utterances come sorted by id for the folder layouts, in file order for a manifest.
 
     Args:
         skip_bad: if True, return the good utterances and log a warning listing every skipped problem.
+        decode: decode every file in full (slow, finds everything the checker finds).
 
     Raises:
         CorpusError: the corpus has problems and ``skip_bad`` is False; the error lists all of them.
         ValueError: ``src`` does not exist or is not a known layout.
     """
-    scan = scan_corpus(src)
+    scan = scan_corpus(src, decode=decode)
     if scan.problems and not skip_bad:
         raise CorpusError(scan.problems, source=str(src))
     report_skipped(scan.problems, str(src))
@@ -289,4 +300,4 @@ def load_utterances(src: str | Path, skip_bad: bool = False) -> list[Utterance]:
         logger.warning("%s: %s", src, note)
     if not scan.utterances:
         raise ValueError(f"{src}: no usable utterances found")
-    return sorted(scan.utterances, key=lambda utt: utt.id) if corpus_layout(src) != "manifest" else scan.utterances
+    return scan.ordered()

@@ -2,7 +2,7 @@
 
 A checkpoint is one ``torch.save`` file holding a dict::
 
-    format         "streamssl-checkpoint"; version: 1
+    format         "streamssl-checkpoint"; version: 1 (a newer version is refused with a clear error)
     kind           "pretrain" (a Wav2Vec2Pretrainer) or "finetune" (a CTCModel)
     encoder_config EncoderConfig.to_dict()
     task_config    PretrainConfig / FinetuneConfig .to_dict()
@@ -13,16 +13,18 @@ A checkpoint is one ``torch.save`` file holding a dict::
     rng            torch (and CUDA) generator states, Python's and NumPy's, per rank
     metrics        the latest logged training and dev metrics
 
-:func:`load_checkpoint` returns the rebuilt model with its weights, in eval mode, on the CPU.
+:func:`load_checkpoint` returns the rebuilt model with its weights, in eval mode, on the CPU. Files are
+read with ``torch.load(weights_only=True)``: tensors and plain data only, so a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -118,11 +120,20 @@ def read_payload(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise ValueError(f"{path} is not a readable checkpoint: {error}") from None
+        # Tensors and plain data only: unpickling anything else could run code from the file.
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged, foreign or unsafe file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable checkpoint (only tensors and plain data are loaded): "
+                         f"{first_line}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a streamssl checkpoint")
+    version = payload.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{path}: checkpoint format version {version!r} is not a valid version")
+    if version > VERSION:
+        raise ValueError(f"{path}: checkpoint format version {version} is newer than this streamssl reads "
+                         f"(up to {VERSION}); upgrade streamssl to load it")
     if payload.get("kind") not in KINDS:
         raise ValueError(f"{path}: unknown checkpoint kind {payload.get('kind')!r}")
     return payload
@@ -143,14 +154,28 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
         raise ValueError(f"{path} is a {payload['kind']} checkpoint, but a {kind} checkpoint is needed "
                          f"(made by `{made_by[kind]}`)")
     cls = PretrainConfig if payload["kind"] == "pretrain" else FinetuneConfig
-    config = cls.from_dict(payload["task_config"])
     from streamssl.selective.finetune import apply_train_mode, encoder_config_from_dict
 
-    encoder_config = encoder_config_from_dict(payload["encoder_config"])
-    model = build_model(payload["kind"], config, encoder_config, payload.get("vocab"))
-    if payload["kind"] == "finetune":
-        apply_train_mode(model, config.train_mode, config.replace_layers, config.replace_mixer, config.replace_options)
-    model.load_state_dict(payload["model"])
+    with naming(path):
+        config = cls.from_dict(payload["task_config"])
+        encoder_config = encoder_config_from_dict(payload["encoder_config"])
+        model = build_model(payload["kind"], config, encoder_config, payload.get("vocab"))
+        if payload["kind"] == "finetune":
+            apply_train_mode(model, config.train_mode, config.replace_layers, config.replace_mixer,
+                             config.replace_options)
+        model.load_state_dict(payload["model"])
+        step = int(payload["progress"]["step"])
     model.eval()
-    return Checkpoint(path, payload["kind"], config, encoder_config, model,
-                      int(payload["progress"]["step"]), payload)
+    return Checkpoint(path, payload["kind"], config, encoder_config, model, step, payload)
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Re-raise what a checkpoint's contents fail with (a bad config, a missing entry, mismatched
+    weights) as a ``ValueError`` that names the checkpoint file."""
+    try:
+        yield
+    except KeyError as error:
+        raise ValueError(f"{path}: the checkpoint lacks the entry {error}") from None
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ValueError(f"{path}: {' '.join(str(error).split())}") from None

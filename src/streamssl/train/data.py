@@ -9,39 +9,53 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from streamssl.data import AudioDataset, DurationBatchSampler, check_corpus, collate, load_utterances
+from streamssl.data import AudioDataset, DurationBatchSampler, collate
+from streamssl.data.readers import scan_corpus
 from streamssl.train.dist import World
 
 
 def load_split(src: str, skip_bad: bool, what: str, vocab=None, log=print) -> list:
-    """Utterances of ``src`` after ``corpus check``.
+    """Utterances of ``src`` after ``corpus check`` (every file decoded in full).
 
-    Problems raise ``ValueError`` listing every one, unless ``skip_bad``: then the bad utterances are
-    skipped and reported through ``log``. With a ``vocab``, transcripts must be spelt in it too.
+    Problems raise ``ValueError`` listing every one, unless ``skip_bad``: then every utterance with a
+    problem is left out and reported through ``log``, so what is reported as skipped is never used.
+    With a ``vocab``, transcripts must be spelt in it too (see :func:`spellable`).
     """
-    problems = check_corpus(src)
+    scan = scan_corpus(src, decode=True)
+    problems = scan.problems
     if problems and not skip_bad:
         listing = "\n".join(f"  {p}" for p in problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         raise ValueError(f"{what} {src} fails `streamssl corpus check` ({len(problems)} problems):\n"
                          f"{listing}{more}\nfix them, or pass --skip-bad to skip those utterances")
-    utterances = load_utterances(src, skip_bad=skip_bad)
     for problem in problems:
         log(f"skipped ({what}): {problem}")
+    note = scan.resample_note()
+    if note:
+        log(f"note ({what}): {note}")
+    utterances = scan.ordered()
     if vocab is not None:
-        kept = []
-        for utt in utterances:
-            try:
-                vocab.encode(utt.text)
-                kept.append(utt)
-            except ValueError as error:
-                if not skip_bad:
-                    raise ValueError(f"{what} {src}: utterance {utt.id}: {error}") from None
-                log(f"skipped ({what}): utterance {utt.id}: {error}")
-        utterances = kept
+        utterances = spellable(utterances, vocab, skip_bad, what, src, log)
     if not utterances:
         raise ValueError(f"{what} {src} holds no usable utterances")
     return utterances
+
+
+def spellable(utterances: list, vocab, skip_bad: bool, what: str, src: str, log=print) -> list:
+    """The utterances whose transcripts ``vocab`` can encode; another one is a ``ValueError`` naming it,
+    or with ``skip_bad`` is left out and reported through ``log``."""
+    kept = []
+    for utt in utterances:
+        try:
+            vocab.encode(utt.text)
+            kept.append(utt)
+        except ValueError as error:
+            if not skip_bad:
+                raise ValueError(f"{what} {src}: utterance {utt.id}: {error}") from None
+            log(f"skipped ({what}): utterance {utt.id}: {error}")
+    if not kept:
+        raise ValueError(f"{what} {src} holds no usable utterances")
+    return kept
 
 
 class EpochBatches:

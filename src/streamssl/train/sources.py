@@ -13,7 +13,7 @@ from torch import Tensor
 
 from streamssl.config import EncoderConfig
 from streamssl.selective.finetune import load_hf_encoder
-from streamssl.train.checkpoint import read_payload
+from streamssl.train.checkpoint import naming, read_payload
 
 InitLoader = Callable[[str], tuple[EncoderConfig, dict[str, Tensor]]]
 
@@ -22,8 +22,9 @@ def load_streamssl_encoder(location: str) -> tuple[EncoderConfig, dict[str, Tens
     """Encoder configuration and ``Encoder`` state dict of a streamssl checkpoint (file or run folder)."""
     payload = read_payload(location)
     prefix = "encoder."
-    weights = {k[len(prefix):]: v for k, v in payload["model"].items() if k.startswith(prefix)}
-    return EncoderConfig.from_dict(payload["encoder_config"]), weights
+    with naming(location):
+        weights = {k[len(prefix):]: v for k, v in payload["model"].items() if k.startswith(prefix)}
+        return EncoderConfig.from_dict(payload["encoder_config"]), weights
 
 
 INIT_SOURCES: dict[str, InitLoader] = {"": load_streamssl_encoder, "hf": load_hf_encoder}

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from streamssl.train.checkpoint import read_payload, rng_state, save_checkpoint, set_rng_state
+from streamssl.train.checkpoint import naming, read_payload, rng_state, save_checkpoint, set_rng_state
 from streamssl.train.data import EpochBatches
 from streamssl.train.dist import World
 
@@ -150,7 +150,8 @@ class Trainer:
         if payload["kind"] != self.task.kind:
             raise ValueError(f"{self.run_dir} holds a {payload['kind']} run; use another --out for {self.task.kind}")
         # Through from_dict, so that fields added since the run was saved compare at their defaults.
-        saved = type(self.config).from_dict(payload["task_config"]).to_dict()
+        with naming(self.checkpoint_path):
+            saved = type(self.config).from_dict(payload["task_config"]).to_dict()
         wanted = self.config.to_dict()
         differ = sorted(k for k in set(saved) | set(wanted) if k not in BOOKKEEPING and saved.get(k) != wanted.get(k))
         if differ:
