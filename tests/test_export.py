@@ -170,3 +170,25 @@ def test_bad_input_is_refused_with_a_reason():
         export_model(model("sa"), 30)
     with pytest.raises(ValueError, match="left_frames=None"):
         export_model(CTCModel(EncoderConfig.tiny(mixer="sa", left_frames=None)), 40)
+
+
+def test_frame_input_export_equals_pytorch():
+    torch.manual_seed(0)
+    m = CTCModel(EncoderConfig.tiny(mixer="emformer", frontend="none", input_dim=12, left_frames=6,
+                                    right_frames=2)).float().eval()
+    data, info = export_model(m, 40)
+    assert info.chunk_samples == 2 and info.inputs[0]["shape"] == ["batch", 2, 12]
+    runtime = OnnxModel(data)
+    x = torch.randn(1, 31, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        offline, _ = m.encoder(x)
+        reference = m.output(offline).log_softmax(-1)[0].numpy()
+    state, out = runtime.init_state(1), []
+    for start in range(0, 31, 2):
+        piece = x[:, start:start + 2].numpy()
+        y, emitted, state = runtime.step_window(piece, state, np.array([piece.shape[1]]))
+        out.append(y[0, :emitted[0]].numpy())
+    y, _ = runtime.flush(state)
+    streamed = np.concatenate(out + [y[0].numpy()])
+    assert streamed.shape == reference.shape
+    assert np.abs(streamed - reference).max() < 1e-4

@@ -97,12 +97,15 @@ _TENSOR_FIELDS = ("samples", "positional", "stack", "samples_in", "frames_in", "
 
 
 def _flatten_state(state: EncoderState) -> tuple[list[Any], Any]:
-    return [getattr(state, name) for name in _TENSOR_FIELDS], (state.owner, state.finished)
+    present = tuple(name for name in _TENSOR_FIELDS if getattr(state, name) is not None)
+    return [getattr(state, name) for name in present], (state.owner, state.finished, present)
 
 
 def _unflatten_state(values: Any, context: Any) -> EncoderState:
-    owner, finished = context
-    return EncoderState(owner, *values, finished=finished)
+    owner, finished, present = context
+    fields = dict.fromkeys(_TENSOR_FIELDS)
+    fields.update(zip(present, values))
+    return EncoderState(owner, **fields, finished=finished)
 
 
 register_pytree_node(EncoderState, _flatten_state, _unflatten_state,

@@ -110,8 +110,9 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
     """Export ``model``'s streaming step at chunks of ``chunk_ms`` to ONNX (float32).
 
     Returns the ONNX bytes (also written to ``out`` when given) and the metadata. Raises
-    ``ValueError`` for a model that cannot stream, has no waveform frontend, has an unlimited left
-    context (its caches would grow), or a chunk that is not a whole number of frames.
+    ``ValueError`` for a model that cannot stream, has an unlimited left context (its caches would
+    grow), or a chunk that is not a whole number of frames. With ``frontend="none"`` the graph's
+    ``samples`` are input frames ``(B, chunk_frames, input_dim)``.
     """
     import onnx
 
@@ -120,18 +121,22 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
         raise ValueError(error)
     encoder = model.encoder
     config = encoder.config
-    if encoder.frontend is None:
-        raise ValueError("export takes a waveform model; this model's encoder has frontend='none'")
     if config.left_frames is None:
         raise ValueError("left_frames=None keeps every past frame, so the state grows with the stream and "
                          "cannot have a fixed shape; export a model with a finite left_frames")
-    hop, window = encoder.frontend.hop_samples, encoder.frontend.receptive_field_samples
     if not chunk_ms or chunk_ms <= 0:
         raise ValueError(f"chunk_ms must be positive, got {chunk_ms}")
-    chunk_samples = round(chunk_ms * config.sample_rate / 1000)
-    if chunk_samples % hop:
-        raise ValueError(f"chunk_ms={chunk_ms} is {chunk_samples} samples, not a whole number of "
-                         f"{hop}-sample frames ({1000 * hop / config.sample_rate:g} ms)")
+    if encoder.frontend is not None:
+        hop, window = encoder.frontend.hop_samples, encoder.frontend.receptive_field_samples
+        chunk_samples = round(chunk_ms * config.sample_rate / 1000)
+        unit = f"{hop}-sample frames ({1000 * hop / config.sample_rate:g} ms)"
+    else:
+        # Frame input: a "sample" of the graph is one input frame.
+        hop, window = 1, 1
+        chunk_samples = round(chunk_ms / config.input_frame_ms)
+        unit = f"{config.input_frame_ms:g} ms input frames"
+    if chunk_samples == 0 or chunk_samples % hop or abs(chunk_samples * config.frame_ms / hop - chunk_ms) > 1e-6:
+        raise ValueError(f"chunk_ms={chunk_ms} is not a whole number of {unit}")
     frames_per_chunk = chunk_samples // hop
     model = model.float().eval()
     state = model.init_state(1)
@@ -142,7 +147,8 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
     for name, leaf in zip(names, leaves):
         if leaf.count_nonzero() != 0:
             raise ValueError(f"internal error: initial state {name} is not all zeros")
-    samples = torch.zeros(1, chunk_samples)
+    samples = torch.zeros(1, chunk_samples) if encoder.frontend is not None else \
+        torch.zeros(1, chunk_samples, config.input_dim)
     count = torch.full((1,), chunk_samples, dtype=torch.long)
     flush = torch.zeros(1, dtype=torch.bool)
     input_names = ["samples", "samples_count", "flush"] + [STATE_PREFIX + n for n in names]
@@ -168,7 +174,7 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
         frame_ms=config.frame_ms, hop_samples=hop, window_samples=window, frames_per_chunk=frames_per_chunk,
         flush_calls=math.ceil(pad_frames / frames_per_chunk),
         latency=model.latency().to_dict(), vocabulary=list(model.vocab.symbols),
-        inputs=[{"name": "samples", "shape": ["batch", chunk_samples], "dtype": "float32"},
+        inputs=[{"name": "samples", "shape": ["batch", *samples.shape[1:]], "dtype": "float32"},
                 {"name": "samples_count", "shape": ["batch"], "dtype": "int64"},
                 {"name": "flush", "shape": ["batch"], "dtype": "bool"}],
         outputs=[{"name": "log_probs", "shape": ["batch", log_probs.shape[1], len(model.vocab)], "dtype": "float32"},
@@ -245,12 +251,16 @@ class OnnxModel:
         return self.info.sample_rate
 
     @property
-    def hop_samples(self) -> int:
-        return self.info.hop_samples
+    def takes_frames(self) -> bool:
+        return len(self.info.inputs[0]["shape"]) == 3
 
     @property
-    def window_samples(self) -> int:
-        return self.info.window_samples
+    def hop_samples(self) -> int | None:
+        return None if self.takes_frames else self.info.hop_samples
+
+    @property
+    def window_samples(self) -> int | None:
+        return None if self.takes_frames else self.info.window_samples
 
     @property
     def dtype(self) -> torch.dtype:
@@ -307,8 +317,10 @@ class OnnxModel:
         """One exported step: ``chunk`` ``(B, chunk_samples)`` right-aligned, ``counts`` ``(B,)`` real samples."""
         self._check_state(state)
         chunk = np.asarray(chunk, dtype=np.float32)
-        if chunk.ndim != 2 or chunk.shape[0] != state.batch_size:
-            raise ValueError(f"chunk must be (batch={state.batch_size}, samples), got shape {chunk.shape}")
+        expected = tuple(self.info.inputs[0]["shape"][2:])
+        if chunk.ndim != 2 + len(expected) or chunk.shape[0] != state.batch_size or chunk.shape[2:] != expected:
+            raise ValueError(f"chunk must be (batch={state.batch_size}, samples{''.join(f', {d}' for d in expected)}), "
+                             f"got shape {chunk.shape}")
         if chunk.shape[1] > self.info.chunk_samples:
             raise ValueError(f"chunk has {chunk.shape[1]} samples but this export takes chunks of "
                              f"{self.info.chunk_samples} ({self.info.chunk_ms:g} ms)")
@@ -316,7 +328,7 @@ class OnnxModel:
             raise ValueError("chunk contains NaN or infinite values")
         counts = np.full(chunk.shape[0], chunk.shape[1]) if counts is None else np.asarray(counts)
         pad = self.info.chunk_samples - chunk.shape[1]
-        chunk = np.pad(chunk, ((0, 0), (pad, 0)))
+        chunk = np.pad(chunk, ((0, 0), (pad, 0)) + ((0, 0),) * (chunk.ndim - 2))
         flush = np.zeros(chunk.shape[0], dtype=bool)
         log_probs, emitted, state = self._run(chunk, counts.astype(np.int64), flush, state)
         return torch.from_numpy(log_probs), torch.from_numpy(emitted), state
@@ -329,7 +341,7 @@ class OnnxModel:
         """``flush_calls`` padding calls; every stream's remaining frames ``(B, m, V)``, real ones first."""
         self._check_state(state)
         batch = state.batch_size
-        zeros = np.zeros((batch, self.info.chunk_samples), dtype=np.float32)
+        zeros = np.zeros((batch, *self.info.inputs[0]["shape"][1:]), dtype=np.float32)
         counts = np.zeros(batch, dtype=np.int64)
         flush = np.ones(batch, dtype=bool)
         rows: list[list[np.ndarray]] = [[] for _ in range(batch)]
