@@ -192,3 +192,28 @@ def test_frame_input_export_equals_pytorch():
     streamed = np.concatenate(out + [y[0].numpy()])
     assert streamed.shape == reference.shape
     assert np.abs(streamed - reference).max() < 1e-4
+
+
+def test_cli_exports_a_checkpoint_and_streams_it_with_onnx_runtime(tmp_path, capsys):
+    from streamssl.cli import main
+    from streamssl.train.checkpoint import build_model, save_checkpoint
+    from streamssl.train.config import preset
+
+    config = preset("finetune", "tiny")
+    torch.manual_seed(0)
+    m = build_model("finetune", config, config.encoder).eval()
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"kind": "finetune", "encoder_config": config.encoder.to_dict(),
+                           "task_config": config.to_dict(), "vocab": m.vocab.symbols,
+                           "model": m.state_dict(), "progress": {"step": 0, "epoch": 0, "batch_in_epoch": 0}})
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(path), "--chunk-ms", "40", "--out", str(out)]) == 0
+    assert "chunks of 640 samples" in capsys.readouterr().out
+    runtime = OnnxModel(out)
+    audio = speech()
+    streamed = onnx_stream(runtime, audio, runtime.info.chunk_samples)
+    with torch.no_grad():
+        offline, frames = m.float()(torch.from_numpy(audio)[None])
+    assert np.abs(streamed - offline[0, :int(frames[0])].numpy()).max() < 1e-4
+    assert main(["export", "--checkpoint", str(path), "--chunk-ms", "30", "--out", str(out)]) == 2
+    assert "not a whole number" in capsys.readouterr().err
