@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/summary_mixers.py
 	$(BIN)/python benchmarks/emission_delay.py
 	$(BIN)/python benchmarks/selective_memory.py
+	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -43,7 +43,7 @@ def fwd_bwd_point(config: dict, frames: int, batch: int, device: str, repeats: i
     """Time and peak memory of one forward+backward of an encoder on random frames (this process)."""
     torch.manual_seed(0)
     encoder = Encoder(EncoderConfig.from_dict(config)).to(device).train()
-    dim = encoder.config.input_dim
+    dim = encoder.frontend.input_dim
 
     def run(n_frames: int) -> None:
         x = torch.randn(batch, n_frames, dim, device=device)

@@ -48,8 +48,8 @@ MIXER_OPTIONS = {"wsm": {"summary": "causal"}}
 
 def build_model(mixer: str, layers: int) -> CTCModel:
     torch.manual_seed(0)
-    config = EncoderConfig(conv_channels=256, d_model=256, n_layers=layers, n_heads=4, ffn_dim=1024,
-                           dropout=0.0, mixer=mixer, left_frames=64, right_frames=8,
+    config = EncoderConfig(frontend_options={"channels": 256}, d_model=256, n_layers=layers, n_heads=4,
+                           ffn_dim=1024, dropout=0.0, mixer=mixer, left_frames=64, right_frames=8,
                            mixer_options=MIXER_OPTIONS.get(mixer, {}))
     return CTCModel(config).eval()
 

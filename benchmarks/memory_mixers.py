@@ -42,8 +42,8 @@ def config(mixer: str, segment: int = SEGMENT) -> EncoderConfig:
         right = [latency // N_LAYERS + (layer < latency % N_LAYERS) for layer in range(N_LAYERS)]
     elif mixer == "llsa":
         right = latency
-    return EncoderConfig(frontend="none", input_dim=80, d_model=256, n_heads=4, ffn_dim=1024, dropout=0.0,
-                         n_layers=N_LAYERS, mixer=mixer, left_frames=LEFT, right_frames=right,
+    return EncoderConfig(frontend="none", frontend_options={"input_dim": 80}, d_model=256, n_heads=4,
+                         ffn_dim=1024, dropout=0.0, n_layers=N_LAYERS, mixer=mixer, left_frames=LEFT, right_frames=right,
                          pos_conv_kernel=16, pos_conv_groups=16, mixer_options=options)
 
 

@@ -45,8 +45,8 @@ def main() -> None:
 
     results = []
     for mixer in MIXERS:
-        config = EncoderConfig(conv_channels=256, d_model=256, n_heads=4, ffn_dim=1024, n_layers=args.layers,
-                               mixer=mixer, left_frames=64, right_frames=args.right_frames, dropout=0.0)
+        config = EncoderConfig(frontend_options={"channels": 256}, d_model=256, n_heads=4, ffn_dim=1024,
+                               n_layers=args.layers, mixer=mixer, left_frames=64, right_frames=args.right_frames, dropout=0.0)
         encoder = Encoder(config).eval()
         wave = torch.randn(1, int(args.seconds * config.sample_rate)) * 0.1
         stream_rtf(encoder, wave[:, :16000], 640, config.sample_rate)

@@ -45,8 +45,8 @@ def measure_one(mixer: str, n_layers: int, frames: int, repeats: int) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = EncoderConfig(frontend="none", input_dim=80, d_model=256, n_heads=4, ffn_dim=1024, n_layers=n_layers,
-                           dropout=0.0, mixer=mixer, left_frames=64, right_frames=8)
+    config = EncoderConfig(frontend="none", frontend_options={"input_dim": 80}, d_model=256, n_heads=4,
+                           ffn_dim=1024, n_layers=n_layers, dropout=0.0, mixer=mixer, left_frames=64, right_frames=8)
     stack = build_stack(config)
 
     def forward_backward(x: torch.Tensor) -> None:

@@ -311,6 +311,9 @@ def test_bad_input_is_refused_with_a_reason():
         stream.finish()
     with pytest.raises(ValueError, match="frontend='none'"):
         Recognizer(CTCModel(EncoderConfig.tiny(frontend="none", input_dim=8)))
+    with pytest.raises(ValueError, match="sample_rate 8000 Hz: this model takes 16000 Hz audio"):
+        stream.recognizer.stream(sample_rate=8000)
+    assert stream.recognizer.stream(sample_rate=16000).samples_in == 0
     with pytest.raises(ValueError, match="cannot stream"):
         Recognizer(CTCModel(EncoderConfig.tiny(mixer="full")))
 

@@ -16,24 +16,34 @@ SETTINGS = {
 }
 
 
+# Every augmentation on: speed perturbation and noise (both tasks), SpecAugment (fine-tuning only).
+AUGMENT = {
+    "pretrain": {"speed_factors": [0.9, 1.0, 1.1], "noise_snr_db": [5, 20], "noise_prob": 0.7},
+    "finetune": {"speed_factors": [0.9, 1.0, 1.1], "noise_snr_db": [5, 20], "noise_prob": 0.7,
+                 "spec_freq_masks": 2, "spec_freq_width": 4, "spec_time_masks": 2, "spec_time_width": 5},
+}
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return str(make_corpus(tmp_path_factory.mktemp("corpus"), n=8))
 
 
-def config(kind, corpus, steps):
-    return build_config(kind, "tiny", None, SETTINGS[kind], train_data=corpus, steps=steps)
+def config(kind, corpus, steps, extra=()):
+    return build_config(kind, "tiny", None, SETTINGS[kind] + list(extra), train_data=corpus, steps=steps)
 
 
+@pytest.mark.parametrize("augmented", [False, True], ids=["plain", "augmented"])
 @pytest.mark.parametrize("kind", ["pretrain", "finetune"])
-def test_stop_and_resume_gives_identical_weights(kind, corpus, tmp_path):
+def test_stop_and_resume_gives_identical_weights(kind, augmented, corpus, tmp_path):
     steps = 7  # several batches per epoch: the stop falls in the middle of an epoch
-    straight = run_training(kind, config(kind, corpus, steps), str(tmp_path / "straight"), progress=False)
-    run_training(kind, config(kind, corpus, steps), str(tmp_path / "resumed"), stop_after=3, progress=False)
+    extra = [("augment", AUGMENT[kind])] if augmented else []
+    straight = run_training(kind, config(kind, corpus, steps, extra), str(tmp_path / "straight"), progress=False)
+    run_training(kind, config(kind, corpus, steps, extra), str(tmp_path / "resumed"), stop_after=3, progress=False)
     stopped = load_checkpoint(tmp_path / "resumed", kind=kind)
     assert stopped.step == 3 and not stopped.finished
     assert stopped.payload["progress"]["batch_in_epoch"] > 0
-    resumed = run_training(kind, config(kind, corpus, steps), str(tmp_path / "resumed"), progress=False)
+    resumed = run_training(kind, config(kind, corpus, steps, extra), str(tmp_path / "resumed"), progress=False)
 
     a = load_checkpoint(tmp_path / "straight", kind=kind)
     b = load_checkpoint(tmp_path / "resumed", kind=kind)

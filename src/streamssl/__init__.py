@@ -6,9 +6,10 @@ The package exports the core (encoder, configuration, mixers, latency); the reco
 
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder, EncoderState
+from streamssl.frontends import FRONTENDS
 from streamssl.latency import Latency, MeasuredLookahead, measure_lookahead
 from streamssl.mixers import MIXERS
 
-__all__ = ["EncoderConfig", "Encoder", "EncoderState", "Latency", "MeasuredLookahead", "measure_lookahead",
-           "MIXERS"]
+__all__ = ["EncoderConfig", "Encoder", "EncoderState", "FRONTENDS", "Latency", "MeasuredLookahead",
+           "measure_lookahead", "MIXERS"]
 __version__ = "0.1.0"

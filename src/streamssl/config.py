@@ -10,7 +10,9 @@ from typing import Any
 
 import yaml
 
-FRONTENDS = ("conv", "none")
+from streamssl.frontends import FRONTENDS, FrameGeometry, frontend_class
+
+DEFAULT_FRONTEND = "conv"
 
 
 @dataclass
@@ -18,11 +20,14 @@ class EncoderConfig:
     """Everything needed to rebuild an :class:`~streamssl.Encoder`.
 
     Frontend (METHODS.md section 1):
-        frontend: ``"conv"`` takes 16 kHz waveform ``(B, S)`` and makes frames with a wav2vec 2.0-style
-            convolution stack; ``"none"`` takes frames ``(B, T, input_dim)`` directly.
-        conv_channels, conv_kernels, conv_strides: the convolution stack. The defaults give 20 ms
-            frames with a 25 ms (400-sample) receptive field.
-        input_dim, input_frame_ms: width and period of the frames when ``frontend="none"``.
+        frontend: a name in :data:`streamssl.frontends.FRONTENDS`: ``"conv"`` (16 kHz waveform through
+            a wav2vec 2.0-style convolution stack, 20 ms frames), ``"fbank"`` (waveform -> 80-bin log-mel
+            -> causal subsampling to 20 or 40 ms frames), ``"none"`` (frames ``(B, T, input_dim)`` in).
+        frontend_options: options of the chosen frontend (validated by it), e.g. ``{"channels": 256}``
+            for ``conv``, ``{"subsampling": 2}`` for ``fbank``, ``{"input_dim": 80}`` for ``none``.
+            The fields ``conv_channels``, ``conv_kernels``, ``conv_strides``, ``input_dim`` and
+            ``input_frame_ms`` of older configurations are read into them by :meth:`from_dict`.
+        sample_rate: of the waveform, in Hz.
 
     Transformer body:
         d_model, n_layers, n_heads, ffn_dim, dropout: pre-LayerNorm blocks (mixer + feed-forward).
@@ -35,13 +40,9 @@ class EncoderConfig:
         mixer_options: options of the chosen mixer family (validated by that family).
     """
 
-    frontend: str = "conv"
+    frontend: str = DEFAULT_FRONTEND
+    frontend_options: dict[str, Any] = field(default_factory=dict)
     sample_rate: int = 16000
-    conv_channels: int = 512
-    conv_kernels: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
-    conv_strides: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
-    input_dim: int = 80
-    input_frame_ms: float = 20.0
     d_model: int = 768
     n_layers: int = 12
     n_heads: int = 12
@@ -56,8 +57,7 @@ class EncoderConfig:
     mixer_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.conv_kernels = tuple(int(k) for k in self.conv_kernels)
-        self.conv_strides = tuple(int(s) for s in self.conv_strides)
+        self.frontend_options = dict(self.frontend_options or {})
         if not isinstance(self.right_frames, int):
             self.right_frames = tuple(int(r) for r in self.right_frames)
         self.mixer_options = dict(self.mixer_options or {})
@@ -72,18 +72,10 @@ class EncoderConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"EncoderConfig.{name} must be a positive integer, got {value!r}")
 
-        if self.frontend not in FRONTENDS:
-            raise ValueError(f"EncoderConfig.frontend must be one of {FRONTENDS}, got {self.frontend!r}")
-        for name in ("sample_rate", "conv_channels", "input_dim", "d_model", "n_layers", "n_heads",
-                     "ffn_dim", "pos_conv_kernel", "pos_conv_groups"):
+        for name in ("sample_rate", "d_model", "n_layers", "n_heads", "ffn_dim", "pos_conv_kernel",
+                     "pos_conv_groups"):
             positive(name)
-        if len(self.conv_kernels) != len(self.conv_strides) or not self.conv_kernels:
-            raise ValueError("EncoderConfig.conv_kernels and conv_strides must be non-empty and of equal length, "
-                             f"got {self.conv_kernels} and {self.conv_strides}")
-        if any(k <= 0 for k in self.conv_kernels) or any(s <= 0 for s in self.conv_strides):
-            raise ValueError("EncoderConfig.conv_kernels and conv_strides must be positive")
-        if self.input_frame_ms <= 0:
-            raise ValueError(f"EncoderConfig.input_frame_ms must be positive, got {self.input_frame_ms}")
+        frontend_class(self.frontend).parse_options(self.frontend_options, self.sample_rate)
         if self.d_model % self.n_heads:
             raise ValueError(f"EncoderConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.d_model % self.pos_conv_groups:
@@ -109,19 +101,15 @@ class EncoderConfig:
             return (self.right_frames,) * self.n_layers
         return tuple(self.right_frames)
 
-    @property
-    def hop_samples(self) -> int:
-        """Input samples per output frame of the conv frontend."""
-        hop = 1
-        for s in self.conv_strides:
-            hop *= s
-        return hop
+    def frame_geometry(self) -> FrameGeometry:
+        """Where the frontend's output frames sit on the input (hop, look-ahead, receptive field)."""
+        cls = frontend_class(self.frontend)
+        return cls.frame_geometry(cls.parse_options(self.frontend_options, self.sample_rate), self.sample_rate)
 
     @property
     def frame_ms(self) -> float:
-        if self.frontend == "conv":
-            return 1000.0 * self.hop_samples / self.sample_rate
-        return self.input_frame_ms
+        """Period of the encoder's frames, in milliseconds."""
+        return self.frame_geometry().frame_ms
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts, lists and scalars only (tuples become lists at any depth), ready for YAML/JSON."""
@@ -137,10 +125,27 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
+        """Build from plain values. Frontend fields of older configurations (``conv_channels``,
+        ``conv_kernels``, ``conv_strides``, ``input_dim``, ``input_frame_ms``) become ``frontend_options``
+        of the frontend that used them; those of another frontend had no effect and are dropped."""
+        data = dict(data)
+        legacy = {key for frontend in FRONTENDS.values() for key in frontend.legacy_keys}
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known - legacy)
         if unknown:
             raise ValueError(f"unknown EncoderConfig keys: {unknown}; known keys: {sorted(known)}")
+        mapping = frontend_class(data.get("frontend", DEFAULT_FRONTEND)).legacy_keys
+        options = dict(data.get("frontend_options") or {})
+        for key in sorted(legacy & set(data)):
+            value = data.pop(key)
+            if key not in mapping:
+                continue
+            option = mapping[key]
+            if option in options and options[option] != value:
+                raise ValueError(f"EncoderConfig.{key}={value!r} contradicts frontend_options.{option}="
+                                 f"{options[option]!r}")
+            options[option] = value
+        data["frontend_options"] = options
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -168,8 +173,12 @@ class EncoderConfig:
     @classmethod
     def tiny(cls, **overrides: Any) -> "EncoderConfig":
         """A few-thousand-parameter encoder for tests and CPU demos."""
-        values: dict[str, Any] = dict(conv_channels=16, d_model=32, n_layers=2, n_heads=4, ffn_dim=64,
-                                      dropout=0.0, pos_conv_kernel=8, pos_conv_groups=4,
-                                      left_frames=8, right_frames=2)
+        values: dict[str, Any] = dict(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, dropout=0.0,
+                                      pos_conv_kernel=8, pos_conv_groups=4, left_frames=8, right_frames=2)
         values.update(overrides)
-        return cls(**values)
+        # Overrides go through from_dict, so the older frontend fields (input_dim=...) work here too.
+        frontend = frontend_class(values.get("frontend", DEFAULT_FRONTEND))
+        named = {frontend.legacy_keys[key] for key in overrides if key in frontend.legacy_keys}
+        defaults = {k: v for k, v in frontend.tiny_options.items() if k not in named}
+        values["frontend_options"] = {**defaults, **dict(values.get("frontend_options") or {})}
+        return cls.from_dict(values)

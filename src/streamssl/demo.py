@@ -1,8 +1,10 @@
 """``streamssl demo`` (``make demo``): the whole pipeline at CPU scale, in ``runs/demo/``.
 
-1. synthesise a small spoken corpus with eSpeak NG (``corpus/``, speakers disjoint across splits);
-2. pretrain a small LLSA encoder with the wav2vec 2.0 objective (``pretrain/``);
-3. fine-tune it with CTC over characters (``finetune/``);
+1. synthesise a spoken corpus with eSpeak NG (``corpus/``: general English text, every English voice, noise on
+   half the utterances, speakers disjoint across splits);
+2. pretrain a small LLSA encoder on log-mel features with the wav2vec 2.0 objective (``pretrain/``) and report
+   its dev accuracy beside chance;
+3. fine-tune it with CTC over characters, with speed perturbation (``finetune/``);
 4. evaluate on the test split offline and streaming, and print one table.
 
 Each finished step is reused when the demo runs again; an interrupted training step resumes from its
@@ -18,7 +20,7 @@ from pathlib import Path
 from streamssl.commands.train import build_config, run_training
 from streamssl.tables import results_table
 
-DEMO_HOURS = 0.5
+DEMO_HOURS = 2.5
 DEMO_SEED = 0
 STREAM_CHUNK_MS = 40.0
 
@@ -47,13 +49,14 @@ def run_demo(out: str | Path = "runs/demo", hours: float = DEMO_HOURS, pretrain_
             import shutil
 
             shutil.rmtree(corpus / "LibriSpeech")
-        summary = synthesize_corpus(corpus, hours, DEMO_SEED, progress=progress)
+        summary = synthesize_corpus(corpus, hours, DEMO_SEED, varied_noise=True, progress=progress)
         print(f"{summary['utterances']} utterances, {summary['speakers']} speakers per split "
               f"in {summary['elapsed_s']:.0f} s")
     timings["corpus"] = time.perf_counter() - t
 
     t = stage(f"wav2vec 2.0 pretraining of a small LLSA encoder -> {out / 'pretrain'}", 2)
-    pretrain = build_config("pretrain", "cpu-small", train_data=str(corpus / "train.jsonl"), steps=pretrain_steps)
+    pretrain = build_config("pretrain", "cpu-small", train_data=str(corpus / "train.jsonl"),
+                            dev_data=str(corpus / "dev.jsonl"), steps=pretrain_steps)
     run_training("pretrain", pretrain, str(out / "pretrain"), progress=progress)
     timings["pretrain"] = time.perf_counter() - t
 

@@ -2,7 +2,7 @@
 
 Offline (training)::
 
-    y, y_lengths = encoder(x, lengths)        # x (B, S) waveform or (B, T, input_dim) frames
+    y, y_lengths = encoder(x, lengths)        # x (B, S) waveform, or (B, T, input_dim) frames (frontend "none")
 
 Streaming (the same function, chunk by chunk, for a batch of streams)::
 
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import register_pytree_node, tree_flatten, tree_unflatten
 
 from streamssl.config import EncoderConfig
-from streamssl.frontend import ConvFrontend
+from streamssl.frontends import FeatureAugment, Frontend, build_frontend
 from streamssl.latency import Latency
 from streamssl.mixers import build_stack
 from streamssl.mixers.window import Chunk, keep_last, push, take
@@ -65,7 +65,7 @@ class EncoderState:
     Every tensor is batch-first and, for a finite ``left_frames``, of a size fixed at ``init_state``.
     ``owner`` (the encoder that made it) and ``finished`` are static context, not tensors.
 
-    samples: ``(B, receptive_field - 1)`` the latest input samples (conv frontend; ``None`` for frames).
+    frontend: the frontend's fixed-shape state (``Frontend.init_state``; ``None`` for ``none``).
     positional: ``(B, pos_conv_kernel - 1, d_model)`` the causal positional convolution's history.
     stack: the mixer family's state.
     samples_in: ``(B,)`` samples (or input frames) fed; frames_in: ``(B,)`` frames that entered the
@@ -73,7 +73,7 @@ class EncoderState:
     """
 
     owner: str
-    samples: Tensor | None
+    frontend: Any
     positional: Tensor
     stack: Any
     samples_in: Tensor
@@ -93,7 +93,7 @@ class EncoderState:
         return tree_unflatten([leaf.index_select(0, index) for leaf in leaves], spec)
 
 
-_TENSOR_FIELDS = ("samples", "positional", "stack", "samples_in", "frames_in", "frames_end", "frames_out")
+_TENSOR_FIELDS = ("frontend", "positional", "stack", "samples_in", "frames_in", "frames_end", "frames_out")
 
 
 def _flatten_state(state: EncoderState) -> tuple[list[Any], Any]:
@@ -132,16 +132,10 @@ class Encoder(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        if config.frontend == "conv":
-            self.frontend: ConvFrontend | None = ConvFrontend(config.conv_channels, config.conv_kernels,
-                                                              config.conv_strides)
-            feature_dim = config.conv_channels
-        else:
-            self.frontend = None
-            feature_dim = config.input_dim
-        self.feature_dim = feature_dim
-        self.feature_norm = nn.LayerNorm(feature_dim)
-        self.feature_proj = nn.Linear(feature_dim, config.d_model)
+        self.frontend: Frontend = build_frontend(config.frontend, config.frontend_options, config.sample_rate)
+        self.feature_dim = self.frontend.feature_dim
+        self.feature_norm = nn.LayerNorm(self.feature_dim)
+        self.feature_proj = nn.Linear(self.feature_dim, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.positional = CausalPositionalConv(config.d_model, config.pos_conv_kernel, config.pos_conv_groups)
         self.stack = build_stack(config)
@@ -160,11 +154,12 @@ class Encoder(nn.Module):
     def _check_input(self, x: Tensor, what: str) -> None:
         if not isinstance(x, Tensor):
             raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-        if self.frontend is not None:
+        input_dim = self.frontend.input_dim
+        if input_dim is None:
             if x.dim() != 2:
                 raise ValueError(f"{what} must be a waveform of shape (batch, samples), got shape {tuple(x.shape)}")
-        elif x.dim() != 3 or x.shape[2] != self.config.input_dim:
-            raise ValueError(f"{what} must be frames of shape (batch, frames, {self.config.input_dim}), "
+        elif x.dim() != 3 or x.shape[2] != input_dim:
+            raise ValueError(f"{what} must be frames of shape (batch, frames, {input_dim}), "
                              f"got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{what} must be floating point ({self.dtype}), got dtype {x.dtype}; "
@@ -178,7 +173,7 @@ class Encoder(nn.Module):
 
     def _check_lengths(self, x: Tensor, lengths: Tensor | None) -> Tensor:
         batch, total = x.shape[0], x.shape[1]
-        unit = "samples" if self.frontend is not None else "frames"
+        unit = self._unit
         if lengths is None:
             return torch.full((batch,), total, dtype=torch.long, device=x.device)
         if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != batch:
@@ -193,24 +188,27 @@ class Encoder(nn.Module):
             raise ValueError(f"lengths[{worst}]={int(lengths[worst])} exceeds the input's {total} {unit}")
         return lengths.to(device=x.device, dtype=torch.long)
 
+    @property
+    def _unit(self) -> str:
+        return "samples" if self.frontend.input_dim is None else "frames"
+
     # ---------------------------------------------------------------- offline
-    def features(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def features(self, x: Tensor, lengths: Tensor | None = None,
+                 augment: FeatureAugment | None = None) -> tuple[Tensor, Tensor]:
         """Frontend features before projection: ``(B, T, feature_dim)`` and frame counts ``(B,)``.
 
         The wav2vec 2.0 objective quantises these; :meth:`project` and :meth:`encode_frames` finish the job.
+        ``augment`` (training only) is handed to the frontend, which applies it to its spectral features.
         """
         self._check_input(x, "input")
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"input is empty (shape {tuple(x.shape)})")
         lengths = self._check_lengths(x, lengths)
-        if self.frontend is None:
-            return x, lengths
-        frame_lengths = self.frontend.output_lengths(lengths)
-        if (frame_lengths == 0).any():
+        if (self.frontend.output_lengths(lengths) == 0).any():
             short = int(lengths.min())
-            raise ValueError(f"audio of {short} samples is shorter than one frame "
-                             f"({self.frontend.receptive_field_samples} samples)")
-        return self.frontend(x), frame_lengths
+            raise ValueError(f"input of {short} {self._unit} is shorter than one frame "
+                             f"({self.frontend.geometry.min_input} {self._unit})")
+        return self.frontend(x, lengths, augment)
 
     def project(self, features: Tensor) -> Tensor:
         """``(B, T, feature_dim)`` -> ``(B, T, d_model)``."""
@@ -224,7 +222,7 @@ class Encoder(nn.Module):
         """Offline encoding.
 
         Args:
-            x: waveform ``(B, S)`` at ``sample_rate`` (conv frontend) or frames ``(B, T, input_dim)``.
+            x: waveform ``(B, S)`` at ``sample_rate``, or frames ``(B, T, input_dim)`` (frontend ``none``).
             lengths: ``(B,)`` valid samples (or frames) per utterance; ``None``: all of ``x``.
         Returns:
             ``(B, T, d_model)`` outputs and ``(B,)`` valid output frames. Outputs past an utterance's
@@ -244,15 +242,12 @@ class Encoder(nn.Module):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         device = self.device if device is None else device
         dtype = self.dtype if dtype is None else dtype
-        samples = None
-        if self.frontend is not None:
-            samples = torch.zeros(batch_size, self.frontend.receptive_field_samples - 1, device=device, dtype=dtype)
         def counter() -> Tensor:
             return torch.zeros(batch_size, dtype=torch.long, device=device)
 
         return EncoderState(
             owner=self._owner,
-            samples=samples,
+            frontend=self.frontend.init_state(batch_size, device, dtype),
             positional=torch.zeros(batch_size, self.config.pos_conv_kernel - 1, self.config.d_model,
                                    device=device, dtype=dtype),
             stack=self.stack.init_state(batch_size, device, dtype),
@@ -286,7 +281,7 @@ class Encoder(nn.Module):
             raise ValueError("stream already flushed; call init_state to start a new one")
 
     def step(self, chunk: Tensor, state: EncoderState) -> tuple[Tensor, EncoderState]:
-        """Feed ``chunk`` ``(B, n)`` samples (or ``(B, n, input_dim)`` frames) to every stream.
+        """Feed ``chunk`` ``(B, n)`` samples (or ``(B, n, input_dim)`` frames with frontend ``none``) to every stream.
 
         Returns the output frames ``(B, m, d_model)`` that became final (``m`` may be 0) and the new state.
         Streams at different positions may emit different numbers of frames: row ``b`` then holds
@@ -331,30 +326,14 @@ class Encoder(nn.Module):
         flushing = torch.ones_like(state.samples_in, dtype=torch.bool)
         return self._advance(feats, torch.full_like(state.samples_in, pad), flushing, state, final=True)
 
-    def _frames(self, chunk: Tensor, counts: Tensor, state: EncoderState) -> tuple[Tensor, Tensor, Tensor | None]:
-        """New frontend frames ``(B, S, feature_dim)`` (right-aligned), how many per stream, new sample cache."""
-        if self.frontend is None:
-            return chunk, counts, None
-        hop, field = self.frontend.hop_samples, self.frontend.receptive_field_samples
-        n = chunk.shape[1]
-        slots = (n + hop - 1) // hop  # not -(-n // hop): traced shape arithmetic divides toward zero
-        window = push(state.samples, chunk, counts)
-        samples_in = state.samples_in + counts
-        made = torch.where(samples_in >= field, torch.div(samples_in - field, hop, rounding_mode="floor") + 1, 0)
-        # The S frames ending with the newest one; the older of them were made before (or do not exist).
-        start = (made - slots) * hop - (samples_in - window.shape[1])
-        frames = self.frontend(take(window, start, (slots - 1) * hop + field)) if slots else \
-            chunk.new_zeros(chunk.shape[0], 0, self.feature_dim)
-        return frames, made - state.frames_in, keep_last(window, state.samples.shape[1])
-
     def _advance(self, x: Tensor, counts: Tensor, flushing: Tensor, state: EncoderState,
                  final: bool) -> tuple[Tensor, Tensor, EncoderState]:
         """One step of every stream. ``x`` is the chunk, or the flush padding (feature frames) when ``final``;
         ``flushing`` ``(B,)`` marks the streams whose ``x`` is padding past their end."""
         if final:
-            feats, frame_counts, samples = x, counts, state.samples
+            feats, frame_counts, frontend = x, counts, state.frontend
         else:
-            feats, frame_counts, samples = self._frames(x, counts, state)
+            feats, frame_counts, frontend = self.frontend.step_window(x, counts, state.samples_in, state.frontend)
             feats = torch.where(flushing.view(-1, 1, 1), 0.0, feats)
             frame_counts = torch.where(flushing, feats.shape[1], frame_counts)
         real = torch.where(flushing, 0, frame_counts)
@@ -367,22 +346,17 @@ class Encoder(nn.Module):
             y = take(y, leading, y.shape[1])
         y = self.final_norm(y)
         samples_in = state.samples_in if final else state.samples_in + torch.where(flushing, 0, counts)
-        new_state = EncoderState(state.owner, samples, positional, stack_state, samples_in, chunk.valid_end,
+        new_state = EncoderState(state.owner, frontend, positional, stack_state, samples_in, chunk.valid_end,
                                  chunk.end, state.frames_out + emitted, final)
         return y, emitted, new_state
 
     # ---------------------------------------------------------------- latency
     def latency(self) -> Latency:
         """Declared algorithmic look-ahead (METHODS.md section 5.1), frontend and encoder parts apart."""
-        cfg = self.config
-        if self.frontend is not None:
-            frontend_samples = self.frontend.receptive_field_samples - self.frontend.hop_samples
-            frontend_ms = 1000.0 * frontend_samples / cfg.sample_rate
-            field_ms = 1000.0 * self.frontend.receptive_field_samples / cfg.sample_rate
-        else:
-            frontend_ms, field_ms = 0.0, cfg.frame_ms
-        return Latency(mixer=cfg.mixer, n_layers=cfg.n_layers, frame_ms=cfg.frame_ms,
-                       frontend_lookahead_ms=frontend_ms, frontend_receptive_field_ms=field_ms,
+        cfg, geometry = self.config, self.frontend.geometry
+        return Latency(mixer=cfg.mixer, n_layers=cfg.n_layers, frame_ms=geometry.frame_ms,
+                       frontend_lookahead_ms=geometry.lookahead_ms,
+                       frontend_receptive_field_ms=geometry.receptive_field_ms,
                        encoder_lookahead_frames=self.stack.lookahead_frames(),
                        encoder_mean_lookahead_frames=self.stack.mean_lookahead_frames(),
                        streamable=self.stack.stream_error() is None)

@@ -126,15 +126,17 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
                          "cannot have a fixed shape; export a model with a finite left_frames")
     if not chunk_ms or chunk_ms <= 0:
         raise ValueError(f"chunk_ms must be positive, got {chunk_ms}")
-    if encoder.frontend is not None:
-        hop, window = encoder.frontend.hop_samples, encoder.frontend.receptive_field_samples
-        chunk_samples = round(chunk_ms * config.sample_rate / 1000)
-        unit = f"{hop}-sample frames ({1000 * hop / config.sample_rate:g} ms)"
+    if config.frontend == "fbank":
+        raise ValueError("the fbank frontend computes features with kaldi-native-fbank outside the graph; "
+                         "export of fbank models is not supported yet")
+    geometry = encoder.frontend.geometry
+    # With frame input a "sample" of the graph is one input frame.
+    hop, window = geometry.hop, geometry.receptive_field
+    chunk_samples = round(chunk_ms / geometry.unit_ms)
+    if encoder.frontend.input_dim is None:
+        unit = f"{hop}-sample frames ({geometry.frame_ms:g} ms)"
     else:
-        # Frame input: a "sample" of the graph is one input frame.
-        hop, window = 1, 1
-        chunk_samples = round(chunk_ms / config.input_frame_ms)
-        unit = f"{config.input_frame_ms:g} ms input frames"
+        unit = f"{geometry.unit_ms:g} ms input frames"
     if chunk_samples == 0 or chunk_samples % hop or abs(chunk_samples * config.frame_ms / hop - chunk_ms) > 1e-6:
         raise ValueError(f"chunk_ms={chunk_ms} is not a whole number of {unit}")
     frames_per_chunk = chunk_samples // hop
@@ -147,8 +149,8 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
     for name, leaf in zip(names, leaves):
         if leaf.count_nonzero() != 0:
             raise ValueError(f"internal error: initial state {name} is not all zeros")
-    samples = torch.zeros(1, chunk_samples) if encoder.frontend is not None else \
-        torch.zeros(1, chunk_samples, config.input_dim)
+    input_dim = encoder.frontend.input_dim
+    samples = torch.zeros(1, chunk_samples) if input_dim is None else torch.zeros(1, chunk_samples, input_dim)
     count = torch.full((1,), chunk_samples, dtype=torch.long)
     flush = torch.zeros(1, dtype=torch.bool)
     input_names = ["samples", "samples_count", "flush"] + [STATE_PREFIX + n for n in names]

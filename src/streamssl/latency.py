@@ -24,8 +24,9 @@ from torch import Tensor
 class Latency:
     """Declared algorithmic look-ahead of an encoder.
 
-    ``frontend_lookahead_ms`` is how far past the end of its 20 ms hop a frame reads (25 ms window,
-    so 5 ms); ``encoder_lookahead_frames`` is the look-ahead of the transformer stack (``None``: the
+    ``frontend_lookahead_ms`` is how far past the end of its hop a frame reads (the ``conv`` frontend:
+    25 ms window, 20 ms hop, so 5 ms; ``fbank``: 25 ms window, 10 ms hop, so 15 ms at either
+    subsampling); ``encoder_lookahead_frames`` is the look-ahead of the transformer stack (``None``: the
     whole utterance). The paper's figures (1.92 s for 12-layer MAA with ``R = 8``) are the encoder part.
     """
 
@@ -66,7 +67,10 @@ class Latency:
 
 @dataclass
 class MeasuredLookahead:
-    """What :func:`measure_lookahead` found. ``None`` means "depends on the whole input"/"cannot stream"."""
+    """What :func:`measure_lookahead` found. ``None`` means "depends on the whole input"/"cannot stream".
+
+    ``frontend_lookahead_samples`` is in the frontend's input units: samples, or frames for ``none``.
+    """
 
     dependency_frames: int | None
     dependency_mean_frames: float | None
@@ -113,28 +117,26 @@ def measure_lookahead(encoder, probe_frames: int = 16, seed: int = 0) -> Measure
     for segment-based mixers, whose look-ahead varies with the position in the segment.
     """
     model = copy.deepcopy(encoder).to(torch.float64).eval()
-    cfg = model.config
+    geometry = model.frontend.geometry
     declared = model.stack.lookahead_frames()
     horizon = 32 if declared is None else declared
     first = 4
     probes = list(range(first, first + probe_frames))
     n_frames = first + probe_frames + horizon + 8
     generator = torch.Generator().manual_seed(seed)
-    if model.frontend is not None:
-        hop, field = model.frontend.hop_samples, model.frontend.receptive_field_samples
-        x = torch.randn(1, (n_frames - 1) * hop + field, generator=generator, dtype=torch.float64)
-    else:
-        hop, field = 1, 1
-        x = torch.randn(1, n_frames, cfg.input_dim, generator=generator, dtype=torch.float64)
+    hop, first_end = geometry.hop, geometry.frame_end(0)
+    input_dim = model.frontend.input_dim
+    shape = (1, geometry.frame_end(n_frames - 1)) + (() if input_dim is None else (input_dim,))
+    x = torch.randn(*shape, generator=generator, dtype=torch.float64)
 
     def own_end(t: int) -> int:
         return t * hop + hop - 1
 
     ends = _dependency_ends(lambda batch: model(batch)[0], x, probes, own_end, seed + 1)
-    frontend_samples = 0
-    if model.frontend is not None:
-        frontend_ends = _dependency_ends(model.frontend, x, probes, own_end, seed + 1)
-        frontend_samples = max(end - own_end(t) for t, end in zip(probes, frontend_ends))
+    # The frontend treats every frame alike (a convolution or a sliding window): a few probes suffice.
+    frontend_probes = probes[::4]
+    frontend_ends = _dependency_ends(lambda batch: model.frontend(batch)[0], x, frontend_probes, own_end, seed + 1)
+    frontend_samples = max(end - own_end(t) for t, end in zip(frontend_probes, frontend_ends))
     if any(end is None for end in ends):
         dependency, dependency_mean = None, None
     else:
@@ -149,7 +151,7 @@ def measure_lookahead(encoder, probe_frames: int = 16, seed: int = 0) -> Measure
         with torch.no_grad():
             state = model.init_state(1)
             for k in range(n_frames):
-                chunk = x[:, :field] if k == 0 else x[:, field + (k - 1) * hop: field + k * hop]
+                chunk = x[:, :first_end] if k == 0 else x[:, first_end + (k - 1) * hop: first_end + k * hop]
                 y, state = model.step(chunk, state)
                 frames_out = int(state.frames_out[0])
                 delays += [k - e for e in range(frames_out - y.shape[1], frames_out)]

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_map
 
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder, EncoderState
+from streamssl.frontends import FeatureAugment
 from streamssl.latency import Latency
 from streamssl.masking import span_mask
 from streamssl.mixers.window import streaming_state
@@ -193,7 +194,7 @@ class CTCModel(nn.Module):
         self.bidirectional = bidirectional
         self.mask_prob, self.mask_length = mask_prob, mask_length
         self.freeze_frontend = freeze_frontend
-        if freeze_frontend and self.encoder.frontend is not None:
+        if freeze_frontend:
             self.encoder.frontend.requires_grad_(False)
         d_model = encoder_config.d_model
         if head == "lstm":
@@ -210,11 +211,12 @@ class CTCModel(nn.Module):
 
     # ------------------------------------------------------------------ offline
     def encode(self, x: Tensor, lengths: Tensor | None = None, mask_seeds: list[int] | None = None,
-               train_encoder: bool = True) -> tuple[Tensor, Tensor]:
-        """Encoder output ``(B, T, d_model)`` and frame counts; time-masked when ``mask_seeds`` is given."""
+               train_encoder: bool = True, augment: FeatureAugment | None = None) -> tuple[Tensor, Tensor]:
+        """Encoder output ``(B, T, d_model)`` and frame counts; time-masked when ``mask_seeds`` is given,
+        and the frontend's spectral features transformed by ``augment`` (e.g. SpecAugment) when given."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_frontend):
-                feats, frame_lengths = self.encoder.features(x, lengths)
+                feats, frame_lengths = self.encoder.features(x, lengths, augment)
             h = self.encoder.project(feats)
             if mask_seeds is not None and self.mask_prob > 0:
                 mask = span_mask(frame_lengths, mask_seeds, self.mask_prob, self.mask_length, h.shape[1])
@@ -222,13 +224,13 @@ class CTCModel(nn.Module):
             return self.encoder.encode_frames(h, frame_lengths), frame_lengths
 
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask_seeds: list[int] | None = None,
-                train_encoder: bool = True) -> tuple[Tensor, Tensor]:
+                train_encoder: bool = True, augment: FeatureAugment | None = None) -> tuple[Tensor, Tensor]:
         """Waveform ``(B, S)`` -> log-probabilities ``(B, T, V)`` (float32) and valid frames ``(B,)``.
 
         ``mask_seeds``: one seed per utterance to time-mask (training only); ``train_encoder=False``
-        runs the encoder without gradient (frozen warm-up).
+        runs the encoder without gradient (frozen warm-up); ``augment``: see :meth:`encode`.
         """
-        y, frame_lengths = self.encode(x, lengths, mask_seeds, train_encoder)
+        y, frame_lengths = self.encode(x, lengths, mask_seeds, train_encoder, augment)
         if self.lstm is not None:
             total = y.shape[1]
             packed = nn.utils.rnn.pack_padded_sequence(y, frame_lengths.cpu(), batch_first=True,
@@ -306,11 +308,14 @@ class CTCModel(nn.Module):
 
     @property
     def hop_samples(self) -> int | None:
-        return None if self.encoder.frontend is None else self.encoder.frontend.hop_samples
+        frontend = self.encoder.frontend
+        return None if frontend.input_dim is not None else frontend.geometry.hop
 
     @property
     def window_samples(self) -> int | None:
-        return None if self.encoder.frontend is None else self.encoder.frontend.receptive_field_samples
+        # A frame's audio: its own hop and the look-ahead past it (the frontend's earlier context aside).
+        frontend = self.encoder.frontend
+        return None if frontend.input_dim is not None else frontend.geometry.hop + frontend.geometry.lookahead
 
     @property
     def dtype(self) -> torch.dtype:

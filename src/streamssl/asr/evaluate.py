@@ -128,7 +128,7 @@ def evaluate_model(model: RecognitionModel, utterances: list, streaming: bool = 
 
     device = device or model.device
     model.eval()
-    dataset = AudioDataset(utterances)
+    dataset = AudioDataset(utterances, sample_rate=model.sample_rate)
     if streaming:
         hyps, compute = transcribe_streaming(model, dataset, device, chunk_ms, progress)
     else:

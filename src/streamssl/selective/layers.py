@@ -60,8 +60,8 @@ def build_layer_mixer(mixer: str, d_model: int, n_heads: int, left_frames: int |
     """
     if mixer not in MIXERS:
         raise ValueError(f"unknown mixer {mixer!r}; registered mixers: {sorted(MIXERS)}")
-    config = EncoderConfig(frontend="none", input_dim=d_model, d_model=d_model, n_layers=1, n_heads=n_heads,
-                           ffn_dim=1, dropout=0.0, pos_conv_kernel=1, pos_conv_groups=1, mixer=mixer,
+    config = EncoderConfig(frontend="none", frontend_options={"input_dim": d_model}, d_model=d_model,
+                           n_layers=1, n_heads=n_heads, ffn_dim=1, dropout=0.0, pos_conv_kernel=1, pos_conv_groups=1, mixer=mixer,
                            left_frames=left_frames, right_frames=right_frames, block_frames=block_frames,
                            mixer_options=dict(mixer_options or {}))
     stack = build_stack(config)

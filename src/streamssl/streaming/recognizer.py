@@ -174,8 +174,14 @@ class Recognizer:
         """The model's declared look-ahead (the chunk wait is :attr:`chunk_ms` on top)."""
         return self.model.latency()
 
-    def stream(self) -> "Stream":
-        """A new, independent stream."""
+    def stream(self, sample_rate: int | None = None) -> "Stream":
+        """A new, independent stream. ``sample_rate``: the rate of the audio it will be fed, if the caller
+        knows it; a rate other than the model's is refused (resample first, e.g. with
+        ``streamssl.data.audio.resample``), because audio read at the wrong rate is still valid-looking
+        samples and would be transcribed as garbage."""
+        if sample_rate is not None and sample_rate != self.sample_rate:
+            raise ValueError(f"sample_rate {sample_rate} Hz: this model takes {self.sample_rate} Hz audio; "
+                             "resample it first (streamssl.data.audio.resample)")
         return Stream(self)
 
     def accept(self, feeds: Mapping["Stream", Any]) -> dict["Stream", Update]:

@@ -66,8 +66,9 @@ class EpochBatches:
     """
 
     def __init__(self, utterances: list, max_batch_seconds: float, seed: int, world: World,
-                 num_workers: int = 0, crop_seconds: float | None = None):
-        self.dataset = AudioDataset(utterances)
+                 num_workers: int = 0, crop_seconds: float | None = None, dataset: AudioDataset | None = None):
+        # ``dataset``: the utterances as loaded for training (sample rate, augmentation); plain 16 kHz if None.
+        self.dataset = dataset if dataset is not None else AudioDataset(utterances)
         self.ids = [u.id for u in utterances]
         durations = [min(u.duration, crop_seconds) if crop_seconds else u.duration for u in utterances]
         self.sampler = DurationBatchSampler(durations, max_batch_seconds, seed=seed, shuffle=True,
@@ -84,6 +85,7 @@ class EpochBatches:
         remaining = self.batches(epoch)[start:]
         if not remaining:
             return iter(())
+        self.dataset.set_epoch(epoch)
         # A private generator: workers' seeds must not consume the global RNG that dropout uses.
         generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         return iter(DataLoader(self.dataset, batch_sampler=remaining, collate_fn=collate,

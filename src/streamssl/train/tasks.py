@@ -3,6 +3,7 @@ loss is, what to evaluate on dev data, and what goes into a checkpoint besides t
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,13 +11,42 @@ from torch import nn
 from streamssl.asr.ctc import CharVocab, CTCModel
 from streamssl.asr.evaluate import evaluate_model
 from streamssl.config import EncoderConfig
+from streamssl.encoder import Encoder
 from streamssl.masking import utterance_seed
 from streamssl.objectives import Wav2Vec2Pretrainer
 from streamssl.train.checkpoint import build_model
-from streamssl.train.config import FinetuneConfig, PretrainConfig
+from streamssl.train.augment import SpecAugment
+from streamssl.train.config import FinetuneConfig, PretrainConfig, RunConfig
 from streamssl.train.data import crop_batch
 from streamssl.train.sources import resolve_init
 from streamssl.train.dist import World
+
+# Utterances per batch when estimating a frontend's global statistics.
+STATISTICS_BATCH = 16
+
+
+def fit_frontend_statistics(encoder: nn.Module, utterances: list, config: RunConfig, sample_rate: int,
+                            log=print) -> None:
+    """Estimate the global feature statistics of ``encoder``'s frontend (the ``fbank`` mean and variance)
+    from ``config.normalizer_utterances`` training utterances, drawn by ``config.seed``, unaugmented.
+
+    A frontend whose statistics are already set (e.g. loaded with a pretrained encoder) keeps them; a
+    frontend without statistics, or an encoder that is not a streamssl :class:`Encoder`, is left alone.
+    """
+    if not isinstance(encoder, Encoder) or not encoder.frontend.needs_statistics():
+        return
+    from streamssl.data import AudioDataset, collate
+
+    pick = np.random.default_rng(config.seed).permutation(len(utterances))[: config.normalizer_utterances]
+    dataset = AudioDataset([utterances[i] for i in sorted(pick.tolist())], sample_rate=sample_rate)
+
+    def batches():
+        for start in range(0, len(dataset), STATISTICS_BATCH):
+            batch = collate([dataset[i] for i in range(start, min(start + STATISTICS_BATCH, len(dataset)))])
+            yield batch["audio"], batch["lengths"]
+
+    frames = encoder.frontend.fit_normalizer(batches())
+    log(f"frontend statistics: {frames} frames of {len(dataset)} training utterances")
 
 
 class PretrainTask:
@@ -30,6 +60,11 @@ class PretrainTask:
         self.encoder_config: EncoderConfig = config.encoder
         self.vocab: CharVocab | None = None
         self.model: Wav2Vec2Pretrainer = build_model("pretrain", config, config.encoder)
+        self.sample_rate = config.encoder.sample_rate
+
+    def prepare(self, utterances: list, log=print) -> None:
+        """Before the first step of a fresh run: the frontend's global statistics from training data."""
+        fit_frontend_statistics(self.model.encoder, utterances, self.config, self.sample_rate, log)
 
     def seeds(self, ids: list[str], step: int) -> list[int]:
         return [utterance_seed(self.config.seed, step, i) for i in ids]
@@ -48,7 +83,7 @@ class PretrainTask:
         from streamssl.data import AudioDataset, collate
 
         self.model.eval()
-        dataset = AudioDataset(utterances)
+        dataset = AudioDataset(utterances, sample_rate=self.sample_rate)
         totals = {"objective": 0.0, "contrastive": 0.0, "accuracy": 0.0}
         for start in range(0, len(dataset), 8):
             batch = collate([dataset[i] for i in range(start, min(start + 8, len(dataset)))])
@@ -85,6 +120,17 @@ class FinetuneTask:
                          config.replace_options)
         # The encoder gets no gradient during the frozen warm-up, so DDP must expect unused parameters.
         self.find_unused_parameters = config.freeze_encoder_steps > 0
+        self.sample_rate = int(self.model.sample_rate)
+        options = config.augment_options()
+        self.spec_augment = SpecAugment(options) if options.spec_augment else None
+        if self.spec_augment is not None and not isinstance(self.model, CTCModel):
+            raise ValueError("FinetuneConfig.augment: SpecAugment needs a streamssl encoder; "
+                             f"{config.init} is not one")
+
+    def prepare(self, utterances: list, log=print) -> None:
+        """Before the first step of a fresh run: the frontend's global statistics from training data,
+        unless the encoder came with them (``init``)."""
+        fit_frontend_statistics(self.model.encoder, utterances, self.config, self.sample_rate, log)
 
     def encoder_trains(self, step: int) -> bool:
         return step >= self.config.freeze_encoder_steps
@@ -93,8 +139,11 @@ class FinetuneTask:
         seeds = [utterance_seed(self.config.seed, step, i) for i in batch["ids"]]
         targets = [torch.tensor(self.vocab.encode(t), dtype=torch.long) for t in batch["texts"]]
         target_lengths = torch.tensor([len(t) for t in targets])
+        extra = {}
+        if self.spec_augment is not None:
+            extra["augment"] = self.spec_augment.for_batch([s ^ 0x5BEC for s in seeds])
         log_probs, frame_lengths = module(batch["audio"].to(world.device), batch["lengths"].to(world.device),
-                                          mask_seeds=seeds, train_encoder=self.encoder_trains(step))
+                                          mask_seeds=seeds, train_encoder=self.encoder_trains(step), **extra)
         total = F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets).to(world.device), frame_lengths,
                            target_lengths.to(world.device), blank=self.vocab.blank, reduction="sum",
                            zero_infinity=True)

@@ -125,13 +125,16 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.hold_steps, cfg.steps, cfg.final_lr_ratio))
         self.step = self.epoch = self.batch_in_epoch = 0
         self.metrics: dict[str, float] = {}
+        if not self.checkpoint_path.exists():
+            task.prepare(train_utterances, self.log)
         self._resume()
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
             task.encoder_config.save(self.run_dir / "encoder.yaml")
+        dataset = cfg.augment_options().dataset(train_utterances, task.sample_rate, cfg.seed)
         self.batches = EpochBatches(train_utterances, cfg.max_batch_seconds, cfg.seed, world, cfg.num_workers,
-                                    cfg.crop_seconds)
+                                    cfg.crop_seconds, dataset)
         self.module = self.model
         if world.distributed:
             ids = [world.device.index] if world.device.type == "cuda" else None

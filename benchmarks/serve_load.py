@@ -1,0 +1,299 @@
+"""Load test of ``streamssl serve``: N concurrent clients stream speech at real-time pace over loopback.
+
+    python benchmarks/serve_load.py [--clients 1 8 32 64] [--seconds 60] [--chunks-ms 40] [--checkpoint DIR]
+
+Model: ``runs/demo/finetune`` when it exists (or ``--checkpoint``), otherwise a tiny CTC model (the
+``tiny`` fine-tune preset, LLSA, 0.03 M parameters) trained for 300 steps on the tone corpus of
+``tests/train_corpus.py`` (each character a tone of its own pitch), so it really transcribes.
+
+Method. The server runs in its own process (one torch thread) exactly as ``streamssl serve`` does:
+``StreamingServer`` on 127.0.0.1 with the default batching (``max_batch`` 64, ``max_wait_ms`` 10) and
+endpointing (600 ms). Each client gets its own audio, about ``--seconds`` long: tone utterances of 2-5
+words from the corpus vocabulary separated by 0.8 s of low noise (8 distinct recordings, reused round
+robin). Clients start at staggered moments within the first second (so their streams are at different
+positions, as live traffic is) and send PCM16 at 16 kHz in 40 ms messages at real-time pace, then the
+stop message, and wait for ``done``.
+
+Measured: every client's final transcript against offline decoding (one forward pass of the same model
+over the same, PCM16-quantised, audio); emission delay per word seen by the client: the time its last
+character's token arrived minus the time the client sent the message holding that character's last
+frame-window sample (the page measures the same); the server's own figure (from receiving that message
+to handing the token to the socket); the server process's CPU time over the streaming window (cores
+used = CPU seconds / wall seconds), the client process's, and the 1-minute load average (the machine
+may be shared). Each point is bounded: a client that is not done 60 s after its stop counts as failed.
+
+Prints a markdown table; writes JSON and a PNG plot to docs/benchmarks/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, markdown_table, write_json
+
+RATE = 16000
+BLOCK_S = 0.04
+GAP_S = 0.8
+DONE_TIMEOUT_S = 60.0
+DISTINCT_AUDIO = 8
+
+
+# ------------------------------------------------------------------------------------------ model and audio
+def trained_tiny_checkpoint(folder: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from train_corpus import make_corpus
+
+    from streamssl.cli import main
+
+    manifest = make_corpus(folder / "corpus", n=40, words=(2, 3))
+    code = main(["finetune", "--preset", "tiny", "--train", str(manifest), "--out", str(folder / "ft"),
+                 "--steps", "300", "--lr", "0.003", "--set", "max_batch_seconds=8", "--no-progress"])
+    if code != 0:
+        raise SystemExit("training the tiny benchmark model failed")
+    return folder / "ft"
+
+
+def client_audio(index: int, seconds: float) -> np.ndarray:
+    """About ``seconds`` of tone speech, PCM16-quantised (what the server receives), float32."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from train_corpus import WORDS, tone_audio
+
+    rng = np.random.default_rng(1000 + index)
+    parts, total = [0.01 * rng.standard_normal(int(0.3 * RATE))], 0.3
+    while total < seconds:
+        text = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 6))))
+        parts += [tone_audio(text, rng), 0.01 * rng.standard_normal(int(GAP_S * RATE))]
+        total += (parts[-2].size + parts[-1].size) / RATE
+    audio = np.concatenate(parts).astype(np.float32)
+    return (np.round(audio * 32767).astype(np.int16) / 32768.0).astype(np.float32)
+
+
+def offline_transcripts(checkpoint: Path, audios: list[np.ndarray]) -> list[str]:
+    import torch
+
+    from streamssl.asr.ctc import greedy_decode
+    from streamssl.train.checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint, kind="finetune").model.eval()
+    out = []
+    with torch.no_grad():
+        for audio in audios:
+            log_probs, lengths = model(torch.from_numpy(audio)[None])
+            out.append(greedy_decode(log_probs, lengths, model.vocab)[0])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ server process
+SERVER_CODE = """
+import asyncio, json, sys, torch
+torch.set_num_threads(1)
+from streamssl.serve import ServeConfig, StreamingServer
+from streamssl.streaming import Recognizer
+
+async def main():
+    recognizer = Recognizer.from_checkpoint(sys.argv[1], chunk_ms=float(sys.argv[2]))
+    async with StreamingServer(recognizer, ServeConfig(max_streams=128), port=0) as server:
+        print(json.dumps({"port": server.port, "declared": server.declared}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        sizes = server.batch_sizes
+        print(json.dumps({"ticks": server.ticks, "mean_streams_per_tick": sum(sizes) / max(1, len(sizes))}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------------------ one client
+async def run_client(port: int, audio: np.ndarray, start_delay_s: float) -> dict:
+    from websockets.asyncio.client import connect
+
+    await asyncio.sleep(start_delay_s)
+    block = int(BLOCK_S * RATE)
+    sent_ends: list[int] = []
+    sent_times: list[float] = []
+    token_seen: dict[float, float] = {}
+    finals: list[tuple[dict, float]] = []
+    done: dict = {}
+    errors: list[str] = []
+    async with connect(f"ws://127.0.0.1:{port}/asr", max_size=None) as ws:
+        await ws.send(json.dumps({"type": "start", "sample_rate": RATE, "format": "pcm16"}))
+        json.loads(await ws.recv())
+
+        async def read() -> None:
+            async for message in ws:
+                now = time.perf_counter()
+                data = json.loads(message)
+                if data["type"] == "partial":
+                    for token in data["tokens"]:
+                        token_seen.setdefault(token["end_s"], now)
+                elif data["type"] == "final":
+                    finals.append((data, now))
+                elif data["type"] == "done":
+                    done.update(data)
+                elif data["type"] == "error":
+                    errors.append(data["message"])
+
+        reader = asyncio.create_task(read())
+        pcm = np.round(audio * 32768).clip(-32768, 32767).astype("<i2")
+        started = time.perf_counter()
+        for start in range(0, pcm.size, block):
+            piece = pcm[start:start + block]
+            await asyncio.sleep(max(0.0, started + (start + piece.size) / RATE - time.perf_counter()))
+            await ws.send(piece.tobytes())
+            sent_ends.append(start + piece.size)
+            sent_times.append(time.perf_counter())
+        await ws.send(json.dumps({"type": "stop"}))
+        try:
+            await asyncio.wait_for(reader, DONE_TIMEOUT_S)
+        except TimeoutError:
+            return {"text": None, "failure": f"not done {DONE_TIMEOUT_S:g} s after stop",
+                    "client_delays_ms": [], "server_delays_ms": []}
+    client_delays, server_delays = [], []
+    for final, received in finals:
+        for word in final["words"]:
+            needed = math.ceil(word["end_s"] * RATE - 1e-6)
+            sent = sent_times[min(bisect.bisect_left(sent_ends, needed), len(sent_times) - 1)]
+            client_delays.append(1000 * (token_seen.get(word["end_s"], received) - sent))
+            server_delays.append(word["delay_ms"])
+    failure = None if done else f"closed {ws.close_code} without done: {'; '.join(errors) or ws.close_reason}"
+    return {"text": done.get("text"), "failure": failure, "client_delays_ms": client_delays,
+            "server_delays_ms": server_delays}
+
+
+async def run_point(port: int, audios: list[np.ndarray], clients: int) -> list[dict]:
+    rng = np.random.default_rng(clients)
+    offsets = rng.uniform(0.0, 1.0, clients)
+    return await asyncio.gather(*(run_client(port, audios[i % len(audios)], float(offsets[i]))
+                                  for i in range(clients)))
+
+
+def measure(checkpoint: Path, chunk_ms: float, clients: int, audios: list[np.ndarray], expected: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    server = subprocess.Popen([sys.executable, "-c", SERVER_CODE, str(checkpoint), str(chunk_ms)], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        hello = json.loads(server.stdout.readline())
+        load_before = os.getloadavg()[0]
+        cpu_before, client_cpu_before, wall_before = process_cpu_s(server.pid), time.process_time(), time.perf_counter()
+        results = asyncio.run(run_point(hello["port"], audios, clients))
+        wall_s = time.perf_counter() - wall_before
+        server_cpu_s = process_cpu_s(server.pid) - cpu_before
+        client_cpu_s = time.process_time() - client_cpu_before
+        load = (load_before + os.getloadavg()[0]) / 2
+        server.stdin.close()
+        stats = json.loads(server.stdout.readline())
+    finally:
+        server.kill()
+        server.wait()
+    correct = sum(r["text"] == expected[i % len(expected)] for i, r in enumerate(results))
+    failures = sorted({r["failure"] or "transcript differs from offline" for i, r in enumerate(results)
+                       if r["text"] != expected[i % len(expected)]})
+    client = [d for r in results for d in r["client_delays_ms"]]
+    server_side = [d for r in results for d in r["server_delays_ms"]]
+    declared = hello["declared"]["declared_latency_ms"]
+    p95 = float(np.percentile(client, 95)) if client else math.nan
+    return {"chunk_ms": chunk_ms, "clients": clients, "declared_ms": declared,
+            "audio_s_per_client": round(float(np.mean([a.size for a in audios])) / RATE, 1),
+            "correct": correct, "failures": failures, "words": len(client),
+            "client_word_delay_p50_ms": float(np.percentile(client, 50)) if client else math.nan,
+            "client_word_delay_p95_ms": p95,
+            "server_word_delay_p50_ms": float(np.percentile(server_side, 50)) if server_side else math.nan,
+            "server_word_delay_p95_ms": float(np.percentile(server_side, 95)) if server_side else math.nan,
+            "goal_met": bool(correct == clients and p95 <= declared + 100),
+            "wall_s": wall_s, "server_cores": server_cpu_s / wall_s, "client_cores": client_cpu_s / wall_s,
+            "load_1min": load, **stats}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_delay, ax_cpu) = plt.subplots(1, 2, figsize=(11, 4))
+    for chunk_ms in sorted({r["chunk_ms"] for r in rows}):
+        part = [r for r in rows if r["chunk_ms"] == chunk_ms]
+        clients = [r["clients"] for r in part]
+        line, = ax_delay.plot(clients, [r["client_word_delay_p95_ms"] for r in part], "o-",
+                              label=f"{chunk_ms:g} ms chunks, p95")
+        ax_delay.plot(clients, [r["client_word_delay_p50_ms"] for r in part], "o--", color=line.get_color(),
+                      label=f"{chunk_ms:g} ms chunks, p50")
+        ax_delay.axhline(part[0]["declared_ms"] + 100, color=line.get_color(), linestyle=":",
+                         label=f"goal: declared {part[0]['declared_ms']:g} + 100 ms")
+        ax_cpu.plot(clients, [r["server_cores"] for r in part], "o-", label=f"server, {chunk_ms:g} ms chunks")
+        ax_cpu.plot(clients, [r["client_cores"] for r in part], "o--", color=ax_cpu.lines[-1].get_color(),
+                    label=f"clients, {chunk_ms:g} ms chunks")
+    for ax in (ax_delay, ax_cpu):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent real-time streams")
+        ax.legend(fontsize=7)
+    ax_delay.set_yscale("log")
+    ax_delay.set_ylabel("word emission delay seen by the client (ms)")
+    ax_cpu.set_ylabel("CPU cores used")
+    fig.suptitle("streamssl serve under load (loopback)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--chunks-ms", type=float, nargs="+", default=[40.0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="audio per client (at least this long)")
+    parser.add_argument("--checkpoint", type=Path, help="fine-tuned checkpoint (default: runs/demo/finetune "
+                                                        "if present, else a tiny model trained here)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--name", default="serve_load")
+    args = parser.parse_args()
+    import torch
+
+    # One thread here as in the server: on a small shared machine more threads only spin.
+    torch.set_num_threads(1)
+    if max(args.clients) > 100 or args.seconds > 120:
+        raise SystemExit("bounded benchmark: at most 100 clients and 120 s of audio per client")
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = args.checkpoint or (ROOT / "runs" / "demo" / "finetune")
+        model_name = str(checkpoint)
+        if not checkpoint.exists():
+            checkpoint = trained_tiny_checkpoint(Path(scratch))
+            model_name = "tiny tone-corpus model (300 steps)"
+        audios = [client_audio(i, args.seconds) for i in range(DISTINCT_AUDIO)]
+        expected = offline_transcripts(checkpoint, audios)
+        rows = []
+        for chunk_ms in args.chunks_ms:
+            for clients in args.clients:
+                row = measure(checkpoint, chunk_ms, clients, audios, expected)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    header = ["chunk ms", "clients", "declared ms", "transcripts = offline", "word delay p50 / p95 ms (client)",
+              "word delay p50 / p95 ms (server)", "p95 ≤ declared + 100", "server cores", "client cores",
+              "streams per tick", "load (1 min)"]
+    table = [[f"{r['chunk_ms']:g}", r["clients"], f"{r['declared_ms']:g}", f"{r['correct']}/{r['clients']}",
+              f"{r['client_word_delay_p50_ms']:.0f} / {r['client_word_delay_p95_ms']:.0f}",
+              f"{r['server_word_delay_p50_ms']:.0f} / {r['server_word_delay_p95_ms']:.0f}",
+              "yes" if r["goal_met"] else "no", f"{r['server_cores']:.2f}", f"{r['client_cores']:.2f}",
+              f"{r['mean_streams_per_tick']:.1f}", f"{r['load_1min']:.1f}"] for r in rows]
+    print(f"model: {model_name}; {rows[0]['audio_s_per_client']} s of audio per client")
+    print(markdown_table(header, table))
+    write_json(args.out / f"{args.name}.json", {"model": model_name, "rows": rows})
+    plot(rows, args.out / f"{args.name}.png")
+
+
+if __name__ == "__main__":
+    main()

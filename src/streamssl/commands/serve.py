@@ -1,0 +1,88 @@
+"""``streamssl serve``: the websocket server and the microphone page (docs/serving.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+
+import torch
+
+from streamssl.serve.server import ServeConfig, StreamingServer
+from streamssl.streaming.endpoint import EndpointConfig
+from streamssl.streaming.recognizer import Recognizer
+
+
+def load_recognizer(checkpoint: str, backend: str, chunk_ms: float) -> Recognizer:
+    """The recogniser for ``backend``; only the PyTorch one exists until the Recognizer grows others."""
+    if backend == "torch":
+        return Recognizer.from_checkpoint(checkpoint, chunk_ms=chunk_ms)
+    try:
+        return Recognizer.from_checkpoint(checkpoint, chunk_ms=chunk_ms, backend=backend)
+    except TypeError:
+        raise ValueError(f"--backend {backend}: this Recognizer has no {backend!r} backend; use --backend torch") from None
+
+
+def _max_segment(text: str) -> float | None:
+    value = float(text)
+    return None if math.isinf(value) or value == 0 else value
+
+
+async def _serve(server: StreamingServer) -> None:
+    async with server:
+        print(f"streamssl serve: page http://{server.host}:{server.port}/  websocket "
+              f"ws://{server.host}:{server.port}/asr  (declared latency {server.declared['declared_latency_ms']:g} ms)",
+              flush=True)
+        await server.serve_forever()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.chunk_ms <= 0:
+        raise ValueError(f"--chunk-ms must be positive, got {args.chunk_ms}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    endpoint = EndpointConfig(silence_ms=args.silence_ms, max_segment_ms=args.max_segment_ms)
+    config = ServeConfig(max_streams=args.max_streams, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         max_message_bytes=args.max_message_bytes, endpoint=endpoint)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recognizer = load_recognizer(args.checkpoint, args.backend, args.chunk_ms)
+    server = StreamingServer(recognizer, config, host=args.host, port=args.port)
+    try:
+        asyncio.run(_serve(server))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "serve", help="websocket server for live recognition, with a microphone page at /",
+        description="Serve a fine-tuned CTC checkpoint over websockets (ws://HOST:PORT/asr) for many live "
+                    "streams at once, with endpointing into segments, and a browser microphone page at "
+                    "http://HOST:PORT/. The protocol is in docs/serving.md.")
+    parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint (file or run folder)")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="model runtime (default torch)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    parser.add_argument("--chunk-ms", type=float, default=40.0, help="audio per model step (default 40)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    defaults = ServeConfig()
+    group = parser.add_argument_group("batching and limits")
+    group.add_argument("--max-streams", type=int, default=defaults.max_streams,
+                       help=f"concurrent streams; more are refused with close code 1013 (default {defaults.max_streams})")
+    group.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                       help=f"streams per model call (default {defaults.max_batch})")
+    group.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                       help=f"how long a ready chunk waits for other streams to join its model call "
+                            f"(default {defaults.max_wait_ms:g})")
+    group.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes,
+                       help=f"largest client message; larger ones close with 1009 (default {defaults.max_message_bytes})")
+    endpoint = EndpointConfig()
+    group = parser.add_argument_group("endpointing")
+    group.add_argument("--silence-ms", type=float, default=endpoint.silence_ms,
+                       help=f"non-speech after speech that ends a segment (default {endpoint.silence_ms:g})")
+    group.add_argument("--max-segment-ms", type=_max_segment, default=endpoint.max_segment_ms,
+                       help=f"longest segment; 0 or inf for no limit (default {endpoint.max_segment_ms:g})")
+    parser.set_defaults(func=cmd_serve)

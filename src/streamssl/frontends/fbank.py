@@ -1,0 +1,358 @@
+"""``fbank``: 80-bin log-mel filterbank features, a global mean/variance normalisation and a causal
+convolutional subsampling to 20 ms or 40 ms frames (METHODS.md section 1).
+
+The filterbank is computed by kaldi-native-fbank (the extractor sherpa-onnx streams with): 25 ms
+window, 10 ms hop, povey window, no dither, ``snip_edges`` (a frame exists only once its whole window
+has arrived), so every log-mel frame is a function of its own window alone and streaming equals offline
+exactly. Samples in ``[-1, 1]`` are scaled to the 16-bit range first, the scale Kaldi's energy floor
+was chosen for. The filterbank is not differentiable and runs under ``no_grad`` on the CPU.
+
+Two parts, so an exported model can take feature frames:
+
+* :meth:`FbankFrontend.extract` / :meth:`FbankFrontend.extract_step`: waveform -> log-mel frames
+  ``(B, T_mel, num_mel_bins)`` at 10 ms (knf; no parameters);
+* :meth:`FbankFrontend.encode_features` / :meth:`FbankFrontend.encode_step`: log-mel frames ->
+  features ``(B, T, channels)`` (a plain torch module: normalisation buffers and the subsampling convs).
+
+Normalisation uses one mean and standard deviation per mel bin, estimated from training data by
+:meth:`FbankFrontend.fit_normalizer` and stored as buffers (so they travel in every checkpoint); no
+statistic is ever taken over an utterance. The subsampling is ``log2(subsampling)`` convolutions of
+stride 2 over time, each left-padded by ``kernel - 2`` frames: output frame ``t`` reads log-mel frames
+up to the last one of its own hop, so the subsampling adds no look-ahead. The frontend's look-ahead is
+the window's reach past its hop, ``window - hop`` = 15 ms.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import kaldi_native_fbank as knf
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from streamssl.frontends.base import FeatureAugment, FrameGeometry, Frontend, options_error, register_frontend
+
+SUBSAMPLINGS = (2, 4)
+# Samples in [-1, 1] times this are on the 16-bit scale Kaldi's features (and energy floor) assume.
+PCM_SCALE = 32768.0
+
+
+@dataclass
+class FbankOptions:
+    """Log-mel and subsampling settings.
+
+    ``num_mel_bins`` triangular mel filters between ``low_freq_hz`` and ``high_freq_hz`` (``None``: the
+    Nyquist frequency) on a ``window_ms`` window every ``hop_ms``; ``subsampling`` (2 or 4) log-mel
+    frames per output frame (20 or 40 ms); ``channels`` of each subsampling convolution, ``kernel``
+    its width in frames (at least the stride, 2).
+    """
+
+    num_mel_bins: int = 80
+    window_ms: float = 25.0
+    hop_ms: float = 10.0
+    low_freq_hz: float = 20.0
+    high_freq_hz: float | None = None
+    subsampling: int = 4
+    channels: int = 256
+    kernel: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("num_mel_bins", "subsampling", "channels", "kernel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise options_error("fbank", name, f"must be a positive integer, got {value!r}")
+        if not self.hop_ms > 0:
+            raise options_error("fbank", "hop_ms", f"must be positive, got {self.hop_ms!r}")
+        if not self.window_ms >= self.hop_ms:
+            raise options_error("fbank", "window_ms", f"({self.window_ms}) must be at least hop_ms "
+                                f"({self.hop_ms}): a shorter window would skip samples")
+        if self.subsampling not in SUBSAMPLINGS:
+            raise options_error("fbank", "subsampling", f"must be one of {SUBSAMPLINGS}, got {self.subsampling!r}")
+        if self.kernel < 2:
+            raise options_error("fbank", "kernel", f"must be at least 2 (the stride), got {self.kernel}")
+        if self.low_freq_hz < 0:
+            raise options_error("fbank", "low_freq_hz", f"must be non-negative, got {self.low_freq_hz}")
+        if self.high_freq_hz is not None and not self.high_freq_hz > self.low_freq_hz:
+            raise options_error("fbank", "high_freq_hz", f"({self.high_freq_hz}) must be above low_freq_hz "
+                                f"({self.low_freq_hz})")
+
+    def samples(self, ms: float, sample_rate: int) -> int:
+        return round(ms * sample_rate / 1000)
+
+    @property
+    def n_layers(self) -> int:
+        return int(math.log2(self.subsampling))
+
+
+@functools.lru_cache(maxsize=16)
+def _knf_options(num_mel_bins: int, window_ms: float, hop_ms: float, low_freq_hz: float,
+                 high_freq_hz: float | None, sample_rate: int) -> knf.FbankOptions:
+    opts = knf.FbankOptions()
+    opts.frame_opts.samp_freq = sample_rate
+    opts.frame_opts.frame_length_ms = window_ms
+    opts.frame_opts.frame_shift_ms = hop_ms
+    opts.frame_opts.dither = 0.0
+    opts.frame_opts.snip_edges = True
+    opts.mel_opts.num_bins = num_mel_bins
+    opts.mel_opts.low_freq = low_freq_hz
+    opts.mel_opts.high_freq = 0.0 if high_freq_hz is None else high_freq_hz
+    return opts
+
+
+def knf_options(options: FbankOptions, sample_rate: int) -> knf.FbankOptions:
+    """The kaldi-native-fbank settings of ``options`` at ``sample_rate`` Hz."""
+    return _knf_options(options.num_mel_bins, float(options.window_ms), float(options.hop_ms),
+                        float(options.low_freq_hz),
+                        None if options.high_freq_hz is None else float(options.high_freq_hz), sample_rate)
+
+
+class GlobalNormalizer(nn.Module):
+    """``(x - mean) / std`` per feature bin, with statistics from training data (buffers).
+
+    ``frames`` counts the frames the statistics came from; 0 means not estimated yet (identity).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("frames", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, T, dim)`` -> ``(B, T, dim)``."""
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    @torch.no_grad()
+    def set_statistics(self, total: Tensor, total_sq: Tensor, frames: int) -> None:
+        """From per-bin sums and sums of squares (float64) over ``frames`` frames."""
+        if frames <= 0:
+            raise ValueError("the statistics need at least one frame")
+        mean = total / frames
+        var = (total_sq / frames - mean ** 2).clamp(min=0.0)
+        # A bin that never varies (a mel band above the signal's bandwidth) must not divide by zero.
+        self.mean.copy_(mean.to(self.mean.dtype))
+        self.std.copy_(var.sqrt().clamp(min=1e-3).to(self.std.dtype))
+        self.frames.fill_(frames)
+
+
+class CausalSubsampling(nn.Module):
+    """Stride-2 convolutions over time, left-padded by ``kernel - 2`` frames, each followed by GELU.
+
+    ``(B, T, in_dim)`` -> ``(B, T // 2**n_layers, channels)``; output frame ``t`` reads input frames
+    up to ``2**n_layers * (t + 1) - 1``, the last one of its own hop.
+    """
+
+    def __init__(self, in_dim: int, channels: int, kernel: int, n_layers: int):
+        super().__init__()
+        ins = [in_dim] + [channels] * (n_layers - 1)
+        self.convs = nn.ModuleList(nn.Conv1d(i, channels, kernel, stride=2) for i in ins)
+        self.kernel = kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.transpose(1, 2)
+        for conv in self.convs:
+            h = F.gelu(conv(F.pad(h, (self.kernel - 2, 0))))
+        return h.transpose(1, 2)
+
+    def step(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """``state``: per layer its input not yet consumed ``(B, C_in, n)``, ``kernel - 2 <= n < kernel``
+        (at the start the ``kernel - 2`` frames of zero left padding).
+
+        ``(B, n, in_dim)`` new frames -> ``(B, m, channels)`` new output frames."""
+        h = x.transpose(1, 2)
+        new_state = []
+        for conv, buffered in zip(self.convs, state):
+            h = torch.cat([buffered, h], dim=2)
+            n_out = (h.shape[2] - self.kernel) // 2 + 1 if h.shape[2] >= self.kernel else 0
+            new_state.append(h[:, :, 2 * n_out:])
+            if n_out:
+                h = F.gelu(conv(h[:, :, : 2 * (n_out - 1) + self.kernel]))
+            else:
+                h = h.new_zeros(h.shape[0], conv.out_channels, 0)
+        return h.transpose(1, 2), new_state
+
+
+@register_frontend
+class FbankFrontend(Frontend):
+    """Waveform ``(B, S)`` -> log-mel -> global normalisation -> causal subsampling ``(B, T, channels)``.
+
+    ``augment`` (training) sees the normalised log-mel frames ``(B, T_mel, num_mel_bins)``, 10 ms apart.
+    """
+
+    name = "fbank"
+    Options = FbankOptions
+    tiny_options = {"channels": 16}
+
+    def __init__(self, options: FbankOptions, sample_rate: int):
+        super().__init__()
+        self.options, self.sample_rate = options, sample_rate
+        self.window_samples = options.samples(options.window_ms, sample_rate)
+        self.hop_samples = options.samples(options.hop_ms, sample_rate)
+        self.normalizer = GlobalNormalizer(options.num_mel_bins)
+        self.subsampling = CausalSubsampling(options.num_mel_bins, options.channels, options.kernel,
+                                             options.n_layers)
+        self.geometry = self.frame_geometry(options, sample_rate)
+        self.feature_dim = options.channels
+        self.input_dim = None
+
+    @classmethod
+    def check_sample_rate(cls, options: FbankOptions, sample_rate: int) -> None:
+        if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or sample_rate <= 0:
+            raise ValueError(f"EncoderConfig.sample_rate must be a positive integer, got {sample_rate!r}")
+        for name in ("window_ms", "hop_ms"):
+            exact = getattr(options, name) * sample_rate / 1000
+            if abs(exact - round(exact)) > 1e-6:
+                raise ValueError(f"EncoderConfig.sample_rate {sample_rate} Hz: the fbank frontend's {name} "
+                                 f"({getattr(options, name)}) is {exact:g} samples, not a whole number")
+        try:
+            knf.OnlineFbank(knf_options(options, sample_rate))
+        except Exception as error:  # knf reports impossible mel banks as ValueError or RuntimeError
+            raise ValueError(f"EncoderConfig.sample_rate {sample_rate} Hz cannot take the fbank frontend's "
+                             f"num_mel_bins={options.num_mel_bins}, low_freq_hz={options.low_freq_hz}, "
+                             f"high_freq_hz={options.high_freq_hz}: {error}") from None
+
+    @classmethod
+    def frame_geometry(cls, options: FbankOptions, sample_rate: int) -> FrameGeometry:
+        window, hop = options.samples(options.window_ms, sample_rate), options.samples(options.hop_ms, sample_rate)
+        field_frames, stride = 1, 1
+        for _ in range(options.n_layers):
+            field_frames += (options.kernel - 1) * stride
+            stride *= 2
+        return FrameGeometry(unit_ms=1000.0 / sample_rate, hop=hop * options.subsampling,
+                             lookahead=window - hop, receptive_field=window + (field_frames - 1) * hop,
+                             min_input=window + (options.subsampling - 1) * hop)
+
+    # ---------------------------------------------------------------- log-mel (knf, no parameters)
+    def mel_lengths(self, lengths: Tensor) -> Tensor:
+        """Log-mel frames in ``lengths`` samples (``snip_edges``: whole windows only)."""
+        return torch.where(lengths >= self.window_samples,
+                           torch.div(lengths - self.window_samples, self.hop_samples, rounding_mode="floor") + 1, 0)
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        return torch.div(self.mel_lengths(lengths), self.options.subsampling, rounding_mode="floor")
+
+    def _fbank(self, samples: Tensor) -> np.ndarray:
+        """One utterance ``(S,)`` -> log-mel ``(T_mel, num_mel_bins)`` float32."""
+        extractor = knf.OnlineFbank(knf_options(self.options, self.sample_rate))
+        pcm = samples.detach().to("cpu", torch.float32).numpy() * np.float32(PCM_SCALE)
+        extractor.accept_waveform(self.sample_rate, pcm)
+        n = extractor.num_frames_ready
+        if n == 0:
+            return np.zeros((0, self.options.num_mel_bins), dtype=np.float32)
+        return np.stack([extractor.get_frame(i) for i in range(n)])
+
+    @torch.no_grad()
+    def extract(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Waveform ``(B, S)``, valid samples ``(B,)`` -> log-mel ``(B, T_mel, num_mel_bins)`` (zeros past
+        each row's frames) and log-mel frames per row ``(B,)``. In ``x``'s dtype and device."""
+        if lengths is None:
+            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+        mel_lengths = self.mel_lengths(lengths)
+        out = torch.zeros(x.shape[0], int(mel_lengths.max()) if x.shape[0] else 0, self.options.num_mel_bins,
+                          dtype=x.dtype)
+        for b, length in enumerate(lengths.tolist()):
+            frames = self._fbank(x[b, :length])
+            out[b, : frames.shape[0]] = torch.from_numpy(frames).to(x.dtype)
+        return out.to(x.device), mel_lengths
+
+    def extract_step(self, x: Tensor, pending: Tensor) -> tuple[Tensor, Tensor]:
+        """Streaming :meth:`extract`: new samples ``(B, n)`` and the samples not yet framed ``(B, p)``
+        -> new log-mel frames ``(B, m, num_mel_bins)`` and the new pending samples (``p < window``)."""
+        h = torch.cat([pending, x], dim=1)
+        if h.shape[1] < self.window_samples:
+            return h.new_zeros(h.shape[0], 0, self.options.num_mel_bins), h
+        n_frames = (h.shape[1] - self.window_samples) // self.hop_samples + 1
+        used = (n_frames - 1) * self.hop_samples + self.window_samples
+        with torch.no_grad():
+            mel = torch.stack([torch.from_numpy(self._fbank(row[:used])) for row in h]).to(h.dtype)
+        return mel.to(h.device), h[:, n_frames * self.hop_samples:]
+
+    # ---------------------------------------------------------------- learned part (plain torch)
+    def encode_features(self, mel: Tensor, mel_lengths: Tensor,
+                        augment: FeatureAugment | None = None) -> tuple[Tensor, Tensor]:
+        """Log-mel ``(B, T_mel, num_mel_bins)`` -> features ``(B, T_mel // subsampling, channels)`` and
+        their lengths ``(B,)``."""
+        normalized = self.normalizer(mel)
+        if augment is not None:
+            normalized = augment(normalized, mel_lengths)
+        lengths = torch.div(mel_lengths, self.options.subsampling, rounding_mode="floor")
+        return self.subsampling(normalized), lengths
+
+    def encode_step(self, mel: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Streaming :meth:`encode_features` on new log-mel frames ``(B, m, num_mel_bins)``."""
+        return self.subsampling.step(self.normalizer(mel), state)
+
+    # ---------------------------------------------------------------- the frontend protocol
+    def forward(self, x: Tensor, lengths: Tensor | None = None,
+                augment: FeatureAugment | None = None) -> tuple[Tensor, Tensor]:
+        mel, mel_lengths = self.extract(x, lengths)
+        return self.encode_features(mel, mel_lengths, augment)
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """Right-aligned, with counts: ``samples`` ``(B, window_samples - 1)`` the samples not yet framed
+        (``samples_count`` ``(B,)`` of them real); ``context``, per subsampling convolution, its
+        unconsumed input ``(B, C_in, kernel - 1)`` (``context_count`` ``(B,)`` real, between
+        ``kernel - 2`` and ``kernel - 1``; it starts as the ``kernel - 2`` frames of zero left padding)."""
+        kernel = self.options.kernel
+        return {"samples": torch.zeros(batch_size, self.window_samples - 1, device=device, dtype=dtype),
+                "samples_count": torch.zeros(batch_size, dtype=torch.long, device=device),
+                "context": [torch.zeros(batch_size, conv.in_channels, kernel - 1, device=device, dtype=dtype)
+                            for conv in self.subsampling.convs],
+                "context_count": [torch.full((batch_size,), kernel - 2, dtype=torch.long, device=device)
+                                  for _ in self.subsampling.convs]}
+
+    def step_window(self, chunk: Tensor, counts: Tensor, samples_in: Tensor,
+                    state: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """knf runs per stream on the CPU, so this step loops over the streams in Python (it cannot be
+        traced)."""
+        n, hop = chunk.shape[1], self.geometry.hop
+        slots = (n + hop - 1) // hop
+        frames = chunk.new_zeros(chunk.shape[0], slots, self.feature_dim)
+        new = torch.zeros_like(counts)
+        out = {"samples": state["samples"].clone(), "samples_count": state["samples_count"].clone(),
+               "context": [c.clone() for c in state["context"]],
+               "context_count": [c.clone() for c in state["context_count"]]}
+        width, depth = state["samples"].shape[1], self.options.kernel - 1
+        for b in range(chunk.shape[0]):
+            pending = int(state["samples_count"][b])
+            context = [c[b:b + 1, :, depth - int(m[b]):] for c, m in zip(state["context"], state["context_count"])]
+            mel, rest = self.extract_step(chunk[b:b + 1, n - int(counts[b]):],
+                                          state["samples"][b:b + 1, width - pending:])
+            feats, context = self.encode_step(mel, context)
+            made = feats.shape[1]
+            if made:
+                frames[b, slots - made:] = feats[0]
+            new[b] = made
+            out["samples"][b, width - rest.shape[1]:] = rest[0]
+            out["samples_count"][b] = rest.shape[1]
+            for layer, c in enumerate(context):
+                out["context"][layer][b, :, depth - c.shape[2]:] = c[0]
+                out["context_count"][layer][b] = c.shape[2]
+        return frames, new, out
+
+    # ---------------------------------------------------------------- global statistics
+    def needs_statistics(self) -> bool:
+        return int(self.normalizer.frames) == 0
+
+    def fit_normalizer(self, batches: Iterable[tuple[Tensor, Tensor]]) -> int:
+        """Per-bin mean and standard deviation of the log-mel frames of ``(waveform (B, S), lengths (B,))``
+        batches; replaces the current statistics. Returns the number of frames used."""
+        dim = self.options.num_mel_bins
+        total = torch.zeros(dim, dtype=torch.float64)
+        total_sq = torch.zeros(dim, dtype=torch.float64)
+        frames = 0
+        for x, lengths in batches:
+            mel, mel_lengths = self.extract(x.to("cpu", torch.float32), lengths.to("cpu"))
+            valid = torch.arange(mel.shape[1])[None, :] < mel_lengths[:, None]
+            rows = mel[valid].to(torch.float64)
+            total += rows.sum(0)
+            total_sq += rows.pow(2).sum(0)
+            frames += rows.shape[0]
+        self.normalizer.set_statistics(total.to(self.normalizer.mean.device), total_sq.to(self.normalizer.mean.device),
+                                       frames)
+        return frames

@@ -1,0 +1,482 @@
+"""The ``streamssl serve`` websocket server: many live streams, one model call per tick, endpointing.
+
+Threads and tasks. The asyncio loop owns the sockets: one handler task and one sender task per
+connection, plus one batcher task. Every :class:`~streamssl.streaming.Recognizer` call (``accept`` and
+``Stream.finish``) runs on a single worker thread, so model calls never overlap and never block the
+loop; the worker also builds each session's outgoing messages and hands them back to the loop in
+order (``call_soon_threadsafe`` is first in, first out), so a session's messages keep their order.
+
+The batcher's tick: wait until some stream holds a whole chunk of 16 kHz audio, then up to
+``max_wait_ms`` more for others (or until every stream or ``max_batch`` streams are ready), then give the
+ready streams' audio to one ``Recognizer.accept`` call (the recogniser batches the streams it can).
+While a tick computes, audio keeps arriving, so under load ticks grow to hold more streams.
+
+Emission delay here is measured from the moment the server *received* the client's audio message that
+completes a token's frame window to the moment the token's message is handed to the socket; it
+includes resampling, waiting for a chunk to fill, waiting for the batch, and compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import json
+import logging
+import math
+import mimetypes
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import soxr
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from streamssl.serve.protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL,
+    CLOSE_NORMAL,
+    CLOSE_TRY_AGAIN,
+    ProtocolError,
+    StartMessage,
+    decode_audio,
+    error_json,
+    parse_control,
+    parse_start,
+    token_json,
+)
+from streamssl.streaming.endpoint import EndpointConfig, Endpointer, Segment
+from streamssl.streaming.recognizer import Recognizer, Stream, Token
+
+logger = logging.getLogger(__name__)
+
+WEBSOCKET_PATH = "/asr"
+# Audio per stream per tick at most: a client that sent seconds at once is worked off over several
+# ticks, so the other streams' ticks stay short.
+MAX_TICK_AUDIO_S = 1.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Server options. ``max_streams``: concurrent sessions (more are refused with close code 1013);
+    ``max_batch``: streams per model call; ``max_wait_ms``: how long a ready chunk waits for others to join
+    its tick; ``max_message_bytes``: largest client message (larger ones close with 1009);
+    ``max_backlog_s``: unprocessed audio a session may hold before it is closed (a client sending far
+    faster than real time); ``max_queued_messages``: outgoing messages a client may leave unread before
+    it is closed; ``send_buffer_bytes``: the kernel send buffer of each connection and the high-water
+    mark of its user-space write buffer (``None``: the kernel's auto-tuned buffer, which can grow to
+    megabytes, and websockets' 32 KiB), so a stuck client pins a bounded amount of memory and is noticed
+    soon; ``start_timeout_s``: time to send the start message; ``close_timeout_s``: time a
+    closing handshake may take before the connection is dropped."""
+
+    max_streams: int = 64
+    max_batch: int = 64
+    max_wait_ms: float = 10.0
+    max_message_bytes: int = 1 << 20
+    max_backlog_s: float = 60.0
+    max_queued_messages: int = 512
+    send_buffer_bytes: int | None = 256 * 1024
+    start_timeout_s: float = 10.0
+    close_timeout_s: float = 2.0
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("max_streams", "max_batch", "max_message_bytes", "max_queued_messages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.send_buffer_bytes is not None and (not isinstance(self.send_buffer_bytes, int)
+                                                   or self.send_buffer_bytes < 1024):
+            raise ValueError(f"send_buffer_bytes must be None or an integer >= 1024, got {self.send_buffer_bytes!r}")
+        for name in ("max_backlog_s", "start_timeout_s", "close_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not self.max_wait_ms >= 0 or not math.isfinite(self.max_wait_ms):
+            raise ValueError(f"max_wait_ms must be a non-negative number, got {self.max_wait_ms!r}")
+
+
+def _percentile_ms(values_ms: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values_ms, q)), 2) if values_ms else None
+
+
+class Session:
+    """One connection's stream: resampler, recogniser stream, endpointer, delays, and outbox."""
+
+    ids = itertools.count()
+
+    def __init__(self, server: "StreamingServer", websocket: ServerConnection):
+        self.id = next(Session.ids)
+        self.server = server
+        self.websocket = websocket
+        self.start: StartMessage | None = None
+        self.stream: Stream | None = None
+        self.endpointer: Endpointer | None = None
+        self.resampler: soxr.ResampleStream | None = None
+        self.pending = np.zeros(0, dtype=np.float32)
+        self.ready_since: float | None = None
+        self.stopping = False
+        # closed: nothing more is queued for the client; lost: the connection is gone.
+        self.closed = False
+        self.lost = False
+        self.outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        # (input samples received up to and including a message, perf_counter when it arrived): appended
+        # on the loop, read on the worker; one list of pairs, so each append is one atomic step.
+        self._arrivals: list[tuple[int, float]] = []
+        self._received = 0
+        self._tokens_seen = 0
+        self.word_delays_ms: list[float] = []
+        self.token_delays_ms: list[float] = []
+        self._token_delay_ms: dict[int, float] = {}
+
+    # ------------------------------------------------------------------ on the loop
+    def begin(self, start: StartMessage) -> None:
+        recognizer = self.server.recognizer
+        self.start = start
+        self.stream = recognizer.stream()
+        self.endpointer = Endpointer(self.server.config.endpoint, recognizer.hop_samples / recognizer.sample_rate)
+        if start.sample_rate != recognizer.sample_rate:
+            self.resampler = soxr.ResampleStream(start.sample_rate, recognizer.sample_rate, 1, dtype="float32")
+
+    def receive(self, samples: np.ndarray, now: float) -> None:
+        """Audio at the client's rate arrived at ``now``; resample it and queue it for the batcher."""
+        if samples.size == 0:
+            return
+        self._received += samples.size
+        self._arrivals.append((self._received, now))
+        if self.resampler is not None:
+            samples = self.resampler.resample_chunk(samples)
+        self.pending = np.concatenate([self.pending, samples])
+        limit = self.server.config.max_backlog_s * self.server.recognizer.sample_rate
+        if self.pending.size > limit:
+            raise ProtocolError(f"{self.pending.size / self.server.recognizer.sample_rate:.1f} s of audio wait "
+                                f"unprocessed (limit {self.server.config.max_backlog_s:g} s); send audio no faster "
+                                "than real time")
+        if self.ready_since is None and self.pending.size >= self.server.chunk_samples:
+            self.ready_since = now
+
+    def take_ready(self) -> np.ndarray:
+        """Whole chunks of pending audio (at most :data:`MAX_TICK_AUDIO_S`) for this tick."""
+        chunk = self.server.chunk_samples
+        n = min(self.pending.size // chunk, max(1, int(MAX_TICK_AUDIO_S * self.server.recognizer.sample_rate) // chunk))
+        taken, self.pending = self.pending[: n * chunk], self.pending[n * chunk:]
+        self.ready_since = time.perf_counter() if self.pending.size >= chunk else None
+        return taken
+
+    def take_rest(self) -> np.ndarray:
+        """Everything left, the resampler's tail included: the stream is ending."""
+        rest = self.pending
+        if self.resampler is not None:
+            rest = np.concatenate([rest, self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)])
+        self.pending = np.zeros(0, dtype=np.float32)
+        self.ready_since = None
+        return rest
+
+    def post(self, kind: str, payload: Any) -> None:
+        """Queue an outgoing message (``"send"``, text) or the close (``"close"``, (code, reason))."""
+        if self.closed:
+            return
+        if kind == "close":
+            self.closed = True
+        elif self.outbox.qsize() >= self.server.config.max_queued_messages:
+            # The client reads nothing, so it could not read a close frame either: drop the connection.
+            logger.warning("session %d: client is not reading (%d messages unread); dropping it",
+                           self.id, self.outbox.qsize())
+            self.closed = self.lost = True
+            self.websocket.transport.abort()
+            return
+        self.outbox.put_nowait((kind, payload))
+
+    # ------------------------------------------------------------------ on the worker thread
+    def _arrival(self, end_s: float) -> float:
+        """When the client audio message holding the sample at ``end_s`` (stream time) arrived."""
+        needed = math.ceil(end_s * self.start.sample_rate - 1e-6)
+        # Past the last message only for frames the end-of-stream flush pads: they count from that message.
+        index = min(bisect.bisect_left(self._arrivals, needed, key=lambda arrival: arrival[0]),
+                    len(self._arrivals) - 1)
+        # Queries come in frame order, so earlier messages are never needed again.
+        del self._arrivals[:index]
+        return self._arrivals[0][1]
+
+    def messages_after(self, emitted_at: float, ended: bool) -> list[str]:
+        """JSON messages for what the stream emitted since the last call (tokens now in ``stream.tokens``)."""
+        stream, endpointer = self.stream, self.endpointer
+        new = stream.tokens[self._tokens_seen:]
+        self._tokens_seen = len(stream.tokens)
+        for token in new:
+            delay_ms = 1000 * (emitted_at - self._arrival(token.end_s))
+            self._token_delay_ms[token.frame] = delay_ms
+            self.token_delays_ms.append(delay_ms)
+        segments = endpointer.update(new, stream.frames_out)
+        if ended:
+            last = endpointer.finish(stream.frames_out)
+            if last is not None:
+                segments.append(last)
+        out = [self._final_json(segment) for segment in segments]
+        open_tokens = [t for t in endpointer.open_tokens if new and t.frame >= new[0].frame]
+        if open_tokens and not ended:
+            out.append(json.dumps({"type": "partial", "segment": endpointer.segments_done,
+                                   "text": endpointer.open_text(),
+                                   "tokens": [token_json(t, self._token_delay_ms[t.frame]) for t in open_tokens]}))
+        if ended:
+            out.append(json.dumps({"type": "done", "text": stream.text, "segments": endpointer.segments_done,
+                                   "audio_s": round(stream.samples_in / self.server.recognizer.sample_rate, 4),
+                                   "latency": self._latency_json()}))
+        return out
+
+    def _final_json(self, segment: Segment) -> str:
+        words = []
+        for group in self._words(segment.tokens):
+            delay_ms = self._token_delay_ms[group[-1].frame]
+            self.word_delays_ms.append(delay_ms)
+            words.append({"text": "".join(t.text for t in group), "start_s": round(group[0].start_s, 4),
+                          "end_s": round(group[-1].end_s, 4), "delay_ms": round(delay_ms, 2)})
+        for token in segment.tokens:
+            del self._token_delay_ms[token.frame]
+        return json.dumps({"type": "final", "segment": segment.index, "text": segment.text, "reason": segment.reason,
+                           "start_s": round(segment.start_s, 4), "end_s": round(segment.end_s, 4),
+                           "words": words, "latency": self._latency_json()})
+
+    def _words(self, tokens: list[Token]) -> list[list[Token]]:
+        boundary = self.server.config.endpoint.word_boundary
+        groups: list[list[Token]] = [[]]
+        for token in tokens:
+            if token.text == boundary:
+                groups.append([])
+            else:
+                groups[-1].append(token)
+        return [g for g in groups if g]
+
+    def _latency_json(self) -> dict[str, Any]:
+        return {**self.server.declared,
+                "word_delay_p50_ms": _percentile_ms(self.word_delays_ms, 50),
+                "word_delay_p95_ms": _percentile_ms(self.word_delays_ms, 95),
+                "token_delay_p50_ms": _percentile_ms(self.token_delays_ms, 50),
+                "token_delay_p95_ms": _percentile_ms(self.token_delays_ms, 95),
+                "words": len(self.word_delays_ms)}
+
+
+class StreamingServer:
+    """Serves ``recognizer`` over websockets at ``/asr`` and the microphone page at ``/``.
+
+    Usage::
+
+        async with StreamingServer(recognizer, ServeConfig()) as server:   # binds host:port
+            print(server.port)
+            await server.serve_forever()
+    """
+
+    def __init__(self, recognizer: Recognizer, config: ServeConfig | None = None, host: str = "127.0.0.1",
+                 port: int = 8765):
+        if recognizer.chunk_samples is None:
+            raise ValueError("the server steps in fixed chunks; make the Recognizer with chunk_ms set")
+        self.recognizer = recognizer
+        self.config = config or ServeConfig()
+        self.host = host
+        self.port = port
+        self.chunk_samples = recognizer.chunk_samples
+        latency = recognizer.latency()
+        lookahead_ms = latency.frontend_lookahead_ms + (latency.encoder_lookahead_ms or 0.0)
+        self.declared = {"declared_latency_ms": round(lookahead_ms + recognizer.chunk_ms, 3),
+                         "lookahead_ms": round(lookahead_ms, 3), "chunk_ms": recognizer.chunk_ms}
+        self.sessions: dict[int, Session] = {}
+        self.ticks = 0
+        self.batch_sizes: list[int] = []
+        self._wake = asyncio.Event()
+        self._worker: ThreadPoolExecutor | None = None
+        self._batcher: asyncio.Task | None = None
+        self._server: Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ life cycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamssl-model")
+        self._batcher = asyncio.create_task(self._batch_loop(), name="streamssl-batcher")
+        self._server = await serve(self._handle, self.host, self.port, process_request=self._process_request,
+                                   max_size=self.config.max_message_bytes, close_timeout=self.config.close_timeout_s,
+                                   write_limit=self.config.send_buffer_bytes or 2 ** 15,
+                                   ping_interval=20, ping_timeout=20)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+        if self._batcher is not None:
+            self._batcher.cancel()
+            await asyncio.gather(self._batcher, return_exceptions=True)
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    async def __aenter__(self) -> "StreamingServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.stop()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ HTTP: the page and its files
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == WEBSOCKET_PATH:
+            return None
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return connection.respond(404, f"no websocket endpoint at {request.path}; use {WEBSOCKET_PATH}\n")
+        name = request.path.split("?", 1)[0].lstrip("/") or "index.html"
+        static = resources.files("streamssl.serve") / "static"
+        if "/" in name or name.startswith(".") or not (static / name).is_file():
+            return connection.respond(404, f"not found: {request.path}\n")
+        body = (static / name).read_bytes()
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if content_type.startswith("text/") or content_type.endswith("javascript"):
+            content_type += "; charset=utf-8"
+        headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                           ("Cache-Control", "no-store"), ("Connection", "close")])
+        return Response(200, "OK", headers, body)
+
+    # ------------------------------------------------------------------ one connection
+    async def _handle(self, websocket: ServerConnection) -> None:
+        if len(self.sessions) >= self.config.max_streams:
+            await websocket.close(CLOSE_TRY_AGAIN, f"server is at capacity ({self.config.max_streams} streams); "
+                                                   "try again later")
+            return
+        session = Session(self, websocket)
+        self.sessions[session.id] = session
+        if self.config.send_buffer_bytes is not None:
+            sock = websocket.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
+        sender = asyncio.create_task(self._send_loop(session), name=f"streamssl-send-{session.id}")
+        try:
+            try:
+                first = await asyncio.wait_for(websocket.recv(), self.config.start_timeout_s)
+            except TimeoutError:
+                raise ProtocolError(f"no start message within {self.config.start_timeout_s:g} s") from None
+            session.begin(parse_start(first))
+            session.post("send", json.dumps({
+                "type": "ready", "session": session.id, "sample_rate": session.start.sample_rate,
+                "format": session.start.sample_format, "model_sample_rate": self.recognizer.sample_rate,
+                "frame_ms": 1000 * self.recognizer.hop_samples / self.recognizer.sample_rate,
+                **self.declared, "endpoint": self.config.endpoint.to_dict(),
+                "max_message_bytes": self.config.max_message_bytes}))
+            async for message in websocket:
+                if session.closed:
+                    break
+                if isinstance(message, bytes):
+                    session.receive(decode_audio(message, session.start.sample_format), time.perf_counter())
+                    self._wake.set()
+                else:
+                    parse_control(message)
+                    await self._finish(session)
+                    break
+        except ProtocolError as error:
+            session.post("send", error_json(str(error)))
+            session.post("close", (error.close_code, str(error)[:120]))
+        except ConnectionClosed:
+            session.closed = session.lost = True
+        except Exception as error:
+            logger.exception("session %d failed", session.id)
+            session.post("send", error_json(f"internal error: {error}"))
+            session.post("close", (CLOSE_INTERNAL, "internal error"))
+        finally:
+            session.stopping = True
+            self.sessions.pop(session.id, None)
+            if session.lost:
+                sender.cancel()
+            elif not session.closed:
+                session.post("close", (CLOSE_GOING_AWAY, "session ended"))
+            await asyncio.gather(sender, return_exceptions=True)
+
+    async def _send_loop(self, session: Session) -> None:
+        websocket = session.websocket
+        try:
+            while True:
+                kind, payload = await session.outbox.get()
+                if kind == "send":
+                    await websocket.send(payload)
+                    continue
+                await websocket.close(*payload)
+                return
+        except ConnectionClosed:
+            session.closed = session.lost = True
+
+    async def _finish(self, session: Session) -> None:
+        """Stop message: feed the rest, flush the look-ahead, send the last final and ``done``, close."""
+        session.stopping = True
+        rest = session.take_rest()
+        await self._loop.run_in_executor(self._worker, self._finish_on_worker, session, rest)
+        session.post("close", (CLOSE_NORMAL, "done"))
+
+    def _finish_on_worker(self, session: Session, rest: np.ndarray) -> None:
+        if rest.size:
+            self.recognizer.accept({session.stream: rest})
+        session.stream.finish()
+        self._deliver(session, session.messages_after(time.perf_counter(), ended=True))
+
+    # ------------------------------------------------------------------ the batcher
+    def _ready(self) -> list[Session]:
+        return [s for s in self.sessions.values() if s.ready_since is not None and not s.stopping and not s.closed]
+
+    async def _batch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._tick()
+            if self._ready():
+                self._wake.set()
+
+    async def _tick(self) -> None:
+        """One model call for the streams that are ready (a method, so no session outlives it in a frame)."""
+        ready = self._ready()
+        if not ready:
+            return
+        deadline = min(s.ready_since for s in ready) + self.config.max_wait_ms / 1000
+        while len(ready) < min(self.config.max_batch, len(self.sessions)):
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                break
+            self._wake.clear()
+            ready = self._ready()
+        # Again: a stream may have stopped or left during the wait, and a finished one cannot be fed.
+        ready = sorted(self._ready(), key=lambda s: s.ready_since)
+        # Taking the audio and submitting the call happen with no await between them, so a stop
+        # message handled meanwhile finds this tick already queued ahead of its flush.
+        feeds = {session: session.take_ready() for session in ready[: self.config.max_batch]}
+        self.ticks += 1
+        self.batch_sizes.append(len(feeds))
+        await self._loop.run_in_executor(self._worker, self._tick_on_worker, feeds)
+
+    def _tick_on_worker(self, feeds: dict[Session, np.ndarray]) -> None:
+        try:
+            self.recognizer.accept({session.stream: audio for session, audio in feeds.items()})
+        except Exception as error:
+            logger.exception("model call failed")
+            for session in feeds:
+                self._deliver(session, [error_json(f"internal error in the model call: {error}")], close=True)
+            return
+        emitted_at = time.perf_counter()
+        for session in feeds:
+            self._deliver(session, session.messages_after(emitted_at, ended=False))
+
+    def _deliver(self, session: Session, messages: list[str], close: bool = False) -> None:
+        def post() -> None:
+            for message in messages:
+                session.post("send", message)
+            if close:
+                session.post("close", (CLOSE_INTERNAL, "internal error"))
+        self._loop.call_soon_threadsafe(post)
