@@ -13,7 +13,8 @@ Streaming (the same function, chunk by chunk, for a batch of streams)::
 
 The state is a pytree of tensors of fixed size with per-stream positions, so streams at different
 points share a batch (``Encoder.stack_states``, ``EncoderState.select``), and :meth:`Encoder.step_window`
-is a function of tensors only, with shapes that depend on nothing but the chunk length.
+is a function of tensors only, with shapes that depend on nothing but the chunk length (traceable
+with the conv and none frontends; fbank runs kaldi-native-fbank per stream in Python).
 """
 
 from __future__ import annotations
