@@ -252,47 +252,38 @@ def test_state_is_bounded_for_long_streams(mixer):
 
 
 class _Step(torch.nn.Module):
-    """``stack.step`` as a function of tensors only: the state's ints (shared by the batch) are fixed."""
+    """``encoder.step_window`` as a function of the state's tensors."""
 
-    def __init__(self, stack, state):
+    def __init__(self, encoder, state):
         super().__init__()
-        self.stack = stack
-        self.leaves, self.spec = tree_flatten(state)
-        self.slots = [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
-
-    def tensors(self, state) -> list[torch.Tensor]:
-        leaves = tree_flatten(state)[0]
-        return [leaves[i] for i in self.slots]
+        self.encoder = encoder
+        self.spec = tree_flatten(state)[1]
 
     def forward(self, chunk: torch.Tensor, *tensors: torch.Tensor):
-        leaves = list(self.leaves)
-        for i, t in zip(self.slots, tensors):
-            leaves[i] = t
-        y, state = self.stack.step(chunk, tree_unflatten(leaves, self.spec))
-        return (y, *self.tensors(state))
+        y, emitted, state = self.encoder.step_window(chunk, tree_unflatten(list(tensors), self.spec))
+        return (y, emitted, *tree_flatten(state)[0])
 
 
 @pytest.mark.parametrize("mixer", FAMILIES)
 def test_step_exports_and_the_export_keeps_streaming(mixer):
-    """``torch.export`` one steady-state step (chunk = one segment): exporting fails on a value read out
-    of a tensor. The exported step then streams on by itself (its own state) and matches the eager one."""
+    """``torch.export`` one step (chunk = one segment) from a fresh state: exporting fails on a value
+    read out of a tensor. The exported step then streams on by itself (its own state), cold start
+    included, and matches the eager one."""
     segment = 3
     encoder = make(mixer, segment, 4, 2, 2)
-    stack = encoder.stack
-    x = frames(2, 30 * segment, seed=11, width=encoder.config.d_model)
-    state = stack.init_state(2, x.device, x.dtype)
+    x = frames(2, 30 * segment, seed=11)
+    state = encoder.init_state(2)
     with torch.no_grad():
-        for i in range(10):
-            _, state = stack.step(x[:, i * segment:(i + 1) * segment], state)
-        step = _Step(stack, state)
-        tensors = step.tensors(state)
+        step = _Step(encoder, state)
+        tensors = tree_flatten(state)[0]
         exported = torch.export.export(step, (x[:, :segment], *tensors)).module()
-        for i in range(10, 30):
+        for i in range(30):
             chunk = x[:, i * segment:(i + 1) * segment]
-            y, state = stack.step(chunk, state)
-            exported_y, *tensors = exported(chunk, *tensors)
-            assert y.shape[1] == segment
+            y, emitted, state = encoder.step_window(chunk, state)
+            exported_y, exported_emitted, *tensors = exported(chunk, *tensors)
+            assert torch.equal(exported_emitted, emitted)
             assert torch.allclose(exported_y, y, atol=1e-12, rtol=0)
+        assert emitted.tolist() == [segment, segment]
 
 
 @pytest.mark.parametrize("mixer", FAMILIES)

@@ -18,7 +18,7 @@ from streamssl.cli import main
 from streamssl.config import EncoderConfig
 from streamssl.mixers import MIXERS
 from streamssl.streaming.pacing import PacedClock
-from streamssl.streaming.recognizer import Recognizer, merge_states, split_state, state_signature
+from streamssl.streaming.recognizer import Recognizer
 from streamssl.streaming.report import build_report
 from streamssl.train.checkpoint import build_model, save_checkpoint
 from streamssl.train.config import preset
@@ -163,13 +163,13 @@ def test_batched_streams_with_staggered_starts_equal_single_streams(mixer, head)
     audios = [wave(0.6, seed) for seed in range(4)]
     recognizer = Recognizer(model, chunk_ms=20)
     calls = []
-    step = model.step
+    step = model.step_window
 
-    def counting_step(chunk, state):
+    def counting_step(chunk, state, counts=None):
         calls.append(chunk.shape[0])
-        return step(chunk, state)
+        return step(chunk, state, counts)
 
-    model.step = counting_step
+    model.step_window = counting_step
     try:
         # Streams 0 and 1 start together; 2 starts three rounds later; 3 starts with 2 but is fed
         # bigger pieces; 1 ends early. Pieces of 320 samples keep everyone on the 20 ms chunk grid.
@@ -197,8 +197,8 @@ def test_batched_streams_with_staggered_starts_equal_single_streams(mixer, head)
             if not stream.finished:
                 results[i] = stream.finish()
     finally:
-        del model.step
-    assert max(calls) == 2, "streams 0 and 1 (and 2 alone, 3 alone) should have been batched in pairs"
+        del model.step_window
+    assert max(calls) == 4, "every stream with a chunk waiting shares one call, whatever its position"
     for i, audio in enumerate(audios):
         fed = audio[:4800] if i == 1 else audio
         alone = Recognizer(model).stream()
@@ -208,22 +208,20 @@ def test_batched_streams_with_staggered_starts_equal_single_streams(mixer, head)
         assert [(t.token_id, t.frame) for t in results[i].tokens] == offline_tokens(model, fed)
 
 
-def test_merge_and_split_states_round_trip():
+def test_states_at_different_positions_stack_and_select_back():
     model = tiny_model(STREAMING_MIXERS[0], "lstm")
     recognizer = Recognizer(model)
     streams = [recognizer.stream() for _ in range(3)]
-    recognizer.accept({s: wave(0.6, i)[:2000] for i, s in enumerate(streams)})
+    for i, stream in enumerate(streams):
+        stream.accept(wave(0.6, i)[:1000 + 700 * i])
     states = [s._state for s in streams]
-    assert len({state_signature(s) for s in states}) == 1
-    merged = merge_states(states)
-    assert merged.encoder.batch_size == 3 and merged.lstm[0].shape[1] == 3
-    for original, back in zip(states, split_state(merged)):
-        assert state_signature(original) == state_signature(back)
-        torch.testing.assert_close(back.lstm[0], original.lstm[0], rtol=0, atol=0)
-        torch.testing.assert_close(back.encoder.positional, original.encoder.positional, rtol=0, atol=0)
-    other = recognizer.stream()
-    other.accept(wave()[:1000])
-    assert state_signature(other._state) != state_signature(states[0])
+    stacked = model.stack_states(states)
+    assert stacked.encoder.batch_size == 3 and stacked.lstm[0].shape[0] == 3
+    assert stacked.encoder.samples_in.tolist() == [1000, 1700, 2400]
+    for i, original in enumerate(states):
+        back = stacked.select([i])
+        for a, b in zip(torch.utils._pytree.tree_leaves(back), torch.utils._pytree.tree_leaves(original)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------- emission delay

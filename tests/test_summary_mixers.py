@@ -13,6 +13,7 @@ from conftest import LargestOutput, stream_in_chunks
 from streamssl import Encoder, EncoderConfig, measure_lookahead
 from streamssl.mixers import summary as summary_module
 from streamssl.mixers.summary import DEFAULT_WINDOW_LEFT_FRAMES, SummaryMixer
+from streamssl.mixers.window import Chunk
 
 INPUT_DIM = 6
 
@@ -182,10 +183,10 @@ def test_streaming_state_is_bounded_by_left_context(left, windows):
     state = encoder.init_state(2)
     for t in range(x.shape[1]):
         _, state = encoder.step(x[:, t:t + 1], state)
-        for block in state.stack["blocks"]:
-            assert block["pending"].shape[1] <= lookahead
+        for block in state.stack.blocks:
+            assert block.residual.shape[1] <= lookahead
             for key, bound in bounds.items():
-                size = block["mixer"][key].shape[1]
+                size = getattr(block.mixer, key).shape[1]
                 assert size <= bound, (key, size, bound)
                 seen[key] = max(seen[key], size)
     assert seen == bounds
@@ -208,15 +209,21 @@ def test_one_hour_stream_in_float32_matches_offline(left, monkeypatch):
     mixer = hour_long_mixer(left)
     u = torch.randn(1, frames, 8)
     lengths = torch.tensor([frames])
+    lag = mixer.lookahead_frames()
     with torch.no_grad():
         exact = copy.deepcopy(mixer).double()(u.double(), lengths)
         offline = mixer(u, lengths)
         state = mixer.init_state(1, u.device, u.dtype)
-        outputs = []
+        outputs, fed = [], 0
         for start in range(0, frames, 7001):
-            y, state = mixer.step(u[:, start:start + 7001], state)
-            outputs.append(y)
-        y, _ = mixer.step(u[:, :0], state, final=True)
+            piece = u[:, start:start + 7001]
+            fed += piece.shape[1]
+            count = torch.tensor([piece.shape[1]])
+            y, state = mixer.step(piece, Chunk(count, torch.tensor([fed]), torch.tensor([fed])), state)
+            outputs.append(y[:, max(0, lag - start):])
+        # Flush: padding frames past the end drive out the last ``lag`` outputs.
+        pad = torch.tensor([lag])
+        y, _ = mixer.step(u[:, :lag] * 0, Chunk(pad, torch.tensor([fed + lag]), torch.tensor([fed])), state)
         streamed = torch.cat(outputs + [y], dim=1)
         assert (offline.double() - exact).abs().max() < 1e-5
         assert (streamed - offline).abs().max() < 1e-4

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from streamssl import export
 from streamssl.commands import data, serve, stream, train
 from streamssl.config import EncoderConfig
 from streamssl.demo import run_demo
@@ -19,7 +20,7 @@ from streamssl.mixers import MIXERS
 from streamssl.tables import latency_table
 
 # Each provides ``add_commands(subparsers)`` and registers its own subcommands.
-COMMAND_MODULES = (data, train, stream, serve)
+COMMAND_MODULES = (data, train, stream, serve, export)
 
 
 def _left_frames(text: str) -> int | None:

@@ -10,22 +10,29 @@ Streaming (the same function, chunk by chunk, for a batch of streams)::
     y_i, state = encoder.step(chunk_i, state)  # any chunk length, even one sample
     y_end, state = encoder.flush(state)
     torch.cat([y_0, ..., y_end], dim=1)        # == y, up to float rounding
+
+The state is a pytree of tensors of fixed size with per-stream positions, so streams at different
+points share a batch (``Encoder.stack_states``, ``EncoderState.select``), and :meth:`Encoder.step_window`
+is a function of tensors only, with shapes that depend on nothing but the chunk length (traceable
+with the conv and none frontends; fbank runs kaldi-native-fbank per stream in Python).
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import register_pytree_node, tree_flatten, tree_unflatten
 
 from streamssl.config import EncoderConfig
 from streamssl.frontends import FeatureAugment, Frontend, build_frontend
 from streamssl.latency import Latency
 from streamssl.mixers import build_stack
+from streamssl.mixers.window import Chunk, keep_last, push, take
 
 
 class CausalPositionalConv(nn.Module):
@@ -42,33 +49,81 @@ class CausalPositionalConv(nn.Module):
         padded = F.pad(x.transpose(1, 2), (self.kernel - 1, 0))
         return x + F.gelu(self.conv(padded)).transpose(1, 2)
 
-    def step(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
-        """``history`` holds the last ``kernel - 1`` frames ``(B, D, kernel-1)``, zeros at the start."""
+    def step(self, x: Tensor, count: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` ``(B, n, D)`` new frame slots (the last ``count`` real); ``history`` ``(B, kernel-1, D)``
+        the frames before them, zeros at the start (what the offline form pads with)."""
         if x.shape[1] == 0:
             return x, history
-        window = torch.cat([history, x.transpose(1, 2)], dim=2)
-        y = x + F.gelu(self.conv(window)).transpose(1, 2)
-        return y, window[:, :, window.shape[2] - (self.kernel - 1):]
+        window = push(history, x, count)
+        y = x + F.gelu(self.conv(window.transpose(1, 2))).transpose(1, 2)
+        return y, keep_last(window, self.kernel - 1)
 
 
 @dataclass
 class EncoderState:
-    """Everything one :class:`Encoder` needs to continue a batch of streams.
+    """Everything one :class:`Encoder` needs to continue a batch of streams (a pytree of tensors).
 
-    ``owner`` ties the state to the encoder that made it; ``frontend`` is the frontend's own state (see
-    docs/streaming.md); ``samples_in``/``frames_out`` count input units (samples, or frames with
-    ``frontend="none"``) fed and output frames emitted per stream.
+    Every tensor is batch-first and, for a finite ``left_frames``, of a size fixed at ``init_state``.
+    ``owner`` (the encoder that made it) and ``finished`` are static context, not tensors.
+
+    frontend: the frontend's fixed-shape state (``Frontend.init_state``; ``None`` for ``none``).
+    positional: ``(B, pos_conv_kernel - 1, d_model)`` the causal positional convolution's history.
+    stack: the mixer family's state.
+    samples_in: ``(B,)`` samples (or input frames) fed; frames_in: ``(B,)`` frames that entered the
+    stack; frames_end: the same plus flush padding; frames_out: ``(B,)`` output frames emitted.
     """
 
     owner: str
-    batch_size: int
     frontend: Any
     positional: Tensor
     stack: Any
-    samples_in: int = 0
-    frames_in: int = 0
-    frames_out: int = 0
+    samples_in: Tensor
+    frames_in: Tensor
+    frames_end: Tensor
+    frames_out: Tensor
     finished: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return self.samples_in.shape[0]
+
+    def select(self, indices: Sequence[int] | Tensor) -> "EncoderState":
+        """The streams ``indices`` (in that order) as a new batch."""
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.samples_in.device)
+        leaves, spec = tree_flatten(self)
+        return tree_unflatten([leaf.index_select(0, index) for leaf in leaves], spec)
+
+
+_TENSOR_FIELDS = ("frontend", "positional", "stack", "samples_in", "frames_in", "frames_end", "frames_out")
+
+
+def _flatten_state(state: EncoderState) -> tuple[list[Any], Any]:
+    present = tuple(name for name in _TENSOR_FIELDS if getattr(state, name) is not None)
+    return [getattr(state, name) for name in present], (state.owner, state.finished, present)
+
+
+def _unflatten_state(values: Any, context: Any) -> EncoderState:
+    owner, finished, present = context
+    fields = dict.fromkeys(_TENSOR_FIELDS)
+    fields.update(zip(present, values))
+    return EncoderState(owner, **fields, finished=finished)
+
+
+register_pytree_node(EncoderState, _flatten_state, _unflatten_state,
+                     serialized_type_name="streamssl.encoder.EncoderState")
+
+
+def _stack_leaves(leaves: list[Tensor]) -> Tensor:
+    """Concatenate batch-first tensors; caches that grew to different widths (unlimited left context)
+    are padded at their old end, where slots hold positions before every stream's start."""
+    shape = [max(leaf.shape[d] for leaf in leaves) for d in range(leaves[0].dim())]
+    padded = []
+    for leaf in leaves:
+        pad: list[int] = []
+        for d in reversed(range(1, leaf.dim())):
+            pad += [shape[d] - leaf.shape[d], 0]
+        padded.append(F.pad(leaf, pad) if any(pad) else leaf)
+    return torch.cat(padded, dim=0)
 
 
 class Encoder(nn.Module):
@@ -112,7 +167,9 @@ class Encoder(nn.Module):
                              "convert integer PCM with x.float() / 32768")
         if x.dtype != self.dtype:
             raise ValueError(f"{what} has dtype {x.dtype} but the encoder's weights are {self.dtype}")
-        if not torch.isfinite(x).all():
+        # A traced graph cannot branch on values; the exported model's runtime checks its input instead.
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if not tracing and not torch.isfinite(x).all():
             raise ValueError(f"{what} contains NaN or infinite values")
 
     def _check_lengths(self, x: Tensor, lengths: Tensor | None) -> Tensor:
@@ -182,18 +239,39 @@ class Encoder(nn.Module):
         error = self.stack.stream_error()
         if error is not None:
             raise ValueError(error)
-        if not isinstance(batch_size, int) or batch_size <= 0:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         device = self.device if device is None else device
         dtype = self.dtype if dtype is None else dtype
-        d_model = self.config.d_model
+        def counter() -> Tensor:
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
+
         return EncoderState(
             owner=self._owner,
-            batch_size=batch_size,
             frontend=self.frontend.init_state(batch_size, device, dtype),
-            positional=torch.zeros(batch_size, d_model, self.config.pos_conv_kernel - 1, device=device, dtype=dtype),
+            positional=torch.zeros(batch_size, self.config.pos_conv_kernel - 1, self.config.d_model,
+                                   device=device, dtype=dtype),
             stack=self.stack.init_state(batch_size, device, dtype),
+            samples_in=counter(), frames_in=counter(), frames_end=counter(), frames_out=counter(),
         )
+
+    @staticmethod
+    def stack_states(states: Sequence[EncoderState]) -> EncoderState:
+        """One batch of the streams of ``states`` (each any batch size, at any position), in order."""
+        if not states:
+            raise ValueError("stack_states needs at least one state")
+        specs = set()
+        columns = []
+        for state in states:
+            if not isinstance(state, EncoderState):
+                raise ValueError(f"stack_states takes EncoderState objects, got {type(state).__name__}")
+            leaves, spec = tree_flatten(state)
+            specs.add(str(spec))
+            columns.append(leaves)
+        if len(specs) != 1:
+            raise ValueError("states come from different encoders or stream configurations and cannot be stacked")
+        _, spec = tree_flatten(states[0])
+        return tree_unflatten([_stack_leaves(list(leaves)) for leaves in zip(*columns)], spec)
 
     def _check_state(self, state: EncoderState) -> None:
         if not isinstance(state, EncoderState):
@@ -207,30 +285,71 @@ class Encoder(nn.Module):
         """Feed ``chunk`` ``(B, n)`` samples (or ``(B, n, input_dim)`` frames with frontend ``none``) to every stream.
 
         Returns the output frames ``(B, m, d_model)`` that became final (``m`` may be 0) and the new state.
+        Streams at different positions may emit different numbers of frames: row ``b`` then holds
+        ``state.frames_out[b]`` minus its previous value real frames, the rest is filler. Use
+        :meth:`step_window` to get those counts without reading them into Python.
+        """
+        y, counts, state = self.step_window(chunk, state)
+        return y[:, :int(counts.max())], state
+
+    def step_window(self, chunk: Tensor, state: EncoderState,
+                    counts: Tensor | None = None) -> tuple[Tensor, Tensor, EncoderState]:
+        """:meth:`step` as a function of tensors only (what the exporter traces).
+
+        Args:
+            chunk: ``(B, n)`` samples or ``(B, n, input_dim)`` frames.
+            counts: ``(B,)`` how many of the ``n`` are real per stream, right-aligned (the first
+                ``n - counts[b]`` are filler); ``None``: all of them.
+        Returns:
+            ``(B, m, d_model)`` with each stream's new frames first, ``(B,)`` how many, and the new state.
+            ``m`` depends only on ``n``.
         """
         self._check_state(state)
         self._check_input(chunk, "chunk")
         if chunk.shape[0] != state.batch_size:
             raise ValueError(f"chunk has batch size {chunk.shape[0]} but the state holds {state.batch_size} streams")
-        feats, frontend_state = self.frontend.step(chunk, state.frontend)
-        return self._advance(feats, state, frontend_state, chunk.shape[1], final=False)
+        if counts is None:
+            counts = torch.full_like(state.samples_in, chunk.shape[1])
+        flushing = torch.zeros_like(state.samples_in, dtype=torch.bool)
+        return self._advance(chunk, counts, flushing, state, final=False)
 
     def flush(self, state: EncoderState) -> tuple[Tensor, EncoderState]:
         """End every stream: emit the frames still waiting for look-ahead. The state cannot be used again."""
         self._check_state(state)
-        feats, frontend_state = self.frontend.flush(state.frontend, state.batch_size, state.positional.device,
-                                                    state.positional.dtype)
-        return self._advance(feats, state, frontend_state, 0, final=True)
+        y, counts, state = self.flush_window(state)
+        return y[:, :int(counts.max())], state
 
-    def _advance(self, feats: Tensor, state: EncoderState, frontend_state: Any, n_in: int,
-                 final: bool) -> tuple[Tensor, EncoderState]:
-        h, positional = self.positional.step(self.project(feats), state.positional)
-        y, stack_state = self.stack.step(h, state.stack, final)
+    def flush_window(self, state: EncoderState) -> tuple[Tensor, Tensor, EncoderState]:
+        """:meth:`flush` as a function of tensors only, with :meth:`step_window`'s outputs."""
+        self._check_state(state)
+        pad = self.stack.lookahead_frames()
+        feats = state.positional.new_zeros(state.batch_size, pad, self.feature_dim)
+        flushing = torch.ones_like(state.samples_in, dtype=torch.bool)
+        return self._advance(feats, torch.full_like(state.samples_in, pad), flushing, state, final=True)
+
+    def _advance(self, x: Tensor, counts: Tensor, flushing: Tensor, state: EncoderState,
+                 final: bool) -> tuple[Tensor, Tensor, EncoderState]:
+        """One step of every stream. ``x`` is the chunk, or the flush padding (feature frames) when ``final``;
+        ``flushing`` ``(B,)`` marks the streams whose ``x`` is padding past their end."""
+        if final:
+            feats, frame_counts, frontend = x, counts, state.frontend
+        else:
+            feats, frame_counts, frontend = self.frontend.step_window(x, counts, state.samples_in, state.frontend)
+            feats = torch.where(flushing.view(-1, 1, 1), 0.0, feats)
+            frame_counts = torch.where(flushing, feats.shape[1], frame_counts)
+        real = torch.where(flushing, 0, frame_counts)
+        chunk = Chunk(frame_counts, state.frames_end + frame_counts, state.frames_in + real)
+        h, positional = self.positional.step(self.project(feats), frame_counts, state.positional)
+        y, valid, stack_state = self.stack.step(h, chunk, state.stack)
+        emitted = valid.sum(dim=1)
+        if y.shape[1]:
+            leading = (valid.long().cumsum(dim=1) == 0).sum(dim=1)   # filler slots before the first real one
+            y = take(y, leading, y.shape[1])
         y = self.final_norm(y)
-        new_state = EncoderState(state.owner, state.batch_size, frontend_state, positional, stack_state,
-                                 state.samples_in + n_in, state.frames_in + feats.shape[1],
-                                 state.frames_out + y.shape[1], final)
-        return y, new_state
+        samples_in = state.samples_in if final else state.samples_in + torch.where(flushing, 0, counts)
+        new_state = EncoderState(state.owner, frontend, positional, stack_state, samples_in, chunk.valid_end,
+                                 chunk.end, state.frames_out + emitted, final)
+        return y, emitted, new_state
 
     # ---------------------------------------------------------------- latency
     def latency(self) -> Latency:

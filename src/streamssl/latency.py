@@ -153,7 +153,7 @@ def measure_lookahead(encoder, probe_frames: int = 16, seed: int = 0) -> Measure
             for k in range(n_frames):
                 chunk = x[:, :first_end] if k == 0 else x[:, first_end + (k - 1) * hop: first_end + k * hop]
                 y, state = model.step(chunk, state)
-                first_out = state.frames_out - y.shape[1]
-                delays += [k - e for e in range(first_out, state.frames_out)]
+                frames_out = int(state.frames_out[0])
+                delays += [k - e for e in range(frames_out - y.shape[1], frames_out)]
         emission, emission_mean = max(delays), sum(delays) / len(delays)
     return MeasuredLookahead(dependency, dependency_mean, frontend_samples, emission, emission_mean)

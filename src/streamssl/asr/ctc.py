@@ -21,17 +21,18 @@ A unidirectional head adds no look-ahead, so the model's latency is its encoder'
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder, EncoderState
 from streamssl.frontends import FeatureAugment
 from streamssl.latency import Latency
 from streamssl.masking import span_mask
+from streamssl.mixers.window import streaming_state
 
 BLANK = "<blank>"
 
@@ -145,17 +146,27 @@ class RecognitionModel(Protocol):
 
     def init_state(self, batch_size: int) -> Any: ...
 
+    def stack_states(self, states: Sequence[Any]) -> Any: ...
+
     def step(self, chunk: Tensor, state: Any) -> tuple[Tensor, Any]: ...
+
+    def step_window(self, chunk: Tensor, state: Any, counts: Tensor | None = None) -> tuple[Tensor, Tensor, Any]: ...
 
     def flush(self, state: Any) -> tuple[Tensor, Any]: ...
 
 
-@dataclass
+@streaming_state
 class CTCState:
-    """Streaming state: the encoder's, and the LSTM head's ``(h, c)`` (``None`` for a linear head)."""
+    """Streaming state: the encoder's, and the LSTM head's ``(h, c)``, each ``(B, layers, hidden)``
+    (batch first, like every streaming tensor; ``None`` for a linear head)."""
 
     encoder: EncoderState
     lstm: tuple[Tensor, Tensor] | None
+
+    def select(self, indices: Sequence[int] | Tensor) -> "CTCState":
+        """The streams ``indices`` (in that order) as a new batch."""
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.encoder.samples_in.device)
+        return tree_map(lambda leaf: leaf.index_select(0, index), self)
 
 
 class CTCModel(nn.Module):
@@ -235,29 +246,60 @@ class CTCModel(nn.Module):
         enc = self.encoder.init_state(batch_size, device, dtype)
         lstm = None
         if self.lstm is not None:
-            shape = (self.lstm.num_layers, batch_size, self.lstm.hidden_size)
+            shape = (batch_size, self.lstm.num_layers, self.lstm.hidden_size)
             zeros = torch.zeros(shape, device=enc.positional.device, dtype=enc.positional.dtype)
             lstm = (zeros, zeros.clone())
         return CTCState(enc, lstm)
 
-    def _head_step(self, y: Tensor, lstm: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple | None]:
-        if self.lstm is not None and y.shape[1] > 0:
-            y, lstm = self.lstm(y, lstm)
-        elif self.lstm is not None:
-            y = y.new_zeros(y.shape[0], 0, self.lstm.hidden_size)
+    def stack_states(self, states: Sequence[CTCState]) -> CTCState:
+        """One batch of the streams of ``states`` (each at any position), in order."""
+        encoder = self.encoder.stack_states([s.encoder for s in states])
+        lstm = None
+        if states[0].lstm is not None:
+            lstm = (torch.cat([s.lstm[0] for s in states]), torch.cat([s.lstm[1] for s in states]))
+        return CTCState(encoder, lstm)
+
+    def _head_step(self, y: Tensor, emitted: Tensor,
+                   lstm: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple | None]:
+        """``y`` ``(B, m, D)`` whose first ``emitted[b]`` frames are real -> log-probabilities ``(B, m, V)``.
+
+        The LSTM runs one frame at a time so that a stream's state advances over its real frames only.
+        """
+        if self.lstm is not None:
+            h, c = lstm[0].transpose(0, 1), lstm[1].transpose(0, 1)
+            outputs = []
+            for j in range(y.shape[1]):
+                out, (h_j, c_j) = self.lstm(y[:, j:j + 1], (h.contiguous(), c.contiguous()))
+                real = (j < emitted).view(1, -1, 1)
+                h, c = torch.where(real, h_j, h), torch.where(real, c_j, c)
+                outputs.append(out)
+            y = torch.cat(outputs, dim=1) if outputs else y.new_zeros(y.shape[0], 0, self.lstm.hidden_size)
+            lstm = (h.transpose(0, 1), c.transpose(0, 1))
         return self.output(y).float().log_softmax(-1), lstm
 
     def step(self, chunk: Tensor, state: CTCState) -> tuple[Tensor, CTCState]:
-        """Feed ``(B, n)`` samples; returns log-probabilities ``(B, m, V)`` of frames that became final."""
-        y, enc = self.encoder.step(chunk, state.encoder)
-        log_probs, lstm = self._head_step(y, state.lstm)
-        return log_probs, CTCState(enc, lstm)
+        """Feed ``(B, n)`` samples; returns log-probabilities ``(B, m, V)`` of frames that became final
+        (row ``b``'s first ``frames_out[b]`` minus its previous value are real when streams differ)."""
+        log_probs, emitted, state = self.step_window(chunk, state)
+        return log_probs[:, :int(emitted.max())], state
+
+    def step_window(self, chunk: Tensor, state: CTCState,
+                    counts: Tensor | None = None) -> tuple[Tensor, Tensor, CTCState]:
+        """:meth:`Encoder.step_window` through the head: ``(B, m, V)``, real frames per stream ``(B,)``, state."""
+        y, emitted, enc = self.encoder.step_window(chunk, state.encoder, counts)
+        log_probs, lstm = self._head_step(y, emitted, state.lstm)
+        return log_probs, emitted, CTCState(enc, lstm)
 
     def flush(self, state: CTCState) -> tuple[Tensor, CTCState]:
         """End every stream; returns the last frames' log-probabilities ``(B, m, V)``."""
-        y, enc = self.encoder.flush(state.encoder)
-        log_probs, lstm = self._head_step(y, state.lstm)
-        return log_probs, CTCState(enc, lstm)
+        log_probs, emitted, state = self.flush_window(state)
+        return log_probs[:, :int(emitted.max())], state
+
+    def flush_window(self, state: CTCState) -> tuple[Tensor, Tensor, CTCState]:
+        """:meth:`flush` with :meth:`step_window`'s outputs."""
+        y, emitted, enc = self.encoder.flush_window(state.encoder)
+        log_probs, lstm = self._head_step(y, emitted, state.lstm)
+        return log_probs, emitted, CTCState(enc, lstm)
 
     # ------------------------------------------------------------ RecognitionModel
     @property

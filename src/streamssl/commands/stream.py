@@ -108,7 +108,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     clock = PacedClock(simulate=not args.realtime)
-    recognizer = Recognizer.from_checkpoint(args.checkpoint, chunk_ms=args.chunk_ms, clock=clock.now)
+    recognizer = Recognizer.from_checkpoint(args.checkpoint, chunk_ms=args.chunk_ms, clock=clock.now,
+                                            backend=args.backend)
     chunk_samples = recognizer.chunk_samples
     streams, results, failed = [], [], []
     for path in args.files:
@@ -152,5 +153,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--chunk-ms", type=float, default=40.0, help="audio per model step (default 40)")
     parser.add_argument("--realtime", action="store_true", help="feed at real-time pace, sleeping between chunks")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                        help="run the model in PyTorch, or export its step at --chunk-ms and run it in ONNX Runtime")
     parser.add_argument("--json", action="store_true", help="machine-readable transcripts and report")
     parser.set_defaults(func=cmd_stream)

@@ -5,9 +5,12 @@ feature frames ``(B, T', feature_dim)``, offline and in streaming, with the same
 
     feats, frame_lengths = frontend(x, lengths)        # offline
     state = frontend.init_state(batch_size, device, dtype)
-    feats_i, state = frontend.step(chunk_i, state)     # any chunk length, even one input unit
-    feats_end, state = frontend.flush(state)           # end of stream
-    torch.cat([feats_0, ..., feats_end], dim=1)        # == feats (valid frames)
+    frames_i, new_i, state = frontend.step_window(chunk_i, counts_i, samples_in_i, state)
+    # row b: its last new_i[b] frames are new; concatenated over steps == feats (valid frames)
+
+The streaming state has a fixed shape per batch size (pending input and convolution context are kept
+right-aligned with per-stream counts as tensors), so streams at different positions share a batch.
+A frontend makes only frames whose input is complete, so the end of a stream holds no frames back.
 
 Where a frame sits on the input is declared once, in :class:`FrameGeometry`, and the encoder, the
 latency declaration, the look-ahead probe and the recogniser read it from there; none of them knows a
@@ -120,18 +123,26 @@ class Frontend(nn.Module):
         raise NotImplementedError
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Any:
-        """A fresh streaming state: tensors ``(B, ...)`` batch-first, in dicts and lists."""
+        """A fresh streaming state: batch-first tensors (in dicts and lists, or ``None``) whose shapes
+        depend on ``batch_size`` only."""
         raise NotImplementedError
 
-    def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        """New input ``(B, n[, input_dim])`` -> new frames ``(B, m, feature_dim)`` (``m`` may be 0)."""
-        raise NotImplementedError
+    def step_window(self, chunk: Tensor, counts: Tensor, samples_in: Tensor,
+                    state: Any) -> tuple[Tensor, Tensor, Any]:
+        """One streaming step of every stream.
 
-    def flush(self, state: Any, batch_size: int, device: torch.device,
-              dtype: torch.dtype) -> tuple[Tensor, Any]:
-        """End of stream: the frames still held ``(B, m, feature_dim)``. The frontends here make only
-        frames whose input is complete (what :meth:`output_lengths` counts), so they hold none."""
-        return torch.zeros(batch_size, 0, self.feature_dim, device=device, dtype=dtype), state
+        Args:
+            chunk: ``(B, n)`` samples or ``(B, n, input_dim)`` frames; row ``b``'s last ``counts[b]``
+                are real, the ones before are filler.
+            counts: ``(B,)`` real input units per stream.
+            samples_in: ``(B,)`` input units each stream was fed before this chunk.
+            state: from :meth:`init_state` or the previous step.
+        Returns:
+            ``(B, S, feature_dim)`` frames with ``S = ceil(n / geometry.hop)`` (a function of ``n``
+            only), row ``b``'s last ``new[b]`` of them new and the ones before filler; ``new`` ``(B,)``;
+            the new state.
+        """
+        raise NotImplementedError
 
     def input_feature_layout(self) -> tuple[int, int] | None:
         """``(frames per output frame, width)`` of the features ``augment`` sees when they are fixed

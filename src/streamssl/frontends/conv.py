@@ -7,10 +7,12 @@ across time (GroupNorm, utterance mean/variance) would make a frame depend on th
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from streamssl.frontends.base import FeatureAugment, FrameGeometry, Frontend, options_error, register_frontend
+from streamssl.mixers.window import keep_last, push, take
 
 
 @dataclass
@@ -99,22 +101,26 @@ class ConvFrontend(Frontend):
             feats = augment(feats, frame_lengths)
         return feats, frame_lengths
 
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
-        """One buffer per layer of input not yet consumed, ``(B, C_in, n)`` with ``n < kernel``."""
-        return [torch.zeros(batch_size, layer.conv.in_channels, 0, device=device, dtype=dtype)
-                for layer in self.layers]
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The latest ``receptive_field - 1`` samples ``(B, receptive_field - 1)``, zeros at the start."""
+        return torch.zeros(batch_size, self.geometry.receptive_field - 1, device=device, dtype=dtype)
 
-    def step(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """``(B, n)`` new samples -> ``(B, m, channels)`` new frames; ``m`` may be zero."""
-        h = x.unsqueeze(1)
-        new_state = []
-        for layer, buffered, k, s in zip(self.layers, state, self.kernels, self.strides):
-            h = torch.cat([buffered, h], dim=2)
-            n_out = (h.shape[2] - k) // s + 1 if h.shape[2] >= k else 0
-            new_state.append(h[:, :, n_out * s:])
-            if n_out:
-                h = layer(h[:, :, : (n_out - 1) * s + k])
-            else:
-                h = h.new_zeros(h.shape[0], layer.conv.out_channels, 0)
-        return h.transpose(1, 2), new_state
+    def step_window(self, chunk: Tensor, counts: Tensor, samples_in: Tensor,
+                    state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hop, field = self.geometry.hop, self.geometry.receptive_field
+        n = chunk.shape[1]
+        slots = (n + hop - 1) // hop  # not -(-n // hop): traced shape arithmetic divides toward zero
+        window = push(state, chunk, counts)
+        total = samples_in + counts
+        made = self._frames_made(total)
+        # The slots frames ending with the newest one; the older of them were made before (or do not exist).
+        start = (made - slots) * hop - (total - window.shape[1])
+        if slots:
+            frames = self(take(window, start, (slots - 1) * hop + field))[0]
+        else:
+            frames = chunk.new_zeros(chunk.shape[0], 0, self.feature_dim)
+        return frames, made - self._frames_made(samples_in), keep_last(window, field - 1)
 
+    def _frames_made(self, samples: Tensor) -> Tensor:
+        hop, field = self.geometry.hop, self.geometry.receptive_field
+        return torch.where(samples >= field, torch.div(samples - field, hop, rounding_mode="floor") + 1, 0)

@@ -159,14 +159,11 @@ class CausalSubsampling(nn.Module):
             h = F.gelu(conv(F.pad(h, (self.kernel - 2, 0))))
         return h.transpose(1, 2)
 
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
-        """Per layer, its input not yet consumed ``(B, C_in, n)``, ``kernel - 2 <= n < kernel``; it starts
-        as the ``kernel - 2`` frames of zero left padding."""
-        return [torch.zeros(batch_size, conv.in_channels, self.kernel - 2, device=device, dtype=dtype)
-                for conv in self.convs]
-
     def step(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """``(B, n, in_dim)`` new frames -> ``(B, m, channels)`` new output frames."""
+        """``state``: per layer its input not yet consumed ``(B, C_in, n)``, ``kernel - 2 <= n < kernel``
+        (at the start the ``kernel - 2`` frames of zero left padding).
+
+        ``(B, n, in_dim)`` new frames -> ``(B, m, channels)`` new output frames."""
         h = x.transpose(1, 2)
         new_state = []
         for conv, buffered in zip(self.convs, state):
@@ -297,15 +294,46 @@ class FbankFrontend(Frontend):
         return self.encode_features(mel, mel_lengths, augment)
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-        """``samples``: ``(B, p)`` samples not yet framed, ``p < window_samples``; ``subsampling``: per
-        convolution its unconsumed input ``(B, C_in, n)``, ``kernel - 2 <= n < kernel``."""
-        return {"samples": torch.zeros(batch_size, 0, device=device, dtype=dtype),
-                "subsampling": self.subsampling.init_state(batch_size, device, dtype)}
+        """Right-aligned, with counts: ``samples`` ``(B, window_samples - 1)`` the samples not yet framed
+        (``samples_count`` ``(B,)`` of them real); ``context``, per subsampling convolution, its
+        unconsumed input ``(B, C_in, kernel - 1)`` (``context_count`` ``(B,)`` real, between
+        ``kernel - 2`` and ``kernel - 1``; it starts as the ``kernel - 2`` frames of zero left padding)."""
+        kernel = self.options.kernel
+        return {"samples": torch.zeros(batch_size, self.window_samples - 1, device=device, dtype=dtype),
+                "samples_count": torch.zeros(batch_size, dtype=torch.long, device=device),
+                "context": [torch.zeros(batch_size, conv.in_channels, kernel - 1, device=device, dtype=dtype)
+                            for conv in self.subsampling.convs],
+                "context_count": [torch.full((batch_size,), kernel - 2, dtype=torch.long, device=device)
+                                  for _ in self.subsampling.convs]}
 
-    def step(self, x: Tensor, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        mel, pending = self.extract_step(x, state["samples"])
-        feats, context = self.encode_step(mel, state["subsampling"])
-        return feats, {"samples": pending, "subsampling": context}
+    def step_window(self, chunk: Tensor, counts: Tensor, samples_in: Tensor,
+                    state: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """knf runs per stream on the CPU, so this step loops over the streams in Python (it cannot be
+        traced)."""
+        n, hop = chunk.shape[1], self.geometry.hop
+        slots = (n + hop - 1) // hop
+        frames = chunk.new_zeros(chunk.shape[0], slots, self.feature_dim)
+        new = torch.zeros_like(counts)
+        out = {"samples": state["samples"].clone(), "samples_count": state["samples_count"].clone(),
+               "context": [c.clone() for c in state["context"]],
+               "context_count": [c.clone() for c in state["context_count"]]}
+        width, depth = state["samples"].shape[1], self.options.kernel - 1
+        for b in range(chunk.shape[0]):
+            pending = int(state["samples_count"][b])
+            context = [c[b:b + 1, :, depth - int(m[b]):] for c, m in zip(state["context"], state["context_count"])]
+            mel, rest = self.extract_step(chunk[b:b + 1, n - int(counts[b]):],
+                                          state["samples"][b:b + 1, width - pending:])
+            feats, context = self.encode_step(mel, context)
+            made = feats.shape[1]
+            if made:
+                frames[b, slots - made:] = feats[0]
+            new[b] = made
+            out["samples"][b, width - rest.shape[1]:] = rest[0]
+            out["samples_count"][b] = rest.shape[1]
+            for layer, c in enumerate(context):
+                out["context"][layer][b, :, depth - c.shape[2]:] = c[0]
+                out["context_count"][layer][b] = c.shape[2]
+        return frames, new, out
 
     def input_feature_layout(self) -> tuple[int, int]:
         """The normalised log-mel frames, ``subsampling`` per output frame."""

@@ -60,5 +60,6 @@ class FramesFrontend(Frontend):
         """Nothing to remember: a frame is ready as soon as it arrives."""
         return None
 
-    def step(self, x: Tensor, state: None) -> tuple[Tensor, None]:
-        return x, None
+    def step_window(self, chunk: Tensor, counts: Tensor, samples_in: Tensor,
+                    state: None) -> tuple[Tensor, Tensor, None]:
+        return chunk, counts, None

@@ -6,7 +6,18 @@ import torch
 from torch import Tensor, nn
 
 from streamssl.mixers.attention_core import KeySource, blocked_band_attention, dense_band_attention
-from streamssl.mixers.base import Block, LayerMixer, LayerStack, MixerStack, State, register_mixer
+from streamssl.mixers.base import Block, LayerMixer, LayerStack, MixerStack, register_mixer
+from streamssl.mixers.window import Chunk, key_mask, keep_last, output_mask, push, streaming_state
+
+
+@streaming_state
+class AttentionState:
+    """One attention layer: keys and values ``(B, H, W, 2 * D/H)`` (concatenated on the last dim) of the
+    last ``W = left_frames + right_frames`` frames (every frame so far when ``left_frames`` is None), and
+    the queries ``(B, H, right_frames, D/H)`` still waiting for their look-ahead."""
+
+    kv: Tensor
+    q: Tensor
 
 
 def default_block_frames(config) -> int:
@@ -71,28 +82,28 @@ class SelfAttention(LayerMixer):
                     "use 'maa', 'sa' or 'llsa' for streaming")
         return None
 
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
-        empty = torch.zeros(batch_size, self.n_heads, 0, self.qkv.in_features // self.n_heads,
-                            device=device, dtype=dtype)
-        return {"k": empty, "v": empty, "k_start": 0, "q": empty, "q_start": 0, "t_in": 0}
+    def _zeros(self, batch_size: int, frames: int, width: int, device: torch.device,
+               dtype: torch.dtype) -> Tensor:
+        return torch.zeros(batch_size, self.n_heads, frames, width * (self.qkv.in_features // self.n_heads),
+                           device=device, dtype=dtype)
 
-    def step(self, u: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
+        left = 0 if self.left_frames is None else self.left_frames
+        return AttentionState(self._zeros(batch_size, left + self.right_frames, 2, device, dtype),
+                              self._zeros(batch_size, self.right_frames, 1, device, dtype))
+
+    def step(self, u: Tensor, chunk: Chunk, state: AttentionState) -> tuple[Tensor, AttentionState]:
+        n = u.shape[1]
         q, k, v = self.heads(u)
-        keys = torch.cat([state["k"], k], dim=2)
-        values = torch.cat([state["v"], v], dim=2)
-        queries = torch.cat([state["q"], q], dim=2)
-        t_in = state["t_in"] + u.shape[1]
-        q_start = state["q_start"]
-        ready = queries.shape[2] if final else max(0, t_in - self.right_frames - q_start)
-        src = [KeySource(keys, values, self.lo, self.right_frames, state["k_start"])]
-        out = self.merge(dense_band_attention(queries[:, :, :ready], src, q_start))
-        q_start += ready
-        k_start = state["k_start"]
-        if self.left_frames is not None:
-            drop = max(0, q_start - self.left_frames - k_start)
-            keys, values, k_start = keys[:, :, drop:], values[:, :, drop:], k_start + drop
-        return out, {"k": keys, "v": values, "k_start": k_start, "q": queries[:, :, ready:],
-                     "q_start": q_start, "t_in": t_in}
+        kv = push(state.kv, torch.cat([k, v], dim=-1), chunk.count, dim=2)
+        queries = push(state.q, q, chunk.count, dim=2)
+        width, dh = kv.shape[2], q.shape[-1]
+        # Query slot o is at position end - R - n + o, key slot i at end - width + i.
+        src = KeySource(kv[..., :dh], kv[..., dh:], self.lo, self.right_frames, -(width - self.right_frames - n),
+                        key_mask(chunk.end, width, n, chunk))
+        out = self.merge(dense_band_attention(queries[:, :, :n], [src]))
+        keep = None if self.left_frames is None else self.left_frames + self.right_frames
+        return out, AttentionState(keep_last(kv, keep, dim=2), keep_last(queries, self.right_frames, dim=2))
 
 
 def attention_blocks(config, form: str, right: list[int | None], left: int | None) -> list[Block]:
@@ -154,64 +165,88 @@ class LLSAStack(MixerStack):
     def lookahead_frames(self) -> int | None:
         return max(self.right)
 
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
-        layers = []
-        for block in self.blocks:
-            empty = block.mixer.init_state(batch_size, device, dtype)["k"]
-            residual = torch.zeros(batch_size, 0, block.norm1.normalized_shape[0], device=device, dtype=dtype)
-            layers.append({"kc": empty, "vc": empty, "kc_start": 0, "c_in": 0,
-                           "ka": empty, "va": empty, "ka_start": 0, "qa": empty, "a_res": residual,
-                           "a_next": 0, "a_in": 0})
-        return {"layers": layers}
+    def _lags(self) -> list[int]:
+        """Lag of the look-ahead stream entering each layer, and leaving the last: ``max`` of the ``R`` below."""
+        lags = [0]
+        for right in self.right:
+            lags.append(max(lags[-1], right))
+        return lags
 
-    def _layer_step(self, layer: int, c_new: Tensor, a_new: Tensor, st: State,
-                    final: bool) -> tuple[Tensor, Tensor, State]:
-        """One layer of both streams. Their frames go through the shared projections and feed-forward
-        as one sequence, because with small chunks reading the weights, not arithmetic, is the cost."""
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> "LLSAState":
+        lags = self._lags()
+        left = 0 if self.left_frames is None else self.left_frames
+        layers = []
+        for layer, block in enumerate(self.blocks):
+            att: SelfAttention = block.mixer
+            delay = lags[layer + 1] - lags[layer]
+            d_model = block.norm1.normalized_shape[0]
+            layers.append(LLSALayerState(
+                kv_c=att._zeros(batch_size, max(left, lags[layer + 1] - 1), 2, device, dtype),
+                kv_a=att._zeros(batch_size, left + delay, 2, device, dtype),
+                q_a=att._zeros(batch_size, delay, 1, device, dtype),
+                residual_a=torch.zeros(batch_size, delay, d_model, device=device, dtype=dtype)))
+        return LLSAState(layers)
+
+    def _layer_step(self, layer: int, c_new: Tensor, a_new: Tensor, chunk: Chunk, lag_in: int, lag_out: int,
+                    st: "LLSALayerState") -> tuple[Tensor, Tensor, "LLSALayerState"]:
+        """One layer of both streams. ``c_new`` is at the stack's positions, ``a_new`` ``lag_in`` frames and
+        the layer's output ``lag_out`` frames behind. Both streams' frames go through the shared projections
+        and feed-forward as one sequence, because with small chunks reading the weights is the cost."""
         block = self.blocks[layer]
         att: SelfAttention = block.mixer
-        right, lo = self.right[layer], self._lo()
-        n_c = c_new.shape[1]
+        right, lo, n = self.right[layer], self._lo(), c_new.shape[1]
+        delay = lag_out - lag_in
         q, k, v = att.heads(block.norm1(torch.cat([c_new, a_new], dim=1)))
-        keys_c = torch.cat([st["kc"], k[:, :, :n_c]], dim=2)
-        values_c = torch.cat([st["vc"], v[:, :, :n_c]], dim=2)
-        queries = torch.cat([st["qa"], q[:, :, n_c:]], dim=2)
-        keys_a = torch.cat([st["ka"], k[:, :, n_c:]], dim=2)
-        values_a = torch.cat([st["va"], v[:, :, n_c:]], dim=2)
-        residual = torch.cat([st["a_res"], a_new], dim=1)
-        c_first, c_in = st["c_in"], st["c_in"] + n_c
-        a_in, a_first = st["a_in"] + a_new.shape[1], st["a_next"]
-        limit = a_in if final else min(a_in, c_in - right)
-        ready = max(0, limit - a_first)
-        sources = [KeySource(keys_a, values_a, lo, 0, st["ka_start"]),
-                   KeySource(keys_c, values_c, 1, right, st["kc_start"])]
-        oa = dense_band_attention(queries[:, :, :ready], sources, a_first)
+        dh = q.shape[-1]
+        kv = torch.cat([k, v], dim=-1)
+        kv_c = push(st.kv_c, kv[:, :, :n], chunk.count, dim=2)
+        kv_a = push(st.kv_a, kv[:, :, n:], chunk.count, dim=2)
+        waiting_a = push(st.q_a, q[:, :, n:], chunk.count, dim=2)
+        residual_a = push(st.residual_a, a_new, chunk.count)
+        width_c, width_a = kv_c.shape[2], kv_a.shape[2]
+        valid_c = key_mask(chunk.end, width_c, n, chunk)
+        valid_a = key_mask(chunk.end - lag_in, width_a, n, chunk)
+        # Query slot o is at position end - n + o (causal) or end - lag_out - n + o (look-ahead); key slot
+        # i of a window of width W ending at e is at e - W + i.
+        sources = [KeySource(kv_a[..., :dh], kv_a[..., dh:], lo, 0, -(width_a - delay - n), valid_a),
+                   KeySource(kv_c[..., :dh], kv_c[..., dh:], 1, right, -(width_c - lag_out - n), valid_c)]
+        oa = dense_band_attention(waiting_a[:, :, :n], sources)
         # c^N is never read, so the last layer computes only the look-ahead stream.
-        n_c_out = n_c if layer < len(self.blocks) - 1 else 0
-        oc = dense_band_attention(q[:, :, :n_c_out], [KeySource(keys_c, values_c, lo, 0, st["kc_start"])], c_first)
-        out = block.residual_feed_forward(torch.cat([c_new[:, :n_c_out], residual[:, :ready]], dim=1),
-                           att.merge(torch.cat([oc, oa], dim=2)))
-        c_out, a_out = out[:, :n_c_out], out[:, n_c_out:]
-        a_next = a_first + ready
+        n_c = n if layer < len(self.blocks) - 1 else 0
+        oc = dense_band_attention(q[:, :, :n_c], [KeySource(kv_c[..., :dh], kv_c[..., dh:], lo, 0, -(width_c - n), valid_c)])
+        out = block.residual_feed_forward(torch.cat([c_new[:, :n_c], residual_a[:, :n]], dim=1), att.merge(torch.cat([oc, oa], dim=2)))
+        keep_a = None if self.left_frames is None else self.left_frames + delay
+        keep_c = None if self.left_frames is None else st.kv_c.shape[2]
+        new_state = LLSALayerState(keep_last(kv_c, keep_c, dim=2), keep_last(kv_a, keep_a, dim=2),
+                                   keep_last(waiting_a, delay, dim=2), keep_last(residual_a, delay))
+        return out[:, :n_c], out[:, n_c:], new_state
 
-        ka_start, kc_start = st["ka_start"], st["kc_start"]
-        if self.left_frames is not None:
-            drop_a = max(0, a_next - self.left_frames - ka_start)
-            keys_a, values_a, ka_start = keys_a[:, :, drop_a:], values_a[:, :, drop_a:], ka_start + drop_a
-            drop_c = max(0, min(c_in - self.left_frames, a_next + 1) - kc_start)
-            keys_c, values_c, kc_start = keys_c[:, :, drop_c:], values_c[:, :, drop_c:], kc_start + drop_c
-        new_state = {"kc": keys_c, "vc": values_c, "kc_start": kc_start, "c_in": c_in,
-                     "ka": keys_a, "va": values_a, "ka_start": ka_start, "qa": queries[:, :, ready:],
-                     "a_res": residual[:, ready:], "a_next": a_next, "a_in": a_in}
-        return c_out, a_out, new_state
-
-    def step(self, x: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, chunk: Chunk, state: "LLSAState") -> tuple[Tensor, Tensor, "LLSAState"]:
         c = a = x
+        lags = self._lags()
         layers = []
-        for layer, st in enumerate(state["layers"]):
-            c, a, st = self._layer_step(layer, c, a, st, final)
+        for layer, st in enumerate(state.layers):
+            c, a, st = self._layer_step(layer, c, a, chunk, lags[layer], lags[layer + 1], st)
             layers.append(st)
-        return a, {"layers": layers}
+        return a, output_mask(chunk.lagged(lags[-1]), a.shape[1]), LLSAState(layers)
+
+
+@streaming_state
+class LLSALayerState:
+    """One LLSA layer (``W`` as in :class:`AttentionState`, ``d`` = this layer's added lag of the
+    look-ahead stream): the causal stream's keys/values ``kv_c`` ``(B, H, max(L, lag_out - 1), 2 D/H)``,
+    the look-ahead stream's keys/values ``kv_a`` ``(B, H, L + d, 2 D/H)``, its waiting queries ``q_a``
+    ``(B, H, d, D/H)`` and their residuals ``residual_a`` ``(B, d, D)``."""
+
+    kv_c: Tensor
+    kv_a: Tensor
+    q_a: Tensor
+    residual_a: Tensor
+
+
+@streaming_state
+class LLSAState:
+    layers: list[LLSALayerState]
 
 
 @register_mixer("llsa")

@@ -30,13 +30,18 @@ from torch import Tensor
 
 @dataclass
 class KeySource:
-    """Keys and values ``(B, H, Tk, dh)`` whose first frame is at absolute frame ``start``."""
+    """Keys and values ``(B, H, Tk, dh)`` whose first frame is at absolute frame ``start``.
+
+    ``valid`` ``(B, Tk)`` (dense form only): False hides a key from every query of its stream, on top
+    of the band; streaming windows mark with it the slots that hold no frame of their stream.
+    """
 
     k: Tensor
     v: Tensor
     lo: int | None
     hi: int | None
     start: int = 0
+    valid: Tensor | None = None
 
     def is_empty(self) -> bool:
         return self.lo is not None and self.hi is not None and self.hi < self.lo
@@ -63,12 +68,14 @@ def dense_band_attention(q: Tensor, sources: list[KeySource], q_start: int = 0,
         rel = j - t
         hide = torch.zeros_like(rel, dtype=torch.bool)
         if src.lo is not None:
-            hide |= rel < src.lo
+            hide = hide | (rel < src.lo)
         if src.hi is not None:
-            hide |= rel > src.hi
+            hide = hide | (rel > src.hi)
         hide = hide[None, None]
         if key_lengths is not None:
             hide = hide | (j >= key_lengths.view(-1, 1, 1, 1))
+        if src.valid is not None:
+            hide = hide | ~src.valid[:, None, None, :]
         scores.append(torch.matmul(q, src.k.transpose(-1, -2)) * scale)
         hidden.append(hide)
         values.append(src.v)

@@ -5,14 +5,18 @@ transformer blocks of an encoder, because some methods (LLSA, augmented memory) 
 Families whose layers are independent build a :class:`LayerStack` of :class:`Block` s around a
 per-layer :class:`LayerMixer`.
 
-Streaming protocol, shared by stacks, blocks and layer mixers::
+Streaming protocol, shared by stacks, blocks and layer mixers (:mod:`streamssl.mixers.window`)::
 
-    state = m.init_state(batch_size, device, dtype)
-    y, state = m.step(x_new, state, final=False)   # x_new (B, n, D) -> y (B, m, D), m >= 0
-    y, state = m.step(x_empty, state, final=True)  # end of stream: emit everything still held
+    state = m.init_state(batch_size, device, dtype)       # a pytree dataclass of fixed-size tensors
+    y, valid, state = stack.step(x_new, chunk, state)     # x_new (B, n, D) -> y (B, m, D), valid (B, m)
+    out, state = layer_mixer.step(u_new, chunk, state)    # (B, n, D) -> (B, n, D), ``lag`` frames later
 
-Outputs come in time order; their concatenation equals the offline ``forward``. Streams of a batch
-advance together, so the counters in a state are plain ints shared by the batch.
+``x_new`` holds ``n`` frame slots per stream, the last ``chunk.count[b]`` of them real; ``valid`` marks
+the slots of ``y`` that became final, in time order (a contiguous run per stream). Their
+concatenation over steps equals the offline ``forward``. Positions and counts are per-stream tensors,
+so streams at different positions share a batch; ``m`` depends only on ``n``. The end of a stream is
+driven out by padding frames (``Encoder.flush``) with ``chunk.valid_end`` frozen at the stream's length.
+A per-layer mixer has a fixed lag: its output slot ``o`` is at position ``chunk.end - lag - n + o``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-State = dict[str, Any]
+from streamssl.mixers.window import Chunk, keep_last, output_mask, push, streaming_state
 
 
 class MixerStack(nn.Module):
@@ -46,10 +50,13 @@ class MixerStack(nn.Module):
         """Why this configuration cannot stream, or ``None`` if it can."""
         return None
 
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Any:
+        """A fresh streaming state: a pytree dataclass whose tensors have fixed sizes (unless the left
+        context is unlimited, where caches grow with the stream)."""
         raise NotImplementedError
 
-    def step(self, x: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, chunk: Chunk, state: Any) -> tuple[Tensor, Tensor, Any]:
+        """``x`` ``(B, n, D)`` new frame slots -> outputs ``(B, m, D)``, their validity ``(B, m)``, new state."""
         raise NotImplementedError
 
 
@@ -65,10 +72,11 @@ class LayerMixer(nn.Module):
     def stream_error(self) -> str | None:
         return None
 
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Any:
         raise NotImplementedError
 
-    def step(self, u: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
+    def step(self, u: Tensor, chunk: Chunk, state: Any) -> tuple[Tensor, Any]:
+        """``u`` ``(B, n, D)`` LayerNorm-ed new frame slots -> ``(B, n, D)`` outputs ``lookahead_frames()`` later."""
         raise NotImplementedError
 
 
@@ -80,8 +88,8 @@ class FeedForward(nn.Sequential):
 class Block(nn.Module):
     """Pre-LayerNorm block: ``x + mixer(LN(x))`` then ``x + FFN(LN(x))``.
 
-    In streaming, a mixer with look-ahead emits its outputs later than their inputs arrive, so the
-    block holds the residual of every frame whose mixer output is still pending.
+    In streaming, a mixer with look-ahead emits its outputs ``lag`` frames after their inputs arrive,
+    so the block holds the residuals of the last ``lag`` frames.
     """
 
     def __init__(self, d_model: int, ffn_dim: int, dropout: float, mixer: LayerMixer):
@@ -100,17 +108,32 @@ class Block(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         return self.residual_feed_forward(x, self.mixer(self.norm1(x), lengths))
 
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> "BlockState":
         d_model = self.norm1.normalized_shape[0]
-        return {"pending": torch.zeros(batch_size, 0, d_model, device=device, dtype=dtype),
-                "mixer": self.mixer.init_state(batch_size, device, dtype)}
+        lag = self.mixer.lookahead_frames()
+        return BlockState(torch.zeros(batch_size, lag, d_model, device=device, dtype=dtype),
+                          self.mixer.init_state(batch_size, device, dtype))
 
-    def step(self, x: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
-        pending = torch.cat([state["pending"], x], dim=1)
-        mixed, mixer_state = self.mixer.step(self.norm1(x), state["mixer"], final)
-        n_out = mixed.shape[1]
-        y = self.residual_feed_forward(pending[:, :n_out], mixed)
-        return y, {"pending": pending[:, n_out:], "mixer": mixer_state}
+    def step(self, x: Tensor, chunk: Chunk, state: "BlockState") -> tuple[Tensor, "BlockState"]:
+        """``x`` ``(B, n, D)`` -> ``(B, n, D)``, ``lag`` frames later (see the module docstring)."""
+        n = x.shape[1]
+        residual = push(state.residual, x, chunk.count)
+        mixed, mixer_state = self.mixer.step(self.norm1(x), chunk, state.mixer)
+        y = self.residual_feed_forward(residual[:, :n], mixed)
+        return y, BlockState(keep_last(residual, state.residual.shape[1]), mixer_state)
+
+
+@streaming_state
+class BlockState:
+    """residual: ``(B, lag, D)`` inputs of the frames whose mixer output is still pending; mixer: its state."""
+
+    residual: Tensor
+    mixer: Any
+
+
+@streaming_state
+class LayerStackState:
+    blocks: list[BlockState]
 
 
 class LayerStack(MixerStack):
@@ -141,15 +164,16 @@ class LayerStack(MixerStack):
                 return error
         return None
 
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
-        return {"blocks": [b.init_state(batch_size, device, dtype) for b in self.blocks]}
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LayerStackState:
+        return LayerStackState([b.init_state(batch_size, device, dtype) for b in self.blocks])
 
-    def step(self, x: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, chunk: Chunk, state: LayerStackState) -> tuple[Tensor, Tensor, LayerStackState]:
         new_states = []
-        for block, block_state in zip(self.blocks, state["blocks"]):
-            x, block_state = block.step(x, block_state, final)
+        for block, block_state in zip(self.blocks, state.blocks):
+            x, block_state = block.step(x, chunk, block_state)
+            chunk = chunk.lagged(block.mixer.lookahead_frames())
             new_states.append(block_state)
-        return x, {"blocks": new_states}
+        return x, output_mask(chunk, x.shape[1]), LayerStackState(new_states)
 
 
 @dataclass

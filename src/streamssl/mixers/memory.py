@@ -42,7 +42,10 @@ from torch import Tensor, nn
 
 from streamssl.mixers.attention import SelfAttention
 from streamssl.mixers.attention_core import KeySource, dense_band_attention
-from streamssl.mixers.base import Block, MixerStack, State, register_mixer
+from streamssl.mixers.base import Block, MixerStack, register_mixer
+from streamssl.mixers.window import Chunk, keep_last, positions, push, streaming_state, take
+
+Layers = list[dict[str, Tensor]]
 
 
 @dataclass
@@ -178,11 +181,6 @@ class MemoryStack(MixerStack):
     def mean_lookahead_frames(self) -> float:
         return (self.segment_frames - 1) / 2 + self.right_frames
 
-    def _left_start(self, segment: int) -> int:
-        """First frame of segment ``segment``'s left context."""
-        start = segment * self.segment_frames
-        return 0 if self.left_frames is None else max(0, start - self.left_frames)
-
     def _starts(self, first: int, n_segments: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """First frame of the left context and of the centre of segments ``first ..``: ``(S,)`` each."""
         centres = torch.arange(first, first + n_segments, device=device) * self.segment_frames
@@ -197,12 +195,26 @@ class MemoryStack(MixerStack):
             return (last + 1) * self.segment_frames
         return min(self.left_frames, last * self.segment_frames) + self.segment_frames
 
-    def _ready(self, first: int, frames_in: int, final: bool) -> int:
-        """Segments from ``first`` on whose outputs can be computed with ``frames_in`` frames known."""
+    def _frames_kept(self) -> int | None:
+        """Input frames a state keeps: the frames of the next segment and its right context that already
+        arrived, after the segment's left context where the family recomputes it (``None``: all)."""
+        return self.segment_frames - 1 + self.right_frames
+
+    def _slots(self, n: int) -> int:
+        """Segments that can complete in one step of ``n`` frames, whatever the stream's position."""
+        return (n + self.segment_frames - 1) // self.segment_frames
+
+    def _n_ready(self, chunk: Chunk, next_segment: Tensor, slots: int) -> Tensor:
+        """``(B,)`` segments from ``next_segment`` on whose frames and right context are all known."""
+        done = torch.div(chunk.end - self.right_frames, self.segment_frames, rounding_mode="floor")
+        return (done - next_segment).clamp(0, slots)
+
+    def _output_valid(self, chunk: Chunk, next_segment: Tensor, ready: Tensor, slots: int) -> Tensor:
+        """``(B, S * C)``: the centre frames of the ready segments that exist."""
         c = self.segment_frames
-        if final:
-            return max(0, -(-frames_in // c) - first)
-        return max(0, (frames_in - self.right_frames) // c - first)
+        offset = torch.arange(slots * c, device=ready.device)
+        pos = next_segment.view(-1, 1) * c + offset
+        return (offset < (ready * c).view(-1, 1)) & (pos < chunk.valid_end.view(-1, 1))
 
     def _empty(self, batch_size: int, frames: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         return torch.zeros(batch_size, frames, self.blocks[0].norm1.normalized_shape[0], device=device, dtype=dtype)
@@ -301,31 +313,78 @@ class AMTRFStack(MemoryStack):
         y, _ = self._segments(x, 0, 0, n_segments, lengths, banks)
         return y[:, :x.shape[1]]
 
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
-        """``frames``: input frames from the next segment's left context on (starting at ``frames_start``);
-        ``banks``: each layer's memory ``(B, <= M, D)``; ``next_segment``, ``frames_in``: counters."""
-        return {"frames": self._empty(batch_size, 0, device, dtype), "frames_start": 0, "frames_in": 0,
-                "next_segment": 0, "banks": [self._empty(batch_size, 0, device, dtype) for _ in self.blocks]}
+    def _frames_kept(self) -> int | None:
+        if self.left_frames is None:
+            return None
+        return self.left_frames + super()._frames_kept()
 
-    def step(self, x: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
-        frames = torch.cat([state["frames"], x], dim=1)
-        frames_in, first, start = state["frames_in"] + x.shape[1], state["next_segment"], state["frames_start"]
-        n_ready = self._ready(first, frames_in, final)
-        if n_ready == 0:
-            return frames[:, :0], {**state, "frames": frames, "frames_in": frames_in}
-        lengths = torch.full((x.shape[0],), frames_in, device=x.device)
-        y, banks = self._segments(frames, start, first, n_ready, lengths, state["banks"])
-        y = y[:, :frames_in - first * self.segment_frames]
-        keep_from = self._left_start(first + n_ready)
-        return y, {"frames": frames[:, keep_from - start:], "frames_start": keep_from, "frames_in": frames_in,
-                   "next_segment": first + n_ready, "banks": banks}
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> "AMTRFState":
+        d_model = self.blocks[0].norm1.normalized_shape[0]
+        zeros = [torch.zeros(batch_size, self.memory_size, d_model, device=device, dtype=dtype) for _ in self.blocks]
+        return AMTRFState(self._empty(batch_size, self._frames_kept() or 0, device, dtype),
+                          torch.zeros(batch_size, dtype=torch.long, device=device), zeros)
+
+    def step(self, x: Tensor, chunk: Chunk, state: "AMTRFState") -> tuple[Tensor, Tensor, "AMTRFState"]:
+        """Each ready segment's block ``[L; C; R]`` runs through the whole stack, one segment after the
+        other (every stream's segment ``k`` of this call at once), with each layer's memory bank."""
+        c, r, left = self.segment_frames, self.right_frames, self.left_frames
+        if x.shape[1] == 0:
+            return x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device), state
+        window = push(state.frames, x, chunk.count)
+        width = window.shape[1]
+        slots = self._slots(x.shape[1])
+        ready = self._n_ready(chunk, state.next_segment, slots)
+        banks, outputs = list(state.banks), []
+        for k in range(slots):
+            segment = state.next_segment + k
+            centre = segment * c
+            if left is None:
+                block, first = window, chunk.end - width
+            else:
+                first = centre - left
+                block = take(window, first - (chunk.end - width), left + c + r)
+            pos = first.view(-1, 1) + torch.arange(block.shape[1], device=x.device)
+            lo = torch.zeros_like(centre) if left is None else (centre - left).clamp(min=0)
+            valid = (pos >= lo.view(-1, 1)) & (pos < torch.minimum(centre + c + r, chunk.valid_end).view(-1, 1))
+            in_centre = (pos >= centre.view(-1, 1)) & (pos < centre.view(-1, 1) + c) & valid
+            bank_valid = torch.arange(self.memory_size, device=x.device) >= (self.memory_size - segment).view(-1, 1)
+            h = block
+            for layer, blk in enumerate(self.blocks):
+                att: SelfAttention = blk.mixer
+                u = blk.norm1(h)
+                q, keys, values = att.heads(u)
+                sources = [KeySource(keys, values, None, None, 0, valid)]
+                if self.memory_size > 0:
+                    _, mk, mv = att.heads(banks[layer])
+                    sources.insert(0, KeySource(mk, mv, None, None, 0, bank_valid))
+                    weights = in_centre.unsqueeze(-1).to(u.dtype)
+                    summary = (u * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+                    new = torch.tanh(att.merge(dense_band_attention(att.heads(summary)[0], sources)))
+                    appended = torch.cat([banks[layer][:, 1:], new], dim=1)
+                    banks[layer] = torch.where((k < ready).view(-1, 1, 1), appended, banks[layer])
+                h = blk.residual_feed_forward(h, att.merge(dense_band_attention(q, sources)))
+            outputs.append(take(h, centre - first, c))
+        y = torch.cat(outputs, dim=1) if outputs else x[:, :0]
+        new_state = AMTRFState(keep_last(window, self._frames_kept()), state.next_segment + ready, banks)
+        return y, self._output_valid(chunk, state.next_segment, ready, slots), new_state
+
+
+@streaming_state
+class AMTRFState:
+    """``frames`` ``(B, L + C - 1 + R, D)``: the latest input frames (every frame so far when ``L`` is
+    None); ``next_segment`` ``(B,)``; ``banks``: per layer its memory ``(B, M, D)``, newest last (slots
+    before the stream's first segment are masked)."""
+
+    frames: Tensor
+    next_segment: Tensor
+    banks: list[Tensor]
 
 
 class EmformerStack(MemoryStack):
     """Emformer: cached left context, memory from the layer below, right-context blocks."""
 
     def _segments(self, x: Tensor, x_start: int, first: int, n_segments: int, lengths: Tensor,
-                  layers: list[State]) -> tuple[Tensor, list[State]]:
+                  layers: Layers) -> tuple[Tensor, Layers]:
         """Outputs ``(B, S * C, D)`` of segments ``first .. first + S - 1``, all at once.
 
         Args:
@@ -408,30 +467,124 @@ class EmformerStack(MemoryStack):
         y, _ = self._segments(x, 0, 0, n_segments, lengths, self._fresh_layers(x.shape[0], x.device, x.dtype))
         return y[:, :x.shape[1]]
 
-    def _fresh_layers(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> list[State]:
+    def _fresh_layers(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Layers:
         d_model = self.blocks[0].norm1.normalized_shape[0]
         empty = torch.zeros(batch_size, self.n_heads, 0, d_model // self.n_heads, device=device, dtype=dtype)
         return [{"k": empty, "v": empty, "bank": self._empty(batch_size, 0, device, dtype)} for _ in self.blocks]
 
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
-        """``frames``: input frames from the next segment's first frame on; ``layers``: per layer the cached
-        keys/values ``(B, H, <= L, D/H)`` of its last centre frames and the memory ``bank`` ``(B, <= M, D)``
-        it reads; ``next_segment``, ``frames_in``: counters."""
-        return {"frames": self._empty(batch_size, 0, device, dtype), "frames_in": 0, "next_segment": 0,
-                "layers": self._fresh_layers(batch_size, device, dtype)}
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> "EmformerState":
+        d_model = self.blocks[0].norm1.normalized_shape[0]
+        left = 0 if self.left_frames is None else self.left_frames
+        kv = [torch.zeros(batch_size, self.n_heads, left, 2 * d_model // self.n_heads, device=device, dtype=dtype)
+              for _ in self.blocks]
+        banks = [torch.zeros(batch_size, self.memory_size, d_model, device=device, dtype=dtype) for _ in self.blocks]
+        return EmformerState(self._empty(batch_size, self._frames_kept(), device, dtype),
+                             torch.zeros(batch_size, dtype=torch.long, device=device), kv, banks)
 
-    def step(self, x: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
-        frames = torch.cat([state["frames"], x], dim=1)
-        frames_in, first = state["frames_in"] + x.shape[1], state["next_segment"]
-        n_ready = self._ready(first, frames_in, final)
-        if n_ready == 0:
-            return frames[:, :0], {**state, "frames": frames, "frames_in": frames_in}
-        start = first * self.segment_frames
-        lengths = torch.full((x.shape[0],), frames_in, device=x.device)
-        y, layers = self._segments(frames, start, first, n_ready, lengths, state["layers"])
-        done = n_ready * self.segment_frames
-        return y[:, :frames_in - start], {"frames": frames[:, done:], "frames_in": frames_in,
-                                          "next_segment": first + n_ready, "layers": layers}
+    def step(self, x: Tensor, chunk: Chunk, state: "EmformerState") -> tuple[Tensor, Tensor, "EmformerState"]:
+        """Every ready segment at once, as in the training form, from per-stream segment indices."""
+        c, r, m = self.segment_frames, self.right_frames, self.memory_size
+        if x.shape[1] == 0:
+            return x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device), state
+        window = push(state.frames, x, chunk.count)
+        slots = self._slots(x.shape[1])
+        seg = state.next_segment
+        ready = self._n_ready(chunk, seg, slots)
+        batch, d_model, device = x.shape[0], x.shape[2], x.device
+        first = seg * c - (chunk.end - window.shape[1])
+        main = take(window, first, slots * c)
+        k_index = torch.arange(slots, device=device)
+        segments = seg.view(-1, 1) + k_index                                   # (B, S)
+        main_pos = seg.view(-1, 1) * c + torch.arange(slots * c, device=device)
+        main_valid = main_pos < chunk.valid_end.view(-1, 1)
+        centre_count = main_valid.view(batch, slots, c).sum(-1)
+        right_index = (first.view(-1, 1, 1) + c * (k_index.view(1, -1, 1) + 1)
+                       + torch.arange(r, device=device).view(1, 1, -1)).clamp(0, window.shape[1] - 1)
+        right = torch.gather(window, 1, right_index.view(batch, slots * r, 1).expand(batch, slots * r, d_model))
+        right = right.view(batch, slots, r, d_model)
+        right_pos = (segments.unsqueeze(-1) + 1) * c + torch.arange(r, device=device)
+        right_valid = (right_pos < chunk.valid_end.view(-1, 1, 1)).reshape(batch * slots, r)
+        zeros = torch.zeros_like(seg)
+        memory = _centre_mean(main.view(batch, slots, c, d_model), zeros[:1].expand(slots), centre_count)
+        new_kv, new_banks = [], []
+        for layer, (block, kv_cached, bank) in enumerate(zip(self.blocks, state.kv, state.banks)):
+            att: SelfAttention = block.mixer
+            last = layer == len(self.blocks) - 1
+            u_main, u_right = block.norm1(main), block.norm1(right)
+            q_main, k_main, v_main = att.heads(u_main)
+            q_right, k_right, v_right = att.heads(_fold(u_right))
+            dh = q_main.shape[-1]
+            kv = torch.cat([kv_cached, torch.cat([k_main, v_main], dim=-1)], dim=2)
+            window_kv, window_valid = self._segment_windows(kv, kv_cached.shape[2], seg, slots, chunk)
+            context = [KeySource(window_kv[..., :dh], window_kv[..., dh:], None, None, 0, window_valid),
+                       KeySource(k_right, v_right, None, None, 0, right_valid)]
+            sources = list(context)
+            if m > 0:
+                made = torch.cat([bank, memory], dim=1)                          # (B, M + S, D)
+                _, mk, mv = att.heads(made)
+                slot_index = k_index.view(-1, 1) + torch.arange(m, device=device)   # (S, M)
+                slot_valid = (segments.unsqueeze(-1) - m + torch.arange(m, device=device)) >= 0
+                mk = mk[:, :, slot_index].transpose(1, 2).reshape(batch * slots, self.n_heads, m, dh)
+                mv = mv[:, :, slot_index].transpose(1, 2).reshape(batch * slots, self.n_heads, m, dh)
+                sources.insert(0, KeySource(mk, mv, None, None, 0, slot_valid.reshape(batch * slots, m)))
+                if not last:
+                    summary = _centre_mean(u_main.view(batch, slots, c, d_model), zeros[:1].expand(slots),
+                                           centre_count)
+                    q_summary, _, _ = att.heads(_fold(summary).unsqueeze(1))
+                    memory = torch.tanh(att.merge(dense_band_attention(q_summary, context))).view(
+                        batch, slots, d_model)
+                bank = take(made, ready, m)
+            h, dh = self.n_heads, q_main.shape[3]
+            q_segments = q_main.view(batch, h, slots, c, dh).transpose(1, 2).reshape(-1, h, c, dh)
+            out = dense_band_attention(torch.cat([q_right, q_segments], dim=2), sources)
+            out_right, out_main = out[:, :, :r], out[:, :, r:]
+            out_main = out_main.reshape(batch, slots, h, c, dh).transpose(1, 2).reshape(batch, h, -1, dh)
+            main = block.residual_feed_forward(main, att.merge(out_main))
+            if not last:
+                right = block.residual_feed_forward(right, att.merge(out_right).view(batch, slots, r, d_model))
+            # Right-aligned at the next segment's first frame (an unlimited cache grows by S * C slots,
+            # whose oldest then hold positions before the stream's start).
+            keep = kv_cached.shape[2] if self.left_frames is not None else kv.shape[2]
+            new_kv.append(take(kv, ready * c + kv_cached.shape[2] - keep, keep, dim=2))
+            new_banks.append(bank)
+        new_state = EmformerState(keep_last(window, self._frames_kept()), seg + ready, new_kv, new_banks)
+        return main, self._output_valid(chunk, seg, ready, slots), new_state
+
+    def _segment_windows(self, kv: Tensor, cached: int, seg: Tensor, slots: int,
+                         chunk: Chunk) -> tuple[Tensor, Tensor]:
+        """Left context and centre of each segment: ``(B * S, H, W, 2 dh)`` and validity ``(B * S, W)``.
+
+        ``kv`` ``(B, H, cached + S * C, 2 dh)``: the cached keys then this call's centre frames, slot ``i``
+        at position ``seg * C - cached + i``.
+        """
+        c, left = self.segment_frames, self.left_frames
+        batch, heads, total, width2 = kv.shape
+        if left is not None:
+            offsets = torch.arange(slots, device=kv.device).view(-1, 1) * c + torch.arange(left + c, device=kv.device)
+            windows = kv.index_select(2, offsets.reshape(-1)).view(batch, heads, slots, left + c, width2)
+            windows = windows.transpose(1, 2).reshape(batch * slots, heads, left + c, width2)
+        else:
+            windows = kv.unsqueeze(1).expand(batch, slots, heads, total, width2).reshape(
+                batch * slots, heads, total, width2)
+            offsets = torch.arange(total, device=kv.device).expand(slots, total)
+        pos = (seg * c - cached).view(-1, 1, 1) + offsets                          # (B, S, W)
+        centre = (seg.view(-1, 1) + torch.arange(slots, device=kv.device)) * c     # (B, S)
+        valid = (pos >= 0) & (pos < (centre + c).unsqueeze(-1)) & (pos < chunk.valid_end.view(-1, 1, 1))
+        if left is not None:
+            valid = valid & (pos >= (centre - left).unsqueeze(-1))
+        return windows, valid.reshape(batch * slots, -1)
+
+
+@streaming_state
+class EmformerState:
+    """``frames`` ``(B, C - 1 + R, D)``: the latest input frames; ``next_segment`` ``(B,)``; per layer the
+    keys and values ``kv`` ``(B, H, L, 2 D/H)`` of the ``L`` centre frames before the next segment (all
+    of them when ``L`` is None) and the memory ``bank`` ``(B, M, D)`` it reads, newest last."""
+
+    frames: Tensor
+    next_segment: Tensor
+    kv: list[Tensor]
+    banks: list[Tensor]
 
 
 @register_mixer("amtrf", options=MemoryOptions)

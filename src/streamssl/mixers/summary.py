@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from streamssl.mixers.base import MIXERS, Block, LayerMixer, LayerStack, MixerStack, State, register_mixer
+from streamssl.mixers.base import MIXERS, Block, LayerMixer, LayerStack, MixerStack, register_mixer
+from streamssl.mixers.window import Chunk, key_mask, keep_last, push, streaming_state
 
 SUMMARY_KINDS = ("causal", "global")
 DEFAULT_WINDOW_LEFT_FRAMES = 64
@@ -125,6 +126,31 @@ def window_means(prefix: Tensor, prefix_start: int, first: int, n: int, w_left: 
     return (sums / counts.unsqueeze(-1)).to(dtype)
 
 
+def masked_prefix_sums(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Float64 prefix sums ``(B, W + 1, D)`` of ``values`` ``(B, W, D)`` where ``valid`` ``(B, W)``, and of
+    the valid count ``(B, W + 1, 1)``."""
+    return prefix_sums(torch.where(valid.unsqueeze(-1), values, 0.0)), prefix_sums(valid.unsqueeze(-1))
+
+
+def slot_means(prefix: Tensor, counts: Tensor, lo: int, hi: int, n: int, dtype: torch.dtype) -> Tensor:
+    """Means over window slots ``[lo + o, hi + o]`` for ``o = 0 .. n - 1`` from :func:`masked_prefix_sums`."""
+    sums = prefix[:, hi + 1:hi + 1 + n] - prefix[:, lo:lo + n]
+    return (sums / (counts[:, hi + 1:hi + 1 + n] - counts[:, lo:lo + n]).clamp(min=1)).to(dtype)
+
+
+@streaming_state
+class SummaryState:
+    """One SummaryMixing layer (``R`` its look-ahead, ``L`` ``left_frames``, ``w`` the widest ``w_left``):
+    ``f`` ``(B, R, local_dim)`` of the frames waiting for look-ahead; ``s`` ``(B, L + R, summary_dim)`` of
+    the latest frames (``(B, R, summary_dim)`` and the float64 sum ``s_before`` ``(B, summary_dim)`` of all
+    earlier ones when ``L`` is None); ``l`` ``(B, w + R, window_dim)`` for the local windows (WSM)."""
+
+    f: Tensor
+    s: Tensor
+    s_before: Tensor | None
+    l: Tensor | None
+
+
 def frame_mlp(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU())
 
@@ -189,62 +215,60 @@ class SummaryMixer(LayerMixer):
                     "utterance and cannot stream; use summary='causal' to stream")
         return None
 
-    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> SummaryState:
         error = self.stream_error()
         if error is not None:
             raise ValueError(error)
+        lag = self.lookahead_frames()
 
-        def empty(width: int) -> Tensor:
-            return torch.zeros(batch_size, 0, width, device=device, dtype=dtype)
+        def zeros(frames: int, width: int) -> Tensor:
+            return torch.zeros(batch_size, frames, width, device=device, dtype=dtype)
 
         summary_dim = self.s[0].out_features
-        state: State = {"f": empty(self.f[0].out_features), "s": empty(summary_dim), "s_start": 0,
-                        "t_in": 0, "t_out": 0}
+        left = 0 if self.left_frames is None else self.left_frames
+        s_before = None
         if self.left_frames is None:
-            state["s_before"] = torch.zeros(batch_size, summary_dim, device=device, dtype=torch.float64)
+            s_before = torch.zeros(batch_size, summary_dim, device=device, dtype=torch.float64)
+        local = None
         if self.s_local is not None:
-            state.update(l=empty(self.s_local[0].out_features), l_start=0)
-        return state
+            local = zeros(max(w for w, _ in self.windows) + lag, self.s_local[0].out_features)
+        return SummaryState(zeros(lag, self.f[0].out_features), zeros(left + lag, summary_dim), s_before, local)
 
-    def step(self, u: Tensor, state: State, final: bool = False) -> tuple[Tensor, State]:
-        """Feed ``u`` (B, n, D); return the outputs (B, m, D) of the oldest frames whose look-ahead is
-        complete (all waiting frames when ``final``) and the new state."""
-        batch = u.shape[0]
-        t_in = state["t_in"] + u.shape[1]
-        t_out = state["t_out"]
-        ready = t_in - t_out if final else max(0, t_in - self.lookahead_frames() - t_out)
-        lengths = torch.full((batch,), t_in, device=u.device)
-        new: State = {"t_in": t_in, "t_out": t_out + ready}
+    def step(self, u: Tensor, chunk: Chunk, state: SummaryState) -> tuple[Tensor, SummaryState]:
+        """``u`` ``(B, n, D)`` new frame slots -> ``(B, n, D)`` outputs ``R`` frames behind them.
 
-        local = torch.cat([state["f"], self.f(u)], dim=1)
-        parts = [local[:, :ready]]
-        new["f"] = local[:, ready:]
-
+        Output slot ``o`` is at position ``t = end - R - n + o``; in a window of width ``W + n`` pushed at
+        the same ``end``, position ``t + d`` is slot ``W - R + o + d``.
+        """
+        n, lag = u.shape[1], self.lookahead_frames()
+        local = push(state.f, self.f(u), chunk.count)
+        parts = [local[:, :n]]
+        new_local = None
         if self.s_local is not None:
-            values = torch.cat([state["l"], self.s_local(u)], dim=1)
-            prefix = prefix_sums(values)
-            parts += [window_means(prefix, state["l_start"], t_out, ready, w_left, w_right, lengths, u.dtype)
+            values = push(state.l, self.s_local(u), chunk.count)
+            width = values.shape[1]
+            prefix, counts = masked_prefix_sums(values, key_mask(chunk.end, width, n, chunk))
+            centre = width - n - lag
+            parts += [slot_means(prefix, counts, centre - w_left, centre + w_right, n, u.dtype)
                       for w_left, w_right in self.windows]
-            n_drop = self._n_drop(values, state["l_start"], t_out + ready - max(w for w, _ in self.windows))
-            new["l"], new["l_start"] = values[:, n_drop:], state["l_start"] + n_drop
+            new_local = keep_last(values, state.l.shape[1])
 
-        values = torch.cat([state["s"], self.s(u)], dim=1)
-        prefix = prefix_sums(values)
+        values = push(state.s, self.s(u), chunk.count)
+        width = values.shape[1]
+        prefix, counts = masked_prefix_sums(values, key_mask(chunk.end, width, n, chunk))
+        centre = width - n - lag
+        s_before = None
         if self.left_frames is None:
-            # Frames already emitted are only needed through their running sum.
-            n_drop = self._n_drop(values, state["s_start"], t_out + ready)
-            prefix = prefix + state["s_before"].unsqueeze(1)
-            new["s_before"] = state["s_before"] + values[:, :n_drop].to(torch.float64).sum(1)
+            # Frames that leave the window are only needed through their running sum.
+            t = chunk.end.view(-1, 1) - lag - n + torch.arange(n, device=u.device)
+            seen = torch.minimum(t, chunk.valid_end.view(-1, 1) - 1) + 1
+            sums = state.s_before.unsqueeze(1) + prefix[:, centre + 1:centre + 1 + n]
+            parts.append((sums / seen.clamp(min=1).unsqueeze(-1)).to(u.dtype))
+            s_before = state.s_before + prefix[:, n]
         else:
-            n_drop = self._n_drop(values, state["s_start"], t_out + ready - self.left_frames)
-        parts.append(window_means(prefix, state["s_start"], t_out, ready, self.left_frames, 0, lengths, u.dtype))
-        new["s"], new["s_start"] = values[:, n_drop:], state["s_start"] + n_drop
-        return self.combine(torch.cat(parts, dim=-1)), new
-
-    @staticmethod
-    def _n_drop(values: Tensor, start: int, keep_from: int) -> int:
-        """How many of ``values`` (first at absolute frame ``start``) lie before frame ``keep_from``."""
-        return min(max(0, keep_from - start), values.shape[1])
+            parts.append(slot_means(prefix, counts, centre - self.left_frames, centre, n, u.dtype))
+        new_state = SummaryState(keep_last(local, lag), keep_last(values, state.s.shape[1]), s_before, new_local)
+        return self.combine(torch.cat(parts, dim=-1)), new_state
 
 
 def _build(config: Any, name: str, windowed: bool) -> MixerStack:

@@ -12,16 +12,13 @@ Usage::
     # several streams in one model call:
     updates = recognizer.accept({stream_a: samples_a, stream_b: samples_b})
 
-Batching design. The encoder's streaming state keeps its position counters (frames fed, next query,
-segment index...) as plain ints shared by the whole batch, so two streams can only share a model call
-when their states are at exactly the same point. Every :class:`Stream` therefore owns a batch-of-one
-state. When several streams have audio to feed, the recogniser groups them by a *signature* of their
-states (every int/str leaf and every tensor's shape without the batch dimension) plus the number of
-samples each feeds; a group is concatenated along the batch dimension, stepped once, and split back.
-Equal signatures mean equal counters, so the batched step does for each stream what its own step would
-do; streams that started at different moments simply run in separate groups. Streams that started
-together and are fed at the same pace (a batch of files, or calls that arrive on the same chunk grid)
-stay in one group for their whole life.
+Batching design. Every :class:`Stream` owns a batch-of-one state. The encoder's state keeps every
+position and count per stream in tensors of fixed size, so any streams, whatever their positions,
+stack into one batch (``model.stack_states``), take one model call (``model.step_window``, each with
+its own number of samples, right-aligned) and split again (``state.select``). One tick is one call:
+with ``chunk_ms`` each stream with a whole chunk waiting feeds one chunk per tick, and ticks repeat
+while some stream still has whole chunks; without it every stream feeds all it has in one call.
+Results never depend on which other streams were running.
 
 Emission delay (METHODS.md section 5.3) is measured per output frame: the clock reading when the
 :meth:`Stream.accept` call that completed the frame's window was made, to the clock reading after the
@@ -32,10 +29,8 @@ all inside it.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import time
 from array import array
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -45,10 +40,11 @@ import torch
 from torch import Tensor
 
 from streamssl.asr.ctc import CTCState, GreedyDecoder, RecognitionModel
-from streamssl.encoder import EncoderState
+from streamssl.export import OnnxModel, export_model
 from streamssl.latency import Latency
 
 Clock = Callable[[], float]
+BACKENDS = ("torch", "onnx")
 # Float PCM lies in [-1, 1]; a little headroom lets resampled or filtered audio overshoot, while int16
 # values passed as floats (hundreds to thousands) are caught.
 MAX_SAMPLE_MAGNITUDE = 1.5
@@ -106,73 +102,6 @@ class Transcript:
         return self.text
 
 
-# ---------------------------------------------------------------------------- state batching
-def _signature(tree: Any) -> Any:
-    """Everything that must agree for two batch-of-one states to be stepped as one batch."""
-    if isinstance(tree, Tensor):
-        return ("tensor", tuple(tree.shape[1:]), tree.dtype)
-    if dataclasses.is_dataclass(tree):
-        return tuple((f.name, _signature(getattr(tree, f.name))) for f in dataclasses.fields(tree))
-    if isinstance(tree, dict):
-        return tuple((key, _signature(value)) for key, value in tree.items())
-    if isinstance(tree, (list, tuple)):
-        return (type(tree).__name__, tuple(_signature(item) for item in tree))
-    return tree
-
-
-def _cat(trees: list[Any], dim: int = 0) -> Any:
-    first = trees[0]
-    if isinstance(first, Tensor):
-        return torch.cat(trees, dim=dim)
-    if isinstance(first, dict):
-        return {key: _cat([t[key] for t in trees], dim) for key in first}
-    if isinstance(first, (list, tuple)):
-        return type(first)(_cat(list(items), dim) for items in zip(*trees))
-    return first
-
-
-def _split(tree: Any, n: int, dim: int = 0) -> list[Any]:
-    if isinstance(tree, Tensor):
-        return list(tree.split(1, dim=dim))
-    if isinstance(tree, dict):
-        parts = {key: _split(value, n, dim) for key, value in tree.items()}
-        return [{key: parts[key][i] for key in tree} for i in range(n)]
-    if isinstance(tree, (list, tuple)):
-        columns = [_split(item, n, dim) for item in tree]
-        return [type(tree)(column[i] for column in columns) for i in range(n)]
-    return [tree] * n
-
-
-def state_signature(state: CTCState) -> Any:
-    """A hashable key; batch-of-one states with equal keys can be merged by :func:`merge_states`."""
-    return _signature(state.encoder), _signature(state.lstm)
-
-
-def merge_states(states: list[CTCState]) -> CTCState:
-    """Concatenate batch-of-one states with equal :func:`state_signature` into one batched state.
-
-    Encoder state tensors are batch-first; the LSTM head's ``(h, c)`` are ``(layers, B, hidden)``.
-    """
-    encoders = [s.encoder for s in states]
-    merged = {f.name: _cat([getattr(e, f.name) for e in encoders]) for f in dataclasses.fields(EncoderState)}
-    merged["batch_size"] = sum(e.batch_size for e in encoders)
-    lstm = None if states[0].lstm is None else _cat([s.lstm for s in states], dim=1)
-    return CTCState(EncoderState(**merged), lstm)
-
-
-def split_state(state: CTCState) -> list[CTCState]:
-    """The inverse of :func:`merge_states`: one batch-of-one state per stream."""
-    n = state.encoder.batch_size
-    columns = {f.name: _split(getattr(state.encoder, f.name), n) for f in dataclasses.fields(EncoderState)}
-    lstm = [None] * n if state.lstm is None else _split(state.lstm, n, dim=1)
-    out = []
-    for i in range(n):
-        fields = {name: column[i] for name, column in columns.items()}
-        fields["batch_size"] = 1
-        out.append(CTCState(EncoderState(**fields), lstm[i]))
-    return out
-
-
 # ---------------------------------------------------------------------------- recogniser
 def _as_samples(samples: Any) -> Tensor:
     """A 1-D float tensor, or ``ValueError`` saying what is wrong with ``samples``."""
@@ -205,9 +134,19 @@ class Recognizer:
             or :meth:`Stream.finish`). Transcripts never depend on it; latency and speed do.
         clock: seconds, monotonic; emission delays are differences of its readings. A paced or
             simulated clock (see :mod:`streamssl.streaming.pacing`) can be passed in.
+        backend: ``"torch"``, or ``"onnx"``: the model's step exported at ``chunk_ms``
+            (:func:`streamssl.export.export_model`) and run by ONNX Runtime on one thread; an
+            :class:`~streamssl.export.OnnxModel` may also be passed as ``model``.
     """
 
-    def __init__(self, model: RecognitionModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter):
+    def __init__(self, model: RecognitionModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter,
+                 backend: str = "torch"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "onnx" and not isinstance(model, OnnxModel):
+            if chunk_ms is None:
+                raise ValueError("backend='onnx' runs an export at a fixed chunk size; give chunk_ms")
+            model = OnnxModel(export_model(model, chunk_ms)[0])
         error = model.stream_error()
         if error is not None:
             raise ValueError(error)
@@ -225,11 +164,11 @@ class Recognizer:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, chunk_ms: float | None = None,
-                        clock: Clock = time.perf_counter) -> "Recognizer":
+                        clock: Clock = time.perf_counter, backend: str = "torch") -> "Recognizer":
         """Load a fine-tuned CTC checkpoint (file or run folder) made by ``streamssl finetune``."""
         from streamssl.train.checkpoint import load_checkpoint
 
-        return cls(load_checkpoint(path, kind="finetune").model, chunk_ms, clock)
+        return cls(load_checkpoint(path, kind="finetune").model, chunk_ms, clock, backend)
 
     def latency(self) -> Latency:
         """The model's declared look-ahead (the chunk wait is :attr:`chunk_ms` on top)."""
@@ -265,29 +204,26 @@ class Recognizer:
 
     def _advance(self, streams: Iterable["Stream"], final: bool) -> dict["Stream", Update]:
         updates = {s: Update([], [], "") for s in streams}
-        groups: dict[Any, list[Stream]] = defaultdict(list)
-        for stream in updates:
-            n = stream._ready_samples(final)
-            if n:
-                # A lone stream needs no signature: there is nothing to batch it with.
-                key = (state_signature(stream._state), n) if len(updates) > 1 else n
-                groups[key].append(stream)
         with torch.inference_mode():
-            for group in groups.values():
-                n = group[0]._ready_samples(final)
-                chunk = torch.stack([s._take(n) for s in group])
-                state = group[0]._state if len(group) == 1 else merge_states([s._state for s in group])
+            while True:
+                ticking = [s for s in updates if s._ready_samples(final)]
+                if not ticking:
+                    break
+                pieces = [s._take(s._tick_samples(final)) for s in ticking]
+                width = max(p.numel() for p in pieces)
+                chunk = torch.stack([torch.nn.functional.pad(p, (width - p.numel(), 0)) for p in pieces])
+                counts = torch.tensor([p.numel() for p in pieces])
+                state = ticking[0]._state if len(ticking) == 1 else self.model.stack_states([s._state for s in ticking])
                 started, started_cpu = time.perf_counter(), time.process_time()
-                log_probs, state = self.model.step(chunk, state)
+                log_probs, emitted, state = self.model.step_window(chunk, state, counts)
                 compute_s = time.perf_counter() - started
                 cpu_s = time.process_time() - started_cpu
                 emitted_at = self.clock()
-                states = [state] if len(group) == 1 else split_state(state)
-                for i, stream in enumerate(group):
-                    stream._state = states[i]
+                for i, (stream, n) in enumerate(zip(ticking, emitted.tolist())):
+                    stream._state = state if len(ticking) == 1 else state.select([i])
                     stream.compute_s.append(compute_s)
                     stream.cpu_s.append(cpu_s)
-                    stream._emit(log_probs[i], emitted_at, updates[stream])
+                    stream._emit(log_probs[i, :n], emitted_at, updates[stream])
         for stream, update in updates.items():
             update.partial = stream.text
         return updates
@@ -369,6 +305,12 @@ class Stream:
         chunk = self.recognizer.chunk_samples
         n = self._pending.numel()
         return n if final or chunk is None else n - n % chunk
+
+    def _tick_samples(self, final: bool) -> int:
+        """Samples this stream feeds in one tick: one chunk, or all it has without a chunk size."""
+        chunk = self.recognizer.chunk_samples
+        n = self._ready_samples(final)
+        return n if chunk is None else min(n, chunk)
 
     def _take(self, n: int) -> Tensor:
         taken, self._pending = self._pending[:n], self._pending[n:]

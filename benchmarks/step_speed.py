@@ -1,0 +1,201 @@
+"""One streaming step, side by side in one run on one thread: torchaudio's Emformer (the peer) against
+streamssl ``emformer`` and ``llsa``, in PyTorch and in ONNX Runtime.
+
+Config (issue 14): 12 layers, d_model 256, ffn 1024, 4 heads, left 32, right 4, memory 4, frame input,
+chunks of C = 2, 4, 16 frames (20 ms frames: 40, 80, 320 ms). Also: a batch of 32 LLSA streams at
+different positions against batch 1, per stream.
+
+torchaudio cannot be imported against this project's torch, so its ``models/emformer.py`` (which needs
+only torch) is loaded on its own from a torchaudio wheel: ``pip download torchaudio --no-deps -d DIR``
+and pass ``--torchaudio-wheel DIR/torchaudio-*.whl``. Without it the peer is skipped with a message.
+Its code is read from the wheel at run time, never copied into the project.
+
+    python benchmarks/step_speed.py --torchaudio-wheel /tmp/ta/torchaudio-2.9.1-*.whl
+
+Prints a markdown table; writes docs/benchmarks/step_speed.json and step_speed.png. Times are CPU
+time (``time.process_time``) per step, median over ``--steps`` steps after a warm-up, so other load on
+a shared machine does not inflate them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamssl import EncoderConfig
+from streamssl.asr.ctc import CTCModel
+from streamssl.export import OnnxModel, export_model
+
+ROOT = Path(__file__).resolve().parent.parent
+FRAME_MS = 20.0
+LAYERS, D_MODEL, FFN, HEADS, LEFT, RIGHT, MEMORY, INPUT_DIM = 12, 256, 1024, 4, 32, 4, 4, 80
+
+
+def timed(step, n_steps: int, warmup: int = 5) -> float:
+    """Median CPU seconds of ``step()``."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(n_steps):
+        started = time.process_time()
+        step()
+        times.append(time.process_time() - started)
+    return statistics.median(times)
+
+
+def streamssl_model(mixer: str, chunk: int) -> CTCModel:
+    torch.manual_seed(0)
+    options = {"segment_frames": chunk, "memory_size": MEMORY} if mixer == "emformer" else {}
+    config = EncoderConfig(frontend="none", input_dim=INPUT_DIM, d_model=D_MODEL, n_layers=LAYERS, n_heads=HEADS,
+                           ffn_dim=FFN, dropout=0.0, pos_conv_kernel=8, pos_conv_groups=4, mixer=mixer,
+                           left_frames=LEFT, right_frames=RIGHT, mixer_options=options)
+    return CTCModel(config).eval()
+
+
+def torch_step_time(model: CTCModel, chunk: int, n_steps: int) -> float:
+    state = model.init_state(1)
+    x = torch.randn(1, chunk, INPUT_DIM)
+
+    def step():
+        nonlocal state
+        with torch.inference_mode():
+            _, _, state = model.step_window(x, state)
+
+    return timed(step, n_steps)
+
+
+def onnx_step_time(model: CTCModel, chunk: int, n_steps: int) -> float:
+    runtime = OnnxModel(export_model(model, chunk * FRAME_MS)[0], threads=1)
+    state = runtime.init_state(1)
+    x = np.random.default_rng(0).standard_normal((1, chunk, INPUT_DIM)).astype(np.float32)
+
+    def step():
+        nonlocal state
+        _, _, state = runtime.step_window(x, state)
+
+    return timed(step, n_steps)
+
+
+def batch_per_stream_ratio(chunk: int, n_steps: int, batch: int = 32) -> tuple[float, float]:
+    """CPU time of one step for ``batch`` LLSA streams at different positions, per stream, and of batch 1."""
+    model = streamssl_model("llsa", chunk)
+    x = torch.randn(1, chunk, INPUT_DIM)
+    states = []
+    with torch.inference_mode():
+        for b in range(batch):
+            state = model.init_state(1)
+            for _ in range(b % 17):
+                _, _, state = model.step_window(x, state)
+            states.append(state)
+        stacked = model.stack_states(states)
+    xb = torch.randn(batch, chunk, INPUT_DIM)
+
+    def step():
+        with torch.inference_mode():
+            model.step_window(xb, stacked)
+
+    return timed(step, n_steps) / batch, torch_step_time(model, chunk, n_steps)
+
+
+def load_torchaudio_emformer(wheel: str | None):
+    if not wheel:
+        return None, "no --torchaudio-wheel given"
+    paths = glob.glob(wheel)
+    if not paths:
+        return None, f"no torchaudio wheel at {wheel}"
+    with zipfile.ZipFile(paths[0]) as archive:
+        source = archive.read("torchaudio/models/emformer.py")
+    folder = tempfile.mkdtemp()
+    path = Path(folder) / "emformer.py"
+    path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location("torchaudio_emformer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Emformer, Path(paths[0]).name
+
+
+def torchaudio_step_time(emformer_cls, chunk: int, n_steps: int) -> float:
+    torch.manual_seed(0)
+    model = emformer_cls(input_dim=D_MODEL, num_heads=HEADS, ffn_dim=FFN, num_layers=LAYERS, segment_length=chunk,
+                         left_context_length=LEFT, right_context_length=RIGHT, max_memory_size=MEMORY).eval()
+    x = torch.randn(1, chunk + RIGHT, D_MODEL)
+    lengths = torch.tensor([chunk + RIGHT])
+    states = None
+
+    def step():
+        nonlocal states
+        with torch.inference_mode():
+            _, _, states = model.infer(x, lengths, states)
+
+    return timed(step, n_steps)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--torchaudio-wheel", help="path (glob) of a torchaudio wheel to read emformer.py from")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--chunks", default="2,4,16")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    emformer_cls, peer = load_torchaudio_emformer(args.torchaudio_wheel)
+    if emformer_cls is None:
+        print(f"torchaudio Emformer skipped: {peer}", file=sys.stderr)
+    rows = []
+    for chunk in [int(c) for c in args.chunks.split(",")]:
+        row = {"chunk_frames": chunk, "chunk_ms": chunk * FRAME_MS}
+        if emformer_cls is not None:
+            row["torchaudio_emformer_ms"] = 1000 * torchaudio_step_time(emformer_cls, chunk, args.steps)
+        for mixer in ("emformer", "llsa"):
+            model = streamssl_model(mixer, chunk)
+            row[f"{mixer}_torch_ms"] = 1000 * torch_step_time(model, chunk, args.steps)
+            row[f"{mixer}_onnx_ms"] = 1000 * onnx_step_time(model, chunk, args.steps)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    per_stream, single = batch_per_stream_ratio(2, args.steps)
+    result = {"config": {"layers": LAYERS, "d_model": D_MODEL, "ffn": FFN, "heads": HEADS, "left": LEFT,
+                         "right": RIGHT, "memory": MEMORY, "input": "frames", "threads": 1},
+              "peer": peer, "rows": rows,
+              "batch32_llsa_c2": {"per_stream_ms": 1000 * per_stream, "batch1_ms": 1000 * single,
+                                  "ratio": per_stream / single}}
+    columns = [k for k in rows[0] if k.endswith("_ms") and k != "chunk_ms"]
+    print("| C (frames) | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for row in rows:
+        print(f"| {row['chunk_frames']} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
+    ratio = result["batch32_llsa_c2"]
+    print(f"batch 32 at different positions, LLSA C=2: {ratio['per_stream_ms']:.2f} ms per stream vs "
+          f"{ratio['batch1_ms']:.2f} ms at batch 1 (ratio {ratio['ratio']:.3f})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for column in columns:
+        ax.plot([r["chunk_frames"] for r in rows], [r[column] for r in rows], marker="o", label=column[:-3])
+    ax.set_xlabel("chunk C (frames of 20 ms)")
+    ax.set_ylabel("CPU ms per step (1 thread)")
+    ax.set_xscale("log", base=2)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "step_speed.png", dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

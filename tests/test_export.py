@@ -1,0 +1,219 @@
+"""ONNX export of the streaming step and the ONNX Runtime backend, for every streamable mixer."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from streamssl.asr.ctc import CTCModel
+from streamssl.config import EncoderConfig
+from streamssl.data.audio import resample
+from streamssl.data.synth import EspeakNG
+from streamssl.export import OnnxModel, export_model
+from streamssl.mixers import MIXERS
+from streamssl.streaming.recognizer import Recognizer
+
+STREAMING = [m for m in sorted(MIXERS) if m != "full"]
+CHUNK_MS = 40
+
+
+@functools.lru_cache(maxsize=1)
+def speech() -> np.ndarray:
+    """1.3 s of eSpeak NG speech at 16 kHz, float32."""
+    tts = EspeakNG()
+    tts.set_voice("en-us", 170, 50, 50)
+    audio = tts.speak("streaming speech on a small device", seed=3).astype(np.float32) / 32768
+    return resample(audio, tts.sample_rate, 16000)[:20800]
+
+
+@functools.lru_cache(maxsize=None)
+def model(mixer: str, head: str = "linear") -> CTCModel:
+    torch.manual_seed(0)
+    config = EncoderConfig.tiny(mixer=mixer, left_frames=6, right_frames=2)
+    return CTCModel(config, head=head, lstm_hidden=16).float().eval()
+
+
+@functools.lru_cache(maxsize=None)
+def exported(mixer: str, head: str = "linear", int8: bool = False):
+    return export_model(model(mixer, head), CHUNK_MS, int8=int8)
+
+
+def pytorch_stream(m: CTCModel, audio: np.ndarray, chunk: int) -> np.ndarray:
+    state = m.init_state(1)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(audio), chunk):
+            piece = torch.from_numpy(audio[start:start + chunk])[None]
+            y, state = m.step(piece, state)
+            out.append(y[0])
+        y, _ = m.flush(state)
+    return torch.cat(out + [y[0]]).numpy()
+
+
+def onnx_stream(m: OnnxModel, audio: np.ndarray, chunk: int) -> np.ndarray:
+    state = m.init_state(1)
+    out = []
+    for start in range(0, len(audio), chunk):
+        piece = audio[start:start + chunk][None]
+        y, state = m.step(piece, state)
+        out.append(y[0].numpy())
+    y, _ = m.flush(state)
+    return np.concatenate(out + [y[0].numpy()])
+
+
+@pytest.mark.parametrize("mixer", STREAMING)
+def test_onnx_runtime_equals_pytorch_from_cold_start_through_flush(mixer):
+    data, info = exported(mixer)
+    runtime = OnnxModel(data)
+    audio = speech()
+    chunk = info.chunk_samples
+    reference = pytorch_stream(model(mixer), audio, chunk)
+    with torch.no_grad():
+        offline, frames = model(mixer)(torch.from_numpy(audio)[None])
+    assert reference.shape == (int(frames[0]), len(model(mixer).vocab))
+    streamed = onnx_stream(runtime, audio, chunk)
+    assert streamed.shape == reference.shape
+    assert np.abs(streamed - reference).max() < 1e-4
+    assert np.abs(streamed - offline[0].numpy()).max() < 1e-4
+
+
+def test_lstm_head_and_batched_streams_at_different_positions():
+    data, info = exported("llsa", "lstm")
+    runtime = OnnxModel(data)
+    audio = speech()
+    chunk = info.chunk_samples
+    reference = pytorch_stream(model("llsa", "lstm"), audio, chunk)
+    late = runtime.init_state(1)
+    early, _ = runtime.init_state(1), None
+    outputs_early, outputs_late = [], []
+    for start in range(0, 3 * chunk, chunk):
+        y, early = runtime.step(audio[start:start + chunk][None], early)
+        outputs_early.append(y[0].numpy())
+    # The late stream joins: one call for both from now on.
+    state = runtime.stack_states([early, late])
+    fed = [3 * chunk, 0]
+    while fed[0] < len(audio):
+        pieces = [audio[f:f + chunk] for f in fed]
+        counts = np.array([len(p) for p in pieces])
+        batch = np.stack([np.pad(p, (chunk - len(p), 0)) for p in pieces])
+        y, emitted, state = runtime.step_window(batch, state, counts)
+        outputs_early.append(y[0, :emitted[0]].numpy())
+        outputs_late.append(y[1, :emitted[1]].numpy())
+        fed = [f + chunk for f in fed]
+    y, _ = runtime.flush(state.select([0]))
+    outputs_early.append(y[0].numpy())
+    assert np.abs(np.concatenate(outputs_early) - reference).max() < 1e-4
+    assert np.abs(np.concatenate(outputs_late) - reference[:len(np.concatenate(outputs_late))]).max() < 1e-4
+
+
+def test_metadata_names_every_state_with_shape_dtype_and_initial_value():
+    data, info = exported("emformer")
+    proto = onnx.load_from_string(data)
+    graph_inputs = {i.name for i in proto.graph.input}
+    graph_outputs = {o.name for o in proto.graph.output}
+    assert {"samples", "samples_count", "flush"} <= graph_inputs
+    assert {"log_probs", "emitted"} <= graph_outputs
+    assert info.chunk_samples == 640 and info.frames_per_chunk == 2 and info.sample_rate == 16000
+    assert info.vocabulary[0] == "<blank>" and info.latency["mixer"] == "emformer"
+    assert info.states
+    for state in info.states:
+        assert state["input"] in graph_inputs and state["output"] in graph_outputs
+        assert state["shape"][0] == "batch" and state["initial"] == 0
+    fresh = OnnxModel(data).init_state(2)
+    assert all(v.shape[0] == 2 and not v.any() for v in fresh.tensors.values())
+
+
+def test_recognizer_onnx_backend_gives_the_pytorch_transcript():
+    m = model("llsa")
+    audio = torch.from_numpy(speech())
+    texts = []
+    for backend in ("torch", "onnx"):
+        stream = Recognizer(m, chunk_ms=CHUNK_MS, backend=backend).stream()
+        stream.accept(audio[:7000])
+        stream.accept(audio[7000:])
+        transcript = stream.finish()
+        texts.append([(t.token_id, t.frame) for t in transcript.tokens])
+    assert texts[0] == texts[1]
+
+
+def test_int8_export_runs_and_stays_close():
+    data, info = exported("sa", "linear", True)
+    runtime = OnnxModel(data)
+    audio = speech()
+    streamed = onnx_stream(runtime, audio, info.chunk_samples)
+    reference = pytorch_stream(model("sa"), audio, info.chunk_samples)
+    assert streamed.shape == reference.shape
+    assert np.abs(np.exp(streamed) - np.exp(reference)).max() < 0.2
+    assert "MatMulInteger" in {node.op_type for node in onnx.load_from_string(data).graph.node}
+
+
+def test_bad_input_is_refused_with_a_reason():
+    runtime = OnnxModel(exported("sa")[0])
+    other = OnnxModel(exported("llsa")[0])
+    state = runtime.init_state(1)
+    with pytest.raises(ValueError, match="takes chunks of 640"):
+        runtime.step(np.zeros((1, 641), np.float32), state)
+    with pytest.raises(ValueError, match="NaN"):
+        runtime.step(np.full((1, 640), np.nan, np.float32), state)
+    with pytest.raises(ValueError, match="belongs to export"):
+        other.step(np.zeros((1, 640), np.float32), state)
+    broken = state.select([0])
+    name = next(iter(broken.tensors))
+    broken.tensors[name] = broken.tensors[name][..., :0]
+    with pytest.raises(ValueError, match=f"state tensor '{name}' has shape"):
+        runtime.step(np.zeros((1, 640), np.float32), broken)
+    with pytest.raises(ValueError, match="not a whole number"):
+        export_model(model("sa"), 30)
+    with pytest.raises(ValueError, match="left_frames=None"):
+        export_model(CTCModel(EncoderConfig.tiny(mixer="sa", left_frames=None)), 40)
+
+
+def test_frame_input_export_equals_pytorch():
+    torch.manual_seed(0)
+    m = CTCModel(EncoderConfig.tiny(mixer="emformer", frontend="none", input_dim=12, left_frames=6,
+                                    right_frames=2)).float().eval()
+    data, info = export_model(m, 40)
+    assert info.chunk_samples == 2 and info.inputs[0]["shape"] == ["batch", 2, 12]
+    runtime = OnnxModel(data)
+    x = torch.randn(1, 31, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        offline, _ = m.encoder(x)
+        reference = m.output(offline).log_softmax(-1)[0].numpy()
+    state, out = runtime.init_state(1), []
+    for start in range(0, 31, 2):
+        piece = x[:, start:start + 2].numpy()
+        y, emitted, state = runtime.step_window(piece, state, np.array([piece.shape[1]]))
+        out.append(y[0, :emitted[0]].numpy())
+    y, _ = runtime.flush(state)
+    streamed = np.concatenate(out + [y[0].numpy()])
+    assert streamed.shape == reference.shape
+    assert np.abs(streamed - reference).max() < 1e-4
+
+
+def test_cli_exports_a_checkpoint_and_streams_it_with_onnx_runtime(tmp_path, capsys):
+    from streamssl.cli import main
+    from streamssl.train.checkpoint import build_model, save_checkpoint
+    from streamssl.train.config import preset
+
+    config = preset("finetune", "tiny")
+    torch.manual_seed(0)
+    m = build_model("finetune", config, config.encoder).eval()
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"kind": "finetune", "encoder_config": config.encoder.to_dict(),
+                           "task_config": config.to_dict(), "vocab": m.vocab.symbols,
+                           "model": m.state_dict(), "progress": {"step": 0, "epoch": 0, "batch_in_epoch": 0}})
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(path), "--chunk-ms", "40", "--out", str(out)]) == 0
+    assert "chunks of 640 samples" in capsys.readouterr().out
+    runtime = OnnxModel(out)
+    audio = speech()
+    streamed = onnx_stream(runtime, audio, runtime.info.chunk_samples)
+    with torch.no_grad():
+        offline, frames = m.float()(torch.from_numpy(audio)[None])
+    assert np.abs(streamed - offline[0, :int(frames[0])].numpy()).max() < 1e-4
+    assert main(["export", "--checkpoint", str(path), "--chunk-ms", "30", "--out", str(out)]) == 2
+    assert "not a whole number" in capsys.readouterr().err
