@@ -15,10 +15,11 @@ Usage::
 Batching design. Every :class:`Stream` owns a batch-of-one state. The encoder's state keeps every
 position and count per stream in tensors of fixed size, so any streams, whatever their positions,
 stack into one batch (``model.stack_states``), take one model call (``model.step_window``, each with
-its own number of samples, right-aligned) and split again (``state.select``). One tick is one call:
-with ``chunk_ms`` each stream with a whole chunk waiting feeds one chunk per tick, and ticks repeat
-while some stream still has whole chunks; without it every stream feeds all it has in one call.
-Results never depend on which other streams were running.
+its own number of samples, right-aligned) and split again (``state.select``). One tick is one call
+in which every stream with audio ready (whole chunks with ``chunk_ms``) feeds as much as the stream
+with the least ready; ticks repeat while some stream has more, so streams fed alike take one call
+however much each brings. An ONNX export steps one fixed chunk per call. Results never depend on
+which other streams were running.
 
 Emission delay (METHODS.md section 5.3) is measured per output frame: the clock reading when the
 :meth:`Stream.accept` call that completed the frame's window was made, to the clock reading after the
@@ -204,18 +205,23 @@ class Recognizer:
 
     def _advance(self, streams: Iterable["Stream"], final: bool) -> dict["Stream", Update]:
         updates = {s: Update([], [], "") for s in streams}
+        # An export steps a fixed chunk; the PyTorch model takes any number of samples per call.
+        limit = self.model.info.chunk_samples if isinstance(self.model, OnnxModel) else None
         with torch.inference_mode():
             while True:
                 ticking = [s for s in updates if s._ready_samples(final)]
                 if not ticking:
                     break
-                pieces = [s._take(s._tick_samples(final)) for s in ticking]
-                width = max(p.numel() for p in pieces)
-                chunk = torch.stack([torch.nn.functional.pad(p, (width - p.numel(), 0)) for p in pieces])
-                counts = torch.tensor([p.numel() for p in pieces])
+                # Every stream of a tick feeds the same amount, the least any of them has ready: no call
+                # computes padding, streams fed alike share one call however much they hold, and those
+                # with more go on in the next tick.
+                width = min(s._ready_samples(final) for s in ticking)
+                if limit is not None:
+                    width = min(width, limit)
+                chunk = torch.stack([s._take(width) for s in ticking])
                 state = ticking[0]._state if len(ticking) == 1 else self.model.stack_states([s._state for s in ticking])
                 started, started_cpu = time.perf_counter(), time.process_time()
-                log_probs, emitted, state = self.model.step_window(chunk, state, counts)
+                log_probs, emitted, state = self.model.step_window(chunk, state)
                 compute_s = time.perf_counter() - started
                 cpu_s = time.process_time() - started_cpu
                 emitted_at = self.clock()
@@ -305,12 +311,6 @@ class Stream:
         chunk = self.recognizer.chunk_samples
         n = self._pending.numel()
         return n if final or chunk is None else n - n % chunk
-
-    def _tick_samples(self, final: bool) -> int:
-        """Samples this stream feeds in one tick: one chunk, or all it has without a chunk size."""
-        chunk = self.recognizer.chunk_samples
-        n = self._ready_samples(final)
-        return n if chunk is None else min(n, chunk)
 
     def _take(self, n: int) -> Tensor:
         taken, self._pending = self._pending[:n], self._pending[n:]
