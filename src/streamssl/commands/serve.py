@@ -14,16 +14,6 @@ from streamssl.streaming.endpoint import EndpointConfig
 from streamssl.streaming.recognizer import Recognizer
 
 
-def load_recognizer(checkpoint: str, backend: str, chunk_ms: float) -> Recognizer:
-    """The recogniser for ``backend``; only the PyTorch one exists until the Recognizer grows others."""
-    if backend == "torch":
-        return Recognizer.from_checkpoint(checkpoint, chunk_ms=chunk_ms)
-    try:
-        return Recognizer.from_checkpoint(checkpoint, chunk_ms=chunk_ms, backend=backend)
-    except TypeError:
-        raise ValueError(f"--backend {backend}: this Recognizer has no {backend!r} backend; use --backend torch") from None
-
-
 def _max_segment(text: str) -> float | None:
     value = float(text)
     return None if math.isinf(value) or value == 0 else value
@@ -47,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_message_bytes=args.max_message_bytes, endpoint=endpoint)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    recognizer = load_recognizer(args.checkpoint, args.backend, args.chunk_ms)
+    recognizer = Recognizer.from_checkpoint(args.checkpoint, chunk_ms=args.chunk_ms, backend=args.backend)
     server = StreamingServer(recognizer, config, host=args.host, port=args.port)
     try:
         asyncio.run(_serve(server))
@@ -63,7 +53,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "streams at once, with endpointing into segments, and a browser microphone page at "
                     "http://HOST:PORT/. The protocol is in docs/serving.md.")
     parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint (file or run folder)")
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="model runtime (default torch)")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="model runtime: torch, or onnx (the step exported at --chunk-ms, run by ONNX Runtime; default torch)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     parser.add_argument("--chunk-ms", type=float, default=40.0, help="audio per model step (default 40)")
