@@ -127,8 +127,14 @@ def test_metadata_names_every_state_with_shape_dtype_and_initial_value():
     assert all(v.shape[0] == 2 and not v.any() for v in fresh.tensors.values())
 
 
-def test_recognizer_onnx_backend_gives_the_pytorch_transcript():
-    m = model("llsa")
+@pytest.mark.parametrize("frontend", ["conv", "fbank"])
+def test_recognizer_onnx_backend_gives_the_pytorch_transcript(frontend):
+    if frontend == "conv":
+        m = model("llsa")
+    else:
+        torch.manual_seed(0)
+        m = CTCModel(EncoderConfig.tiny(mixer="llsa", frontend="fbank", left_frames=6, right_frames=2)).float().eval()
+        m.encoder.frontend.fit_normalizer([(torch.from_numpy(speech())[None], torch.tensor([len(speech())]))])
     audio = torch.from_numpy(speech())
     texts = []
     for backend in ("torch", "onnx"):
@@ -137,7 +143,7 @@ def test_recognizer_onnx_backend_gives_the_pytorch_transcript():
         stream.accept(audio[7000:])
         transcript = stream.finish()
         texts.append([(t.token_id, t.frame) for t in transcript.tokens])
-    assert texts[0] == texts[1]
+    assert len(texts[0]) > 3 and texts[0] == texts[1]
 
 
 def test_int8_export_runs_and_stays_close():
@@ -194,14 +200,21 @@ def test_frame_input_export_equals_pytorch():
     assert np.abs(streamed - reference).max() < 1e-4
 
 
-def test_cli_exports_a_checkpoint_and_streams_it_with_onnx_runtime(tmp_path, capsys):
+@pytest.mark.parametrize("frontend", ["conv", "fbank"])
+def test_cli_exports_a_checkpoint_and_streams_it_with_onnx_runtime(frontend, tmp_path, capsys):
+    """The demo's kind of model (fbank + LLSA) too: its graph starts at the log-mel frames, which the
+    runtime makes with kaldi-native-fbank, exactly as the PyTorch step does."""
     from streamssl.cli import main
     from streamssl.train.checkpoint import build_model, save_checkpoint
     from streamssl.train.config import preset
 
     config = preset("finetune", "tiny")
+    config.encoder = EncoderConfig.tiny(mixer="llsa", frontend=frontend)
     torch.manual_seed(0)
     m = build_model("finetune", config, config.encoder).eval()
+    audio = speech()
+    if frontend == "fbank":
+        m.encoder.frontend.fit_normalizer([(torch.from_numpy(audio)[None], torch.tensor([audio.size]))])
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"kind": "finetune", "encoder_config": config.encoder.to_dict(),
                            "task_config": config.to_dict(), "vocab": m.vocab.symbols,
@@ -210,10 +223,51 @@ def test_cli_exports_a_checkpoint_and_streams_it_with_onnx_runtime(tmp_path, cap
     assert main(["export", "--checkpoint", str(path), "--chunk-ms", "40", "--out", str(out)]) == 0
     assert "chunks of 640 samples" in capsys.readouterr().out
     runtime = OnnxModel(out)
-    audio = speech()
+    assert [i["name"] for i in runtime.info.inputs][0] == ("features" if frontend == "fbank" else "samples")
     streamed = onnx_stream(runtime, audio, runtime.info.chunk_samples)
+    reference = pytorch_stream(m.float(), audio, runtime.info.chunk_samples)
     with torch.no_grad():
-        offline, frames = m.float()(torch.from_numpy(audio)[None])
+        offline, frames = m(torch.from_numpy(audio)[None])
+    assert streamed.shape == reference.shape == (int(frames[0]), len(m.vocab))
+    assert np.abs(streamed - reference).max() < 1e-4
     assert np.abs(streamed - offline[0, :int(frames[0])].numpy()).max() < 1e-4
     assert main(["export", "--checkpoint", str(path), "--chunk-ms", "30", "--out", str(out)]) == 2
     assert "not a whole number" in capsys.readouterr().err
+
+
+def test_fbank_export_streams_at_different_positions_and_names_its_features():
+    torch.manual_seed(0)
+    m = CTCModel(EncoderConfig.tiny(mixer="llsa", frontend="fbank", left_frames=6, right_frames=2)).float().eval()
+    audio = speech()
+    m.encoder.frontend.fit_normalizer([(torch.from_numpy(audio)[None], torch.tensor([audio.size]))])
+    data, info = export_model(m, CHUNK_MS)
+    features = info.features
+    assert features["kind"] == "fbank" and features["frames_per_chunk"] == 4 and features["pcm_scale"] == 32768
+    assert features["knf"]["dither"] == 0 and features["knf"]["window_type"] == "povey"
+    assert features["knf"]["snip_edges"] and features["knf"]["num_bins"] == 80
+    host = {s["name"]: s for s in info.states if s["input"] is None}
+    assert set(host) == set(features["host_states"]) and host["host.frontend.samples"]["shape"] == ["batch", 399]
+    # The subsampling context starts as its zero left padding: a count of kernel - 2 = 1, not 0.
+    assert {s["initial"] for s in info.states if "context_count" in s["name"]} == {1}
+    runtime = OnnxModel(data)
+    chunk = info.chunk_samples
+    reference = pytorch_stream(m, audio, chunk)
+    # Stream 1 starts 300 samples late and is fed pieces of 500: the two never share a frame grid.
+    state = runtime.stack_states([runtime.init_state(1), runtime.init_state(1)])
+    fed, sizes, outputs = [0, 0], [chunk, 500], [[], []]
+    starts = [0, 300]
+    while fed[0] < len(audio) or fed[1] < len(audio) - starts[1]:
+        pieces = [audio[fed[0]:fed[0] + sizes[0]], audio[starts[1] + fed[1]:starts[1] + fed[1] + sizes[1]]]
+        counts = np.array([len(p) for p in pieces])
+        batch = np.stack([np.pad(p, (chunk - len(p), 0)) for p in pieces])
+        y, emitted, state = runtime.step_window(batch, state, counts)
+        for b in range(2):
+            outputs[b].append(y[b, :emitted[b]].numpy())
+            fed[b] += counts[b]
+    for b in range(2):
+        outputs[b].append(runtime.flush(state.select([b]))[0][0].numpy())
+    late = pytorch_stream(m, audio[starts[1]:], chunk)
+    for streamed, expected in zip(outputs, [reference, late]):
+        streamed = np.concatenate(streamed)
+        assert streamed.shape == expected.shape
+        assert np.abs(streamed - expected).max() < 1e-4

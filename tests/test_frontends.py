@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_encoder
-from streamssl import MIXERS, EncoderConfig, measure_lookahead
+from streamssl import MIXERS, Encoder, EncoderConfig, measure_lookahead
 from streamssl.frontends import FRONTENDS
 
 ALL_FRONTENDS = sorted(FRONTENDS)
@@ -105,6 +105,50 @@ def test_padding_never_changes_a_valid_output(frontend):
             alone, alone_lengths = encoder(x[b:b + 1, :lengths[b]])
             assert alone_lengths.item() == y_lengths[b].item() > 0
             assert torch.allclose(y[b, :y_lengths[b]], alone[0], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("frontend", ALL_FRONTENDS)
+def test_streams_at_different_positions_share_one_batch(frontend):
+    """Streams join a running batch and leave it, fed ragged right-aligned pieces that fall on no frame
+    grid; each one's outputs equal its own offline output (the fixed-shape frontend state)."""
+    encoder = make_encoder("llsa", frontend=frontend, left_frames=4, right_frames=1)
+    geometry = encoder.frontend.geometry
+    piece = max(1, round(geometry.hop * 0.7) + 3)
+    sizes = [geometry.frame_end(30) + 11, geometry.frame_end(17) + 5, geometry.frame_end(9)]
+    starts = [0, 3, 4]
+    audio = [inputs(encoder, 1, n)[0] for n in sizes]
+    with torch.no_grad():
+        offline = [encoder(a[None])[0][0] for a in audio]
+    outputs = {i: [] for i in range(3)}
+    fed, members, state = [0, 0, 0], [], None
+    with torch.no_grad():
+        for tick in range(200):
+            for i, start in enumerate(starts):
+                if start == tick:
+                    fresh = encoder.init_state(1)
+                    state = fresh if state is None else Encoder.stack_states([state, fresh])
+                    members.append(i)
+            if not members:
+                break
+            pieces = [audio[i][fed[i]:fed[i] + piece] for i in members]
+            counts = torch.tensor([p.shape[0] for p in pieces])
+            pad = [(0, 0)] * (pieces[0].dim() - 1)
+            chunk = torch.stack([torch.nn.functional.pad(p, [x for d in pad for x in d] + [piece - p.shape[0], 0])
+                                 for p in pieces])
+            y, emitted, state = encoder.step_window(chunk, state, counts)
+            for row, i in enumerate(members):
+                outputs[i].append(y[row, :emitted[row]])
+                fed[i] += pieces[row].shape[0]
+            staying = [row for row, i in enumerate(members) if fed[i] < sizes[i]]
+            for row, i in enumerate(members):
+                if fed[i] >= sizes[i]:
+                    outputs[i].append(encoder.flush(state.select([row]))[0][0])
+            members = [members[row] for row in staying]
+            state = state.select(staying) if staying else None
+    for i in range(3):
+        streamed = torch.cat(outputs[i])
+        assert streamed.shape == offline[i].shape
+        assert torch.allclose(streamed, offline[i], atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("frontend", ALL_FRONTENDS)

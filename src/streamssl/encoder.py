@@ -332,9 +332,26 @@ class Encoder(nn.Module):
         """One step of every stream. ``x`` is the chunk, or the flush padding (feature frames) when ``final``;
         ``flushing`` ``(B,)`` marks the streams whose ``x`` is padding past their end."""
         if final:
-            feats, frame_counts, frontend = x, counts, state.frontend
-        else:
-            feats, frame_counts, frontend = self.frontend.step_window(x, counts, state.samples_in, state.frontend)
+            return self.advance_features(x, counts, state.frontend, torch.zeros_like(counts), flushing, state,
+                                         final=True)
+        feats, frame_counts, frontend = self.frontend.step_window(x, counts, state.samples_in, state.frontend)
+        return self.advance_features(feats, frame_counts, frontend, counts, flushing, state)
+
+    def advance_features(self, feats: Tensor, frame_counts: Tensor, frontend_state: Any, input_counts: Tensor,
+                         flushing: Tensor, state: EncoderState,
+                         final: bool = False) -> tuple[Tensor, Tensor, EncoderState]:
+        """The step after the frontend, for an exporter whose graph starts past part of the frontend.
+
+        Args:
+            feats: ``(B, S, feature_dim)`` frontend frames, row ``b``'s last ``frame_counts[b]`` new.
+            frontend_state: the frontend's state after making them.
+            input_counts: ``(B,)`` input units (samples) the step brought, added to ``samples_in``.
+            flushing: ``(B,)`` streams past their end: their ``feats`` become padding that drives out the
+                look-ahead. ``final``: ``feats`` already is that padding (:meth:`flush_window`).
+        Returns:
+            :meth:`step_window`'s outputs.
+        """
+        if not final:
             feats = torch.where(flushing.view(-1, 1, 1), 0.0, feats)
             frame_counts = torch.where(flushing, feats.shape[1], frame_counts)
         real = torch.where(flushing, 0, frame_counts)
@@ -346,8 +363,8 @@ class Encoder(nn.Module):
             leading = (valid.long().cumsum(dim=1) == 0).sum(dim=1)   # filler slots before the first real one
             y = take(y, leading, y.shape[1])
         y = self.final_norm(y)
-        samples_in = state.samples_in if final else state.samples_in + torch.where(flushing, 0, counts)
-        new_state = EncoderState(state.owner, frontend, positional, stack_state, samples_in, chunk.valid_end,
+        samples_in = state.samples_in + torch.where(flushing, 0, input_counts)
+        new_state = EncoderState(state.owner, frontend_state, positional, stack_state, samples_in, chunk.valid_end,
                                  chunk.end, state.frames_out + emitted, final)
         return y, emitted, new_state
 

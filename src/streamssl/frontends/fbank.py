@@ -7,12 +7,14 @@ has arrived), so every log-mel frame is a function of its own window alone and s
 exactly. Samples in ``[-1, 1]`` are scaled to the 16-bit range first, the scale Kaldi's energy floor
 was chosen for. The filterbank is not differentiable and runs under ``no_grad`` on the CPU.
 
-Two parts, so an exported model can take feature frames:
+Two parts, so an exported model can take feature frames (``docs/streaming.md``):
 
-* :meth:`FbankFrontend.extract` / :meth:`FbankFrontend.extract_step`: waveform -> log-mel frames
-  ``(B, T_mel, num_mel_bins)`` at 10 ms (knf; no parameters);
-* :meth:`FbankFrontend.encode_features` / :meth:`FbankFrontend.encode_step`: log-mel frames ->
-  features ``(B, T, channels)`` (a plain torch module: normalisation buffers and the subsampling convs).
+* :meth:`FbankFrontend.extract` / :class:`OnlineLogMel`: waveform -> log-mel frames
+  ``(B, T_mel, num_mel_bins)`` at 10 ms (knf; no parameters). :class:`OnlineLogMel` also runs beside
+  an exported model, in the ONNX Runtime backend;
+* :meth:`FbankFrontend.encode_features` / :meth:`FbankFrontend.encode_window`: log-mel frames ->
+  features ``(B, T, channels)`` (a plain torch module: normalisation buffers and the subsampling convs;
+  the streaming form is traceable, so it is part of the exported graph).
 
 Normalisation uses one mean and standard deviation per mel bin, estimated from training data by
 :meth:`FbankFrontend.fit_normalizer` and stored as buffers (so they travel in every checkpoint); no
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from streamssl.frontends.base import FeatureAugment, FrameGeometry, Frontend, options_error, register_frontend
+from streamssl.mixers.window import keep_last, push, take
 
 SUBSAMPLINGS = (2, 4)
 # Samples in [-1, 1] times this are on the 16-bit scale Kaldi's features (and energy floor) assume.
@@ -159,22 +162,104 @@ class CausalSubsampling(nn.Module):
             h = F.gelu(conv(F.pad(h, (self.kernel - 2, 0))))
         return h.transpose(1, 2)
 
-    def step(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """``state``: per layer its input not yet consumed ``(B, C_in, n)``, ``kernel - 2 <= n < kernel``
-        (at the start the ``kernel - 2`` frames of zero left padding).
+    def step_window(self, x: Tensor, count: Tensor, context: list[Tensor],
+                    context_count: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+        """Streaming :meth:`forward` with fixed shapes (traceable).
 
-        ``(B, n, in_dim)`` new frames -> ``(B, m, channels)`` new output frames."""
+        Args:
+            x: ``(B, n, in_dim)`` input frames, row ``b``'s last ``count[b]`` real (right-aligned).
+            count: ``(B,)`` int64.
+            context: per layer its unconsumed input ``(B, C_in, kernel - 1)``, right-aligned, of which
+                ``context_count[b]`` (between ``kernel - 2`` and ``kernel - 1``) are real; at the start the
+                ``kernel - 2`` frames of zero left padding.
+        Returns:
+            ``(B, ceil(n / 2**n_layers), channels)`` with row ``b``'s last ``new[b]`` frames new, ``new``,
+            and the next ``context`` and ``context_count``.
+        """
         h = x.transpose(1, 2)
-        new_state = []
-        for conv, buffered in zip(self.convs, state):
-            h = torch.cat([buffered, h], dim=2)
-            n_out = (h.shape[2] - self.kernel) // 2 + 1 if h.shape[2] >= self.kernel else 0
-            new_state.append(h[:, :, 2 * n_out:])
-            if n_out:
-                h = F.gelu(conv(h[:, :, : 2 * (n_out - 1) + self.kernel]))
+        new_context, new_count = [], []
+        for conv, cache, cached in zip(self.convs, context, context_count):
+            slots_in = h.shape[2]
+            slots = (slots_in + 1) // 2
+            window = push(cache, h, count, dim=2)
+            total = cached + count
+            made = torch.where(total >= self.kernel, torch.div(total - self.kernel, 2, rounding_mode="floor") + 1, 0)
+            # The slots outputs ending with the newest one read the window from here on; the older of
+            # them are filler and may read clamped slots.
+            start = window.shape[2] - total + 2 * (made - slots)
+            if slots:
+                h = F.gelu(conv(take(window, start, 2 * (slots - 1) + self.kernel, dim=2)))
             else:
                 h = h.new_zeros(h.shape[0], conv.out_channels, 0)
-        return h.transpose(1, 2), new_state
+            new_context.append(keep_last(window, self.kernel - 1, dim=2))
+            new_count.append(total - 2 * made)
+            count = made
+        return h.transpose(1, 2), count, new_context, new_count
+
+
+class OnlineLogMel:
+    """kaldi-native-fbank log-mel frames of a batch of streams, whose samples not yet framed wait in a
+    fixed-shape, right-aligned buffer ``(B, window_samples - 1)``: the host-side half of the fbank
+    frontend, run by the PyTorch step and, beside an exported graph, by the ONNX Runtime backend.
+
+    Each call runs knf once per stream on that stream's pending samples and new chunk (knf has no batch
+    form); a log-mel frame depends on its own window alone, so this equals :meth:`frames` of the whole
+    stream exactly.
+    """
+
+    def __init__(self, options: FbankOptions, sample_rate: int):
+        self.options, self.sample_rate = options, sample_rate
+        self.knf = knf_options(options, sample_rate)
+        self.window_samples = options.samples(options.window_ms, sample_rate)
+        self.hop_samples = options.samples(options.hop_ms, sample_rate)
+
+    def frames(self, pcm: np.ndarray) -> np.ndarray:
+        """Samples ``(S,)`` float32 in ``[-1, 1]`` -> log-mel ``(T_mel, num_mel_bins)`` float32."""
+        extractor = knf.OnlineFbank(self.knf)
+        extractor.accept_waveform(self.sample_rate, pcm * np.float32(PCM_SCALE))
+        n = extractor.num_frames_ready
+        if n == 0:
+            return np.zeros((0, self.options.num_mel_bins), dtype=np.float32)
+        return np.stack([extractor.get_frame(i) for i in range(n)])
+
+    def slots(self, n: int) -> int:
+        """Log-mel frame slots of a step of ``n`` samples: the most frames ``n`` new samples can complete."""
+        return (n + self.hop_samples - 1) // self.hop_samples
+
+    @torch.no_grad()
+    def step(self, chunk: Tensor, counts: Tensor, pending: Tensor,
+             pending_count: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One step of every stream.
+
+        Args:
+            chunk: ``(B, n)`` samples, row ``b``'s last ``counts[b]`` real.
+            counts: ``(B,)`` int64.
+            pending: ``(B, window_samples - 1)``, row ``b``'s last ``pending_count[b]`` the samples not yet
+                framed.
+            pending_count: ``(B,)`` int64.
+        Returns:
+            log-mel ``(B, slots(n), num_mel_bins)`` in ``chunk``'s dtype, row ``b``'s last ``new[b]`` frames
+            new; ``new`` ``(B,)``; the next ``pending`` and ``pending_count``.
+        """
+        batch, n = chunk.shape
+        width = pending.shape[1]
+        mel = np.zeros((batch, self.slots(n), self.options.num_mel_bins), dtype=np.float32)
+        new = np.zeros(batch, dtype=np.int64)
+        rest = np.zeros((batch, width), dtype=np.float32)
+        rest_count = np.zeros(batch, dtype=np.int64)
+        chunk_np = chunk.detach().to("cpu", torch.float32).numpy()
+        pending_np = pending.detach().to("cpu", torch.float32).numpy()
+        for b, (count, waiting) in enumerate(zip(counts.tolist(), pending_count.tolist())):
+            samples = np.concatenate([pending_np[b, width - waiting:], chunk_np[b, n - count:]])
+            made = (samples.size - self.window_samples) // self.hop_samples + 1 if samples.size >= self.window_samples else 0
+            if made:
+                mel[b, mel.shape[1] - made:] = self.frames(samples[:(made - 1) * self.hop_samples + self.window_samples])
+            left = samples[made * self.hop_samples:]
+            rest[b, width - left.size:] = left
+            new[b], rest_count[b] = made, left.size
+        device, dtype = chunk.device, chunk.dtype
+        return (torch.from_numpy(mel).to(device, dtype), torch.from_numpy(new).to(device),
+                torch.from_numpy(rest).to(device, dtype), torch.from_numpy(rest_count).to(device))
 
 
 @register_frontend
@@ -193,6 +278,7 @@ class FbankFrontend(Frontend):
         self.options, self.sample_rate = options, sample_rate
         self.window_samples = options.samples(options.window_ms, sample_rate)
         self.hop_samples = options.samples(options.hop_ms, sample_rate)
+        self.log_mel = OnlineLogMel(options, sample_rate)
         self.normalizer = GlobalNormalizer(options.num_mel_bins)
         self.subsampling = CausalSubsampling(options.num_mel_bins, options.channels, options.kernel,
                                              options.n_layers)
@@ -236,16 +322,6 @@ class FbankFrontend(Frontend):
     def output_lengths(self, lengths: Tensor) -> Tensor:
         return torch.div(self.mel_lengths(lengths), self.options.subsampling, rounding_mode="floor")
 
-    def _fbank(self, samples: Tensor) -> np.ndarray:
-        """One utterance ``(S,)`` -> log-mel ``(T_mel, num_mel_bins)`` float32."""
-        extractor = knf.OnlineFbank(knf_options(self.options, self.sample_rate))
-        pcm = samples.detach().to("cpu", torch.float32).numpy() * np.float32(PCM_SCALE)
-        extractor.accept_waveform(self.sample_rate, pcm)
-        n = extractor.num_frames_ready
-        if n == 0:
-            return np.zeros((0, self.options.num_mel_bins), dtype=np.float32)
-        return np.stack([extractor.get_frame(i) for i in range(n)])
-
     @torch.no_grad()
     def extract(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Waveform ``(B, S)``, valid samples ``(B,)`` -> log-mel ``(B, T_mel, num_mel_bins)`` (zeros past
@@ -256,21 +332,9 @@ class FbankFrontend(Frontend):
         out = torch.zeros(x.shape[0], int(mel_lengths.max()) if x.shape[0] else 0, self.options.num_mel_bins,
                           dtype=x.dtype)
         for b, length in enumerate(lengths.tolist()):
-            frames = self._fbank(x[b, :length])
+            frames = self.log_mel.frames(x[b, :length].detach().to("cpu", torch.float32).numpy())
             out[b, : frames.shape[0]] = torch.from_numpy(frames).to(x.dtype)
         return out.to(x.device), mel_lengths
-
-    def extract_step(self, x: Tensor, pending: Tensor) -> tuple[Tensor, Tensor]:
-        """Streaming :meth:`extract`: new samples ``(B, n)`` and the samples not yet framed ``(B, p)``
-        -> new log-mel frames ``(B, m, num_mel_bins)`` and the new pending samples (``p < window``)."""
-        h = torch.cat([pending, x], dim=1)
-        if h.shape[1] < self.window_samples:
-            return h.new_zeros(h.shape[0], 0, self.options.num_mel_bins), h
-        n_frames = (h.shape[1] - self.window_samples) // self.hop_samples + 1
-        used = (n_frames - 1) * self.hop_samples + self.window_samples
-        with torch.no_grad():
-            mel = torch.stack([torch.from_numpy(self._fbank(row[:used])) for row in h]).to(h.dtype)
-        return mel.to(h.device), h[:, n_frames * self.hop_samples:]
 
     # ---------------------------------------------------------------- learned part (plain torch)
     def encode_features(self, mel: Tensor, mel_lengths: Tensor,
@@ -283,9 +347,17 @@ class FbankFrontend(Frontend):
         lengths = torch.div(mel_lengths, self.options.subsampling, rounding_mode="floor")
         return self.subsampling(normalized), lengths
 
-    def encode_step(self, mel: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Streaming :meth:`encode_features` on new log-mel frames ``(B, m, num_mel_bins)``."""
-        return self.subsampling.step(self.normalizer(mel), state)
+    def encode_window(self, mel: Tensor, mel_counts: Tensor, state: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """Streaming :meth:`encode_features` with fixed shapes (traceable; the part of a step an export
+        keeps in its graph).
+
+        ``mel`` ``(B, m, num_mel_bins)``, row ``b``'s last ``mel_counts[b]`` frames new; ``state`` holds
+        ``context`` and ``context_count`` (see :meth:`init_state`). Returns ``(B, ceil(m / subsampling),
+        channels)`` with row ``b``'s last ``new[b]`` frames new, ``new``, and the next ``context`` state.
+        """
+        frames, new, context, count = self.subsampling.step_window(self.normalizer(mel), mel_counts,
+                                                                   state["context"], state["context_count"])
+        return frames, new, {"context": context, "context_count": count}
 
     # ---------------------------------------------------------------- the frontend protocol
     def forward(self, x: Tensor, lengths: Tensor | None = None,
@@ -308,32 +380,12 @@ class FbankFrontend(Frontend):
 
     def step_window(self, chunk: Tensor, counts: Tensor, samples_in: Tensor,
                     state: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        """knf runs per stream on the CPU, so this step loops over the streams in Python (it cannot be
-        traced)."""
-        n, hop = chunk.shape[1], self.geometry.hop
-        slots = (n + hop - 1) // hop
-        frames = chunk.new_zeros(chunk.shape[0], slots, self.feature_dim)
-        new = torch.zeros_like(counts)
-        out = {"samples": state["samples"].clone(), "samples_count": state["samples_count"].clone(),
-               "context": [c.clone() for c in state["context"]],
-               "context_count": [c.clone() for c in state["context_count"]]}
-        width, depth = state["samples"].shape[1], self.options.kernel - 1
-        for b in range(chunk.shape[0]):
-            pending = int(state["samples_count"][b])
-            context = [c[b:b + 1, :, depth - int(m[b]):] for c, m in zip(state["context"], state["context_count"])]
-            mel, rest = self.extract_step(chunk[b:b + 1, n - int(counts[b]):],
-                                          state["samples"][b:b + 1, width - pending:])
-            feats, context = self.encode_step(mel, context)
-            made = feats.shape[1]
-            if made:
-                frames[b, slots - made:] = feats[0]
-            new[b] = made
-            out["samples"][b, width - rest.shape[1]:] = rest[0]
-            out["samples_count"][b] = rest.shape[1]
-            for layer, c in enumerate(context):
-                out["context"][layer][b, :, depth - c.shape[2]:] = c[0]
-                out["context_count"][layer][b] = c.shape[2]
-        return frames, new, out
+        """Log-mel by knf (:class:`OnlineLogMel`, once per stream; not traceable), then
+        :meth:`encode_window` for the whole batch."""
+        mel, mel_counts, samples, samples_count = self.log_mel.step(chunk, counts, state["samples"],
+                                                                    state["samples_count"])
+        frames, new, context = self.encode_window(mel, mel_counts, state)
+        return frames, new, {"samples": samples, "samples_count": samples_count, **context}
 
     def input_feature_layout(self) -> tuple[int, int]:
         """The normalised log-mel frames, ``subsampling`` per output frame."""
