@@ -14,7 +14,9 @@ Streaming (the same function, chunk by chunk, for a batch of streams)::
 The state is a pytree of tensors of fixed size with per-stream positions, so streams at different
 points share a batch (``Encoder.stack_states``, ``EncoderState.select``), and :meth:`Encoder.step_window`
 is a function of tensors only, with shapes that depend on nothing but the chunk length (traceable
-with the conv and none frontends; fbank runs kaldi-native-fbank per stream in Python).
+with the conv and none frontends; fbank runs kaldi-native-fbank per stream in Python, so an fbank
+export traces the step from the log-mel frames on: ``FbankFrontend.encode_window`` then
+:meth:`Encoder.advance_features`).
 """
 
 from __future__ import annotations
