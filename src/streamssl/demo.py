@@ -5,7 +5,8 @@
 2. pretrain a small LLSA encoder on log-mel features with the wav2vec 2.0 objective (``pretrain/``) and report
    its dev accuracy beside chance;
 3. fine-tune it with CTC over characters, with speed perturbation (``finetune/``);
-4. evaluate on the test split offline and streaming, and print one table.
+4. evaluate on the test split: offline with greedy CTC (the model's own spelling) and with the lexicon beam
+   search (English words, a unigram LM), and streaming with the lexicon decoder; print one table.
 
 Each finished step is reused when the demo runs again; an interrupted training step resumes from its
 last checkpoint.
@@ -29,6 +30,7 @@ def run_demo(out: str | Path = "runs/demo", hours: float = DEMO_HOURS, pretrain_
              finetune_steps: int | None = None, progress: bool = True) -> dict:
     """Run (or resume) the demo in ``out``; returns the evaluation results as a dict."""
     from streamssl.asr.evaluate import evaluate_model
+    from streamssl.asr.lexicon import BeamSearchConfig
     from streamssl.data import load_utterances, synthesize_corpus
     from streamssl.train.checkpoint import load_checkpoint
 
@@ -75,21 +77,24 @@ def run_demo(out: str | Path = "runs/demo", hours: float = DEMO_HOURS, pretrain_
     t = stage("evaluation on the test split: offline, then streaming", 4)
     checkpoint = load_checkpoint(out / "finetune" / "checkpoint.pt", kind="finetune")
     test = load_utterances(corpus / "test.jsonl")
-    offline = evaluate_model(checkpoint.model, test, progress=progress)
-    streaming = evaluate_model(checkpoint.model, test, streaming=True, chunk_ms=STREAM_CHUNK_MS, progress=progress)
+    greedy = evaluate_model(checkpoint.model, test, progress=progress)
+    beam = BeamSearchConfig()
+    offline = evaluate_model(checkpoint.model, test, progress=progress, beam=beam)
+    streaming = evaluate_model(checkpoint.model, test, streaming=True, chunk_ms=STREAM_CHUNK_MS, progress=progress,
+                               beam=beam)
     same = sum(a[2] == b[2] for a, b in zip(offline.hypotheses, streaming.hypotheses))
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
     label = f"{checkpoint.encoder_config.mixer} ({checkpoint.encoder_config.n_layers} layers)"
-    table = results_table([(label, offline), (label, streaming)])
+    table = results_table([(label, greedy), (label, offline), (label, streaming)])
     print("\n" + table)
     print(f"\nstreaming transcripts identical to offline: {same}/{len(test)}")
     print(f"latency is the declared look-ahead (frontend + encoder); RTF = compute time / audio time on "
           f"this machine; wall time of this run: {timings['total'] / 60:.1f} min")
-    for utt_id, ref, hyp in offline.hypotheses[:3]:
-        print(f"  {utt_id}\n    REF: {ref}\n    HYP: {hyp}")
-    results = {"offline": offline.to_dict(), "streaming": streaming.to_dict(),
+    for (utt_id, ref, hyp), (_, _, spelt) in zip(offline.hypotheses[:3], greedy.hypotheses):
+        print(f"  {utt_id}\n    REF:     {ref}\n    LEXICON: {hyp}\n    GREEDY:  {spelt}")
+    results = {"offline_greedy": greedy.to_dict(), "offline": offline.to_dict(), "streaming": streaming.to_dict(),
                "streaming_equals_offline": same, "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.txt").write_text(table + "\n")

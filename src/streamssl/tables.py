@@ -33,9 +33,9 @@ def latency_table(latencies: list[Latency]) -> str:
 
 def results_table(rows: list[tuple[str, Any]]) -> str:
     """One line per (label, :class:`~streamssl.asr.evaluate.EvalResult`)."""
-    table = [("model", "mode", "latency", "WER %", "CER %", "RTF", "utterances")]
+    table = [("model", "mode", "decoder", "latency", "WER %", "CER %", "RTF", "utterances")]
     for label, r in rows:
         mode = f"streaming {r.chunk_ms:g} ms" if r.streaming else "offline"
-        table.append((label, mode, format_ms(r.latency["total_lookahead_ms"]), f"{100 * r.wer:.1f}",
+        table.append((label, mode, r.decoder, format_ms(r.latency["total_lookahead_ms"]), f"{100 * r.wer:.1f}",
                       f"{100 * r.cer:.1f}", f"{r.rtf:.3f}", str(r.n_utterances)))
     return text_table(table)

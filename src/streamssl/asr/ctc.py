@@ -107,6 +107,9 @@ class GreedyDecoder:
             new.append(emitted)
         return new
 
+    def finish(self) -> None:
+        """End of every stream: each frame's decision was final when it was pushed."""
+
     def texts(self) -> list[str]:
         return [self.vocab.decode(t) for t in self.tokens]
 

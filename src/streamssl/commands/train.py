@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from streamssl.asr.evaluate import MAX_OFFLINE_SECONDS
+from streamssl.asr.lexicon import BeamSearchConfig
 from streamssl.tables import results_table
 from streamssl.train.config import PRESETS, FinetuneConfig, PretrainConfig, RunConfig
 
@@ -184,8 +185,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(model.stream_error())
     utterances = spellable(utterances, model.vocab, args.skip_bad, "evaluation data", args.data, log)
     device = pick_device(args.device)
+    beam = None if args.decoder == "greedy" else BeamSearchConfig(
+        lexicon_words=args.lexicon_words, lm_weight=args.lm_weight, word_score=args.word_score,
+        beam_size=args.beam_size)
     result = evaluate_model(model.to(device), utterances, streaming=args.streaming, chunk_ms=args.chunk_ms,
-                            device=device, progress=not args.json, max_offline_s=args.max_offline_s)
+                            device=device, progress=not args.json, max_offline_s=args.max_offline_s, beam=beam)
     if args.json:
         out = result.to_dict()
         if not args.hypotheses:
@@ -231,7 +235,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     finetune.add_argument("--mixer", help="mixer of the replaced layers with --replace (default wsm)")
     finetune.set_defaults(func=_cmd_train("finetune"))
 
-    evaluate = sub.add_parser("evaluate", help="greedy CTC decoding: WER, CER, latency, real-time factor")
+    evaluate = sub.add_parser("evaluate", help="CTC decoding (lexicon beam search or greedy): WER, CER, latency, "
+                                               "real-time factor")
     evaluate.add_argument("--checkpoint", required=True, help="a finetune checkpoint or its run folder")
     evaluate.add_argument("--data", required=True, help="manifest, LibriSpeech or audio+txt folder")
     evaluate.add_argument("--streaming", action="store_true", help="decode chunk by chunk through step/flush")
@@ -239,6 +244,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--max-offline-s", type=float, default=MAX_OFFLINE_SECONDS, metavar="SECONDS",
                           help="offline mode refuses longer utterances, since it decodes each one whole in "
                                f"memory (default {MAX_OFFLINE_SECONDS:g}; --streaming takes any length)")
+    beam = BeamSearchConfig()
+    evaluate.add_argument("--decoder", choices=("lexicon", "greedy"), default="lexicon",
+                          help="lexicon: beam search over English words with a unigram LM (wordfreq); greedy: "
+                               "best path, the model's own spelling (default lexicon)")
+    evaluate.add_argument("--lexicon-words", type=int, default=beam.lexicon_words, metavar="N",
+                          help=f"most frequent English words the lexicon decoder may write (default {beam.lexicon_words})")
+    evaluate.add_argument("--lm-weight", type=float, default=beam.lm_weight,
+                          help=f"weight of the word LM log-probability (default {beam.lm_weight:g})")
+    evaluate.add_argument("--word-score", type=float, default=beam.word_score,
+                          help=f"score added per word (default {beam.word_score:g})")
+    evaluate.add_argument("--beam-size", type=int, default=beam.beam_size,
+                          help=f"hypotheses kept per frame (default {beam.beam_size})")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     evaluate.add_argument("--skip-bad", action="store_true", help="skip utterances that fail corpus check")
     evaluate.add_argument("--hypotheses", action="store_true", help="also print every reference/hypothesis")
