@@ -90,6 +90,27 @@ def test_offline_and_streaming_evaluation_give_identical_transcripts(tmp_path):
     assert streaming.rtf > 0 and streaming.latency["encoder_lookahead_frames"] == 2
 
 
+@pytest.mark.parametrize("mixer", ["llsa", "emformer"])
+def test_batched_streaming_evaluation_equals_one_stream_at_a_time(tmp_path, mixer):
+    """Streams join and leave a running batch (utterances of different lengths, more than the batch),
+    yet every transcript is the one decoded alone, and the offline one."""
+    from streamssl.data import load_utterances
+
+    utterances = load_utterances(make_corpus(tmp_path, n=7, words=(1, 4)))
+    assert len({utt.duration for utt in utterances}) > 3
+    torch.manual_seed(3)
+    model = CTCModel(EncoderConfig.tiny(mixer=mixer)).double().eval()
+    with torch.no_grad():
+        model.output.weight *= 10  # a random model that says many, varied characters
+    offline = [h for _, _, h in evaluate_model(model, utterances).hypotheses]
+    assert sum(len(h) for h in offline) > 80 and len(set("".join(offline))) >= 4
+    for batch_size in (1, 3, 16):
+        result = evaluate_model(model, utterances, streaming=True, chunk_ms=40, batch_size=batch_size)
+        assert [h for _, _, h in result.hypotheses] == offline, batch_size
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        evaluate_model(model, utterances, streaming=True, batch_size=0)
+
+
 def test_score_uses_corpus_level_rates():
     wer, cer = score(["A CAT", "THE DOG"], ["A CAT", "THE DOGS"])
     assert wer == pytest.approx(1 / 4)

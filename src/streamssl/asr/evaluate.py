@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import jiwer
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from streamssl.asr.ctc import CharVocab, GreedyDecoder, RecognitionModel
@@ -87,30 +88,73 @@ def transcribe_offline(model: RecognitionModel, dataset, device: torch.device, b
     return hyps, compute
 
 
+# Streams decoded at once by streaming evaluation: enough to amortise a step's fixed cost, few enough
+# that a tick stays short on a CPU.
+STREAMING_BATCH_SIZE = 16
+
+
 @torch.no_grad()
 def transcribe_streaming(model: RecognitionModel, dataset, device: torch.device, chunk_ms: float,
-                         progress: bool = False, beam: BeamSearchConfig | None = None) -> tuple[list[str], float]:
-    """Chunk-by-chunk decoding, one stream per utterance of ``dataset`` (loaded one at a time), through
-    ``step``/``flush`` and the decoder of :func:`new_decoder`, fed as frames become final. Returns hypotheses
-    and the compute time in seconds."""
+                         progress: bool = False, beam: BeamSearchConfig | None = None,
+                         batch_size: int = STREAMING_BATCH_SIZE) -> tuple[list[str], float]:
+    """Chunk-by-chunk decoding of every utterance of ``dataset``, ``batch_size`` streams at a time.
+
+    Each tick feeds every running stream its next chunk (the last one shorter, right-aligned) in one
+    ``step_window`` call; a stream whose audio is all in is flushed and leaves, and the next utterance
+    (loaded then) joins, so the batch stays full. Streams share calls whatever their positions, so
+    every utterance's frames are those it gets alone (up to float rounding), and each goes through its
+    own decoder of :func:`new_decoder` as its frames become final. Returns hypotheses (dataset order)
+    and the compute time in seconds (model and decoders; audio loading excluded).
+    """
     if not chunk_ms > 0:
         raise ValueError(f"chunk_ms must be positive, got {chunk_ms:g}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     chunk = max(1, round(chunk_ms * model.sample_rate / 1000))
-    hyps, compute = [], 0.0
-    for index in tqdm(range(len(dataset)), desc=f"decode (streaming, {chunk_ms:g} ms chunks)",
-                      disable=not progress, leave=False):
-        wave = dataset[index]["audio"].to(device, model.dtype)[None]
+    hyps: list[str] = [""] * len(dataset)
+    compute = 0.0
+    waiting = iter(range(len(dataset)))
+    # Running streams, in batch order: (utterance index, samples (S,), samples fed, decoder).
+    running: list[tuple[int, Tensor, int, GreedyDecoder | LexiconDecoder]] = []
+    state = None
+    bar = tqdm(total=len(dataset), desc=f"decode (streaming, {chunk_ms:g} ms chunks, {batch_size} streams)",
+               disable=not progress, leave=False)
+    while True:
+        joining = []
+        while len(running) + len(joining) < batch_size and (index := next(waiting, None)) is not None:
+            joining.append((index, dataset[index]["audio"].to(device, model.dtype), 0,
+                            new_decoder(model.vocab, 1, beam)))
         start = time.perf_counter()
-        state = model.init_state(1)
-        decoder = new_decoder(model.vocab, 1, beam)
-        for piece in wave.split(chunk, dim=1):
-            log_probs, state = model.step(piece, state)
+        if joining:
+            fresh = [model.init_state(1) for _ in joining]
+            state = model.stack_states(([state] if running else []) + fresh)
+            running += joining
+        if not running:
+            break
+        pieces = [wave[fed:fed + chunk] for _, wave, fed, _ in running]
+        counts = torch.tensor([p.numel() for p in pieces], device=device)
+        width = int(counts.max())
+        batch = torch.stack([torch.nn.functional.pad(p, (width - p.numel(), 0)) for p in pieces])
+        log_probs, emitted, state = model.step_window(batch, state, counts)
+        for row, (_, _, _, decoder) in enumerate(running):
+            decoder.push(log_probs[row:row + 1], emitted[row:row + 1])
+        running = [(index, wave, fed + p.numel(), decoder)
+                   for (index, wave, fed, decoder), p in zip(running, pieces)]
+        staying = []
+        for row, (index, wave, fed, decoder) in enumerate(running):
+            if fed < wave.numel():
+                staying.append(row)
+                continue
+            log_probs, _ = model.flush(state.select([row]))
             decoder.push(log_probs)
-        log_probs, state = model.flush(state)
-        decoder.push(log_probs)
-        decoder.finish()
+            decoder.finish()
+            hyps[index] = decoder.texts()[0]
+            bar.update(1)
+        if len(staying) < len(running):
+            running = [running[row] for row in staying]
+            state = state.select(staying) if staying else None
         compute += time.perf_counter() - start
-        hyps.append(decoder.texts()[0])
+    bar.close()
     return hyps, compute
 
 
@@ -121,11 +165,13 @@ def score(references: list[str], hypotheses: list[str]) -> tuple[float, float]:
 
 def evaluate_model(model: RecognitionModel, utterances: list, streaming: bool = False, chunk_ms: float = 40.0,
                    device: torch.device | None = None, progress: bool = False,
-                   max_offline_s: float = MAX_OFFLINE_SECONDS, beam: BeamSearchConfig | None = None) -> EvalResult:
+                   max_offline_s: float = MAX_OFFLINE_SECONDS, beam: BeamSearchConfig | None = None,
+                   batch_size: int = STREAMING_BATCH_SIZE) -> EvalResult:
     """Decode ``utterances`` (``streamssl.data.Utterance``) and score them against their text: greedy CTC, or
     with ``beam`` the lexicon beam search (:mod:`streamssl.asr.lexicon`).
 
-    ``streaming`` decodes chunk by chunk; a model that cannot stream is a ``ValueError`` saying why.
+    ``streaming`` decodes chunk by chunk, ``batch_size`` streams at a time (:func:`transcribe_streaming`);
+    a model that cannot stream is a ``ValueError`` saying why.
     Offline, an utterance longer than ``max_offline_s`` seconds is a ``ValueError`` naming it, raised
     before any audio is decoded. It is refused rather than split: cutting at fixed points would split
     words and take away the whole-utterance context that offline decoding stands for, so the score
@@ -148,7 +194,8 @@ def evaluate_model(model: RecognitionModel, utterances: list, streaming: bool = 
     model.eval()
     dataset = AudioDataset(utterances, sample_rate=model.sample_rate)
     if streaming:
-        hyps, compute = transcribe_streaming(model, dataset, device, chunk_ms, progress, beam=beam)
+        hyps, compute = transcribe_streaming(model, dataset, device, chunk_ms, progress, beam=beam,
+                                             batch_size=batch_size)
     else:
         hyps, compute = transcribe_offline(model, dataset, device, progress=progress, beam=beam)
     refs = [utt.text for utt in utterances]

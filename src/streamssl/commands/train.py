@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from streamssl.asr.evaluate import MAX_OFFLINE_SECONDS
+from streamssl.asr.evaluate import MAX_OFFLINE_SECONDS, STREAMING_BATCH_SIZE
 from streamssl.asr.lexicon import BeamSearchConfig
 from streamssl.tables import results_table
 from streamssl.train.config import PRESETS, FinetuneConfig, PretrainConfig, RunConfig
@@ -173,6 +173,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.streaming and not args.chunk_ms > 0:
         raise ValueError(f"--chunk-ms must be positive, got {args.chunk_ms:g}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
@@ -189,7 +191,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         lexicon_words=args.lexicon_words, lm_weight=args.lm_weight, word_score=args.word_score,
         beam_size=args.beam_size)
     result = evaluate_model(model.to(device), utterances, streaming=args.streaming, chunk_ms=args.chunk_ms,
-                            device=device, progress=not args.json, max_offline_s=args.max_offline_s, beam=beam)
+                            device=device, progress=not args.json, max_offline_s=args.max_offline_s, beam=beam,
+                            batch_size=args.batch_size)
     if args.json:
         out = result.to_dict()
         if not args.hypotheses:
@@ -241,6 +244,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--data", required=True, help="manifest, LibriSpeech or audio+txt folder")
     evaluate.add_argument("--streaming", action="store_true", help="decode chunk by chunk through step/flush")
     evaluate.add_argument("--chunk-ms", type=float, default=40.0, help="streaming chunk length (default 40)")
+    evaluate.add_argument("--batch-size", type=int, default=STREAMING_BATCH_SIZE, metavar="STREAMS",
+                          help="utterances streamed at once with --streaming, each joining as another ends "
+                               f"(default {STREAMING_BATCH_SIZE}; transcripts do not depend on it)")
     evaluate.add_argument("--max-offline-s", type=float, default=MAX_OFFLINE_SECONDS, metavar="SECONDS",
                           help="offline mode refuses longer utterances, since it decodes each one whole in "
                                f"memory (default {MAX_OFFLINE_SECONDS:g}; --streaming takes any length)")
