@@ -8,9 +8,11 @@ The exported graph is one step at a fixed chunk size (layout in ``docs/streaming
 ``samples`` is right-aligned: its last ``samples_count[b]`` entries are stream ``b``'s audio (a partial
 last chunk is padded at the front). ``flush[b]`` true makes the call padding past the end of stream
 ``b``: ``flush_calls`` such calls drive out its look-ahead. Row ``b`` of ``log_probs`` holds
-``emitted[b]`` real frames first. The state tensors are batch-first and of fixed size; all start as
-zeros. The ONNX metadata names every input, output and state with its shape, dtype and initial value,
-and carries the sample rate, chunk, frame period, declared latency and vocabulary.
+``emitted[b]`` real frames first. An ``fbank`` model's graph takes the chunk's log-mel frames
+``(features, features_count)`` in place of ``samples`` (knf cannot be traced), and :class:`OnnxModel`
+makes them with :class:`~streamssl.frontends.fbank.OnlineLogMel`. The state tensors are batch-first
+and of fixed size. The ONNX metadata names every input, output and state with its shape, dtype and
+initial value, and carries the sample rate, chunk, frame period, declared latency and vocabulary.
 
 ``streamssl export --checkpoint DIR --chunk-ms 40 --out model.onnx [--int8]``;
 :class:`OnnxModel` is what ``Recognizer(..., backend="onnx")`` steps.
@@ -149,7 +151,9 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
     Returns the ONNX bytes (also written to ``out`` when given) and the metadata. Raises
     ``ValueError`` for a model that cannot stream, has an unlimited left context (its caches would
     grow), or a chunk that is not a whole number of frames. With ``frontend="none"`` the graph's
-    ``samples`` are input frames ``(B, chunk_frames, input_dim)``.
+    ``samples`` are input frames ``(B, chunk_frames, input_dim)``; with ``fbank`` the graph takes the
+    chunk's kaldi-native-fbank log-mel frames (``features``), which the runtime makes, and the metadata's
+    ``features`` entry says how (layout in ``docs/streaming.md``).
     """
     import onnx
 
@@ -393,9 +397,11 @@ class OnnxModel:
         samples, waiting = (state.tensors[HOST_PREFIX + key] for key in HOST_STATE_KEYS)
         mel, mel_counts, samples, waiting = self._log_mel.step(torch.from_numpy(chunk), torch.from_numpy(counts),
                                                                torch.from_numpy(samples), torch.from_numpy(waiting))
-        tensors = {**state.tensors, HOST_PREFIX + "samples": samples.numpy(), HOST_PREFIX + "samples_count": waiting.numpy()}
-        return ({"features": mel.numpy(), "features_count": mel_counts.numpy(), "samples_count": counts, "flush": flush},
-                OnnxState(state.export_id, tensors))
+        tensors = {**state.tensors, HOST_PREFIX + "samples": samples.numpy(),
+                   HOST_PREFIX + "samples_count": waiting.numpy()}
+        inputs = {"features": mel.numpy(), "features_count": mel_counts.numpy(), "samples_count": counts,
+                  "flush": flush}
+        return inputs, OnnxState(state.export_id, tensors)
 
     @property
     def _sample_dims(self) -> tuple[int, ...]:

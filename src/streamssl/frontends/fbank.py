@@ -179,8 +179,7 @@ class CausalSubsampling(nn.Module):
         h = x.transpose(1, 2)
         new_context, new_count = [], []
         for conv, cache, cached in zip(self.convs, context, context_count):
-            slots_in = h.shape[2]
-            slots = (slots_in + 1) // 2
+            slots = (h.shape[2] + 1) // 2
             window = push(cache, h, count, dim=2)
             total = cached + count
             made = torch.where(total >= self.kernel, torch.div(total - self.kernel, 2, rounding_mode="floor") + 1, 0)
@@ -251,10 +250,11 @@ class OnlineLogMel:
         pending_np = pending.detach().to("cpu", torch.float32).numpy()
         for b, (count, waiting) in enumerate(zip(counts.tolist(), pending_count.tolist())):
             samples = np.concatenate([pending_np[b, width - waiting:], chunk_np[b, n - count:]])
-            made = (samples.size - self.window_samples) // self.hop_samples + 1 if samples.size >= self.window_samples else 0
+            window, hop = self.window_samples, self.hop_samples
+            made = (samples.size - window) // hop + 1 if samples.size >= window else 0
             if made:
-                mel[b, mel.shape[1] - made:] = self.frames(samples[:(made - 1) * self.hop_samples + self.window_samples])
-            left = samples[made * self.hop_samples:]
+                mel[b, mel.shape[1] - made:] = self.frames(samples[:(made - 1) * hop + window])
+            left = samples[made * hop:]
             rest[b, width - left.size:] = left
             new[b], rest_count[b] = made, left.size
         device, dtype = chunk.device, chunk.dtype
@@ -347,7 +347,8 @@ class FbankFrontend(Frontend):
         lengths = torch.div(mel_lengths, self.options.subsampling, rounding_mode="floor")
         return self.subsampling(normalized), lengths
 
-    def encode_window(self, mel: Tensor, mel_counts: Tensor, state: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    def encode_window(self, mel: Tensor, mel_counts: Tensor,
+                      state: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """Streaming :meth:`encode_features` with fixed shapes (traceable; the part of a step an export
         keeps in its graph).
 
