@@ -274,6 +274,22 @@ def test_server_transcript_finals_and_latency_equal_offline(recognizer, speech):
     assert server.ticks > 0 and not server.sessions
 
 
+def test_server_on_the_onnx_backend_gives_the_offline_transcript(checkpoint, recognizer, speech):
+    audio, _ = speech
+    onnx = Recognizer.from_checkpoint(checkpoint, chunk_ms=40, backend="onnx")
+
+    async def scenario():
+        async with StreamingServer(onnx, ServeConfig(endpoint=EndpointConfig(silence_ms=500)), port=0) as server:
+            clients = [Client(server.port) for _ in range(2)]
+            await asyncio.gather(clients[0].run(audio), clients[1].run(audio[RATE // 3:]))
+            return clients
+
+    clients = asyncio.run(scenario())
+    for client, clip in zip(clients, (audio, audio[RATE // 3:])):
+        assert client.close_code == 1000
+        assert client.of("done")[0]["text"] == offline_text(recognizer, pcm16(clip))
+
+
 @pytest.mark.slow
 def test_many_streams_at_once_each_equal_offline_and_share_ticks(recognizer):
     clips = [talk(UTTERANCES[i % 3:i % 3 + 1], gap_s=0.7, seed=i) for i in range(8)]
