@@ -274,6 +274,7 @@ def test_server_transcript_finals_and_latency_equal_offline(recognizer, speech):
     assert server.ticks > 0 and not server.sessions
 
 
+@pytest.mark.slow
 def test_server_on_the_onnx_backend_gives_the_offline_transcript(checkpoint, recognizer, speech):
     audio, _ = speech
     onnx = Recognizer.from_checkpoint(checkpoint, chunk_ms=40, backend="onnx")
