@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_encoder, stream_in_chunks
+from conftest import make_encoder, stream_in_chunks, stream_joining_batch
 from streamssl import MIXERS, Encoder, measure_lookahead
 
 ALL_MIXERS = sorted(MIXERS)
@@ -154,36 +154,8 @@ def test_streams_that_start_at_different_times_share_one_batch(mixer):
     audio = [torch.randn(n, dtype=torch.float64, generator=generator) for n in sizes]
     with torch.no_grad():
         offline = [encoder(a[None])[0][0] for a in audio]
-    piece = 450  # not a multiple of the 320-sample hop, so the streams' frame phases differ
-    outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(3)}
-    fed = [0, 0, 0]
-    members: list[int] = []
-    state = None
-    with torch.no_grad():
-        for tick in range(40):
-            for i, start in enumerate(starts):
-                if start == tick:
-                    fresh = encoder.init_state(1)
-                    state = fresh if state is None else Encoder.stack_states([state, fresh])
-                    members.append(i)
-            if not members:
-                continue
-            pieces = [audio[i][fed[i]:fed[i] + piece] for i in members]
-            counts = torch.tensor([p.numel() for p in pieces])
-            chunk = torch.stack([torch.nn.functional.pad(p, (piece - p.numel(), 0)) for p in pieces])
-            y, emitted, state = encoder.step_window(chunk, state, counts)
-            for row, i in enumerate(members):
-                outputs[i].append(y[row, :emitted[row]])
-                fed[i] += pieces[row].numel()
-            staying = [row for row, i in enumerate(members) if fed[i] < sizes[i]]
-            for row, i in enumerate(members):
-                if fed[i] >= sizes[i]:
-                    y_end, _ = encoder.flush(state.select([row]))
-                    outputs[i].append(y_end[0])
-            members = [members[row] for row in staying]
-            state = state.select(staying) if staying else None
-    assert not members
+    # pieces of 450 samples: not a multiple of the 320-sample hop, so the streams' frame phases differ
+    streamed = stream_joining_batch(encoder, audio, starts, piece=450)
     for i in range(3):
-        streamed = torch.cat(outputs[i])
-        assert streamed.shape == offline[i].shape
-        assert torch.allclose(streamed, offline[i], atol=1e-9, rtol=0)
+        assert streamed[i].shape == offline[i].shape
+        assert torch.allclose(streamed[i], offline[i], atol=1e-9, rtol=0)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_encoder
+from conftest import make_encoder, stream_joining_batch
 from streamssl import MIXERS, Encoder, EncoderConfig, measure_lookahead
 from streamssl.frontends import FRONTENDS
 
@@ -119,36 +119,10 @@ def test_streams_at_different_positions_share_one_batch(frontend):
     audio = [inputs(encoder, 1, n)[0] for n in sizes]
     with torch.no_grad():
         offline = [encoder(a[None])[0][0] for a in audio]
-    outputs = {i: [] for i in range(3)}
-    fed, members, state = [0, 0, 0], [], None
-    with torch.no_grad():
-        for tick in range(200):
-            for i, start in enumerate(starts):
-                if start == tick:
-                    fresh = encoder.init_state(1)
-                    state = fresh if state is None else Encoder.stack_states([state, fresh])
-                    members.append(i)
-            if not members:
-                break
-            pieces = [audio[i][fed[i]:fed[i] + piece] for i in members]
-            counts = torch.tensor([p.shape[0] for p in pieces])
-            pad = [(0, 0)] * (pieces[0].dim() - 1)
-            chunk = torch.stack([torch.nn.functional.pad(p, [x for d in pad for x in d] + [piece - p.shape[0], 0])
-                                 for p in pieces])
-            y, emitted, state = encoder.step_window(chunk, state, counts)
-            for row, i in enumerate(members):
-                outputs[i].append(y[row, :emitted[row]])
-                fed[i] += pieces[row].shape[0]
-            staying = [row for row, i in enumerate(members) if fed[i] < sizes[i]]
-            for row, i in enumerate(members):
-                if fed[i] >= sizes[i]:
-                    outputs[i].append(encoder.flush(state.select([row]))[0][0])
-            members = [members[row] for row in staying]
-            state = state.select(staying) if staying else None
+    streamed = stream_joining_batch(encoder, audio, starts, piece)
     for i in range(3):
-        streamed = torch.cat(outputs[i])
-        assert streamed.shape == offline[i].shape
-        assert torch.allclose(streamed, offline[i], atol=1e-9, rtol=0)
+        assert streamed[i].shape == offline[i].shape
+        assert torch.allclose(streamed[i], offline[i], atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("frontend", ALL_FRONTENDS)
