@@ -165,3 +165,16 @@ def test_training_estimates_statistics_from_scratch_and_a_finetune_keeps_the_pre
     transcript = stream.finish()
     assert stream.frames_out == int(lengths) == 18  # (12000 - 400) // 160 + 1 = 73 log-mel frames, 4 each
     assert transcript.text == greedy_decode(offline, lengths, model.vocab)[0]
+
+
+@pytest.mark.parametrize("frontend, init, setting, frozen", [
+    ("fbank", "pretrained", None, False), ("conv", "pretrained", None, True), ("fbank", None, None, False),
+    ("conv", None, None, False), ("fbank", "pretrained", True, True), ("conv", "pretrained", False, False)])
+def test_fine_tuning_freezes_the_frontend_by_its_own_default(frontend, init, setting, frozen):
+    from streamssl.train.checkpoint import build_model
+    from streamssl.train.config import FinetuneConfig
+
+    config = FinetuneConfig(init=init, freeze_frontend=setting)
+    model = build_model("finetune", config, EncoderConfig.tiny(mixer="llsa", frontend=frontend))
+    assert model.freeze_frontend is frozen
+    assert all(p.requires_grad is not frozen for p in model.encoder.frontend.parameters())

@@ -84,6 +84,9 @@ class Frontend(nn.Module):
     Options: ClassVar[type]
     legacy_keys: ClassVar[dict[str, str]] = {}
     tiny_options: ClassVar[dict[str, Any]] = {}
+    # Whether fine-tuning from a pretrained checkpoint keeps this frontend fixed unless told otherwise
+    # (``FinetuneConfig.freeze_frontend: null``): wav2vec 2.0 freezes its waveform convolutions.
+    frozen_when_fine_tuned: ClassVar[bool] = True
 
     geometry: FrameGeometry
     feature_dim: int

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from streamssl.config import EncoderConfig
+from streamssl.frontends import FRONTENDS
 from streamssl.train.config import FinetuneConfig, PretrainConfig, RunConfig
 
 FORMAT = "streamssl-checkpoint"
@@ -68,9 +69,13 @@ def build_model(kind: str, config: RunConfig, encoder_config: EncoderConfig,
         from streamssl.asr.ctc import CharVocab, CTCModel
 
         assert isinstance(config, FinetuneConfig)
-        freeze = config.freeze_frontend if config.freeze_frontend is not None else config.init is not None
         from streamssl.selective.finetune import HFCTCModel, HFEncoderSpec
 
+        freeze = config.freeze_frontend
+        if freeze is None:
+            frozen_by_default = (isinstance(encoder_config, HFEncoderSpec)
+                                 or FRONTENDS[encoder_config.frontend].frozen_when_fine_tuned)
+            freeze = config.init is not None and frozen_by_default
         if isinstance(encoder_config, HFEncoderSpec):
             return HFCTCModel(encoder_config, CharVocab(vocab) if vocab is not None else None,
                               mask_prob=config.mask_prob, mask_length=config.mask_length, freeze_frontend=freeze)

@@ -250,7 +250,8 @@ class FinetuneConfig(RunConfig):
     ``replace_layers``, e.g. ``last:4``, becomes fresh ``replace_mixer`` layers with ``replace_options``;
     they and the head train): see :mod:`streamssl.selective.finetune`.
     ``freeze_encoder_steps``: the first steps train only the head. ``freeze_frontend``: keep the
-    convolution frontend fixed (``None``: frozen when starting from ``init``, trained from scratch).
+    frontend fixed (``None``: the frontend's own default when starting from ``init``: the waveform ``conv``
+    frontend and Hugging Face encoders frozen, ``fbank`` trained; always trained from scratch).
     """
 
     encoder: EncoderConfig | None = None
