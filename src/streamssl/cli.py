@@ -11,8 +11,7 @@ from typing import Any
 
 import yaml
 
-from streamssl import export
-from streamssl.commands import data, serve, stream, train
+from streamssl.commands import data, export, serve, stream, train
 from streamssl.config import EncoderConfig
 from streamssl.demo import run_demo
 from streamssl.encoder import declared_latency

@@ -67,7 +67,6 @@ class BeamSearchConfig:
         return asdict(self)
 
 
-@lru_cache(maxsize=4)
 def english_lexicon(n_words: int, letters: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
     """The ``n_words`` most frequent English words spelt only with ``letters`` (upper case), and their
     unigram log-probabilities (natural log, renormalised over these words)."""
