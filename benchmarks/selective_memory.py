@@ -1,14 +1,18 @@
 """Peak memory and time of one CTC training step: full fine-tuning vs selective WSM fine-tuning.
 
     python benchmarks/selective_memory.py [--device cuda] [--seconds 16] [--batch 1] [--threads 1]
+    python benchmarks/selective_memory.py --encoder RUN_DIR [--replace last:2] [--batch 8]
 
-A wav2vec 2.0 BASE-sized ``Wav2Vec2ForCTC`` (12 layers, width 768, 7-layer conv feature encoder; the
-``transformers`` defaults), randomly initialised, 32 output symbols, on a batch of random audio with
-random labels. Each mode runs in a fresh interpreter:
+By default a wav2vec 2.0 BASE-sized ``Wav2Vec2ForCTC`` (12 layers, width 768, 7-layer conv feature encoder;
+the ``transformers`` defaults), randomly initialised, 32 output symbols, on a batch of random audio with
+random labels. With ``--encoder``, a streamssl CTC model (linear head) whose encoder is loaded from that
+pretraining or fine-tuning run, and ``--replace`` layers in the selective mode. Each mode runs in a fresh
+interpreter:
 
 * ``full``: every parameter trains, the conv feature encoder included;
 * ``full, frozen CNN``: the usual Hugging Face recipe (``freeze_feature_encoder()``);
-* ``selective WSM last:4``: ``replace_attention(model, "last:4", "wsm")``, the method of the WSM paper;
+* ``selective WSM last:4``: ``replace_attention(model, "last:4", "wsm")``, the method of the WSM paper
+  (``--encoder``: the layers of ``--replace``);
 * ``frozen encoder``: only the CTC head trains (a lower bound).
 
 A step is forward, CTC loss, backward and an AdamW update. Three steps run; the first creates the
@@ -16,7 +20,7 @@ optimiser state, the time is the fastest of the last two. Memory: on CPU the pea
 (``ru_maxrss``) minus the resident size after importing torch and transformers, before the model is
 built, so it counts weights, gradients, optimiser state and activations; on CUDA
 ``torch.cuda.max_memory_allocated``. Prints a markdown table and writes
-``docs/benchmarks/selective_memory_<device>.json``.
+``docs/benchmarks/selective_memory_<device>.json`` (``selective_memory_own_<device>.json`` with ``--encoder``).
 """
 
 from __future__ import annotations
@@ -35,17 +39,12 @@ BASELINES = ("full", "full, frozen CNN")
 SAMPLE_RATE = 16000
 
 
-def training_step_point(mode: str, seconds: float, batch: int, device: str, threads: int, steps: int = 3) -> dict:
-    """Measure ``mode`` in this process (meant to be a fresh one)."""
-    import torch
-
-    torch.set_num_threads(threads)
+def hf_model(mode: str):
+    """The BASE-sized Hugging Face model set up for ``mode``, and its loss on ``(audio, labels)``."""
     import transformers
 
-    from streamssl.selective import count_parameters, replace_attention
+    from streamssl.selective import replace_attention
 
-    base_mb = reset_peak_rss()
-    torch.manual_seed(0)
     config = transformers.Wav2Vec2Config(vocab_size=32, mask_time_prob=0.0, layerdrop=0.0)
     model = transformers.Wav2Vec2ForCTC(config)
     if mode == "full, frozen CNN":
@@ -58,13 +57,54 @@ def training_step_point(mode: str, seconds: float, batch: int, device: str, thre
         model.lm_head.requires_grad_(True)
     elif mode != "full":
         raise ValueError(f"unknown mode {mode!r}")
+    return model, lambda audio, labels: model(audio, labels=labels).loss
+
+
+def own_model(mode: str, encoder_dir: str, replace: str):
+    """A streamssl CTC model on the encoder of ``encoder_dir``, set up for ``mode``, and its loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from streamssl.asr.ctc import CTCModel
+    from streamssl.selective.finetune import apply_train_mode
+    from streamssl.train.sources import resolve_init
+
+    encoder_config, weights = resolve_init(encoder_dir)
+    model = CTCModel(encoder_config)
+    model.encoder.load_state_dict(weights)
+    modes = {"full": ("full", None), f"selective WSM {replace}": ("replace", replace),
+             "frozen encoder": ("frozen", None)}
+    if mode not in modes:
+        raise ValueError(f"unknown mode {mode!r}; modes with --encoder: {sorted(modes)}")
+    apply_train_mode(model, *modes[mode])
+
+    def loss(audio, labels):
+        log_probs, frames = model(audio)
+        label_lengths = torch.full((audio.shape[0],), labels.shape[1])
+        return F.ctc_loss(log_probs.transpose(0, 1), labels, frames, label_lengths, zero_infinity=True)
+    return model, loss
+
+
+def training_step_point(mode: str, seconds: float, batch: int, device: str, threads: int, steps: int = 3,
+                        encoder: str | None = None, replace: str = "last:2") -> dict:
+    """Measure ``mode`` in this process (meant to be a fresh one)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import transformers  # noqa: F401  (both models' baselines include it, so their peaks compare)
+
+    from streamssl.selective import count_parameters
+
+    base_mb = reset_peak_rss()
+    torch.manual_seed(0)
+    model, loss_of = own_model(mode, encoder, replace) if encoder else hf_model(mode)
     trainable, total = count_parameters(model)
     model.to(device).train()
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     samples = int(seconds * SAMPLE_RATE)
     audio = torch.randn(batch, samples, device=device)
-    labels = torch.randint(1, 32, (batch, int(seconds * 12)), device=device)
+    labels = torch.randint(1, 29 if encoder else 32, (batch, int(seconds * 12)), device=device)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -72,7 +112,7 @@ def training_step_point(mode: str, seconds: float, batch: int, device: str, thre
     for _ in range(steps):
         start = time.perf_counter()
         optimiser.zero_grad(set_to_none=True)
-        loss = model(audio, labels=labels).loss
+        loss = loss_of(audio, labels)
         loss.backward()
         optimiser.step()
         if device == "cuda":
@@ -83,8 +123,10 @@ def training_step_point(mode: str, seconds: float, batch: int, device: str, thre
             "total_params": total, "loss": loss.item()}
 
 
-def measure(mode: str, seconds: float, batch: int, device: str, threads: int) -> dict:
-    request = json.dumps(dict(mode=mode, seconds=seconds, batch=batch, device=device, threads=threads))
+def measure(mode: str, seconds: float, batch: int, device: str, threads: int, encoder: str | None,
+            replace: str) -> dict:
+    request = json.dumps(dict(mode=mode, seconds=seconds, batch=batch, device=device, threads=threads,
+                              encoder=encoder, replace=replace))
     code = ("import json, sys; sys.path.insert(0, %r); from selective_memory import training_step_point; "
             "print(json.dumps(training_step_point(**json.loads(sys.argv[1]))))") % str(Path(__file__).parent)
     done = subprocess.run([sys.executable, "-c", code, request], capture_output=True, text=True)
@@ -99,18 +141,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", help=f"default: {', '.join(MODES)} (with --encoder: full, "
+                                                   "selective, frozen encoder)")
+    parser.add_argument("--encoder", help="a streamssl pretraining or fine-tuning run directory whose encoder "
+                                          "is measured instead of the Hugging Face BASE model")
+    parser.add_argument("--replace", default="last:2", help="layers the selective mode replaces (--encoder)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args()
+    modes = args.modes or (["full", f"selective WSM {args.replace}", "frozen encoder"] if args.encoder
+                           else list(MODES))
 
     results = []
-    for mode in args.modes:
-        point = measure(mode, args.seconds, args.batch, args.device, args.threads)
+    for mode in modes:
+        point = measure(mode, args.seconds, args.batch, args.device, args.threads, args.encoder, args.replace)
         results.append(point)
         print(point, flush=True)
-    write_json(args.out / f"selective_memory_{args.device}.json",
-               {"seconds": args.seconds, "batch": args.batch, "device": args.device, "threads": args.threads,
-                "results": results})
+    name = f"selective_memory_own_{args.device}.json" if args.encoder else f"selective_memory_{args.device}.json"
+    write_json(args.out / name, {"seconds": args.seconds, "batch": args.batch, "device": args.device,
+                                 "threads": args.threads, "encoder": args.encoder, "replace": args.replace,
+                                 "results": results})
 
     reference = {r["mode"]: r for r in results if "peak_mb" in r}
     rows = []

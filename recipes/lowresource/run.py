@@ -37,6 +37,9 @@ CORPUS_HOURS = 12.5        # 80 % of it, 10 h, is the train split
 LABEL_HOURS = 0.5
 DEV_HOURS = 0.1
 CORPUS_SEED = 0
+# The frozen-encoder probe compares encoders rather than making a recogniser; it keeps the first recipe's 1500
+# steps so that both mixers fit the recipe's two hours.
+PROBE_STEPS = 1500
 
 
 def scaled(value: int, scale: float, least: int) -> int:
@@ -89,8 +92,14 @@ def pretrain(out: Path, data: dict[str, str], mixer: str, objective: str, scale:
 def finetune(out: Path, data: dict[str, str], mixer: str, init: Path | None, mode: str, scale: float,
              name: str) -> Path:
     cfg = settings("finetune.yaml")
-    steps = scaled(cfg["steps"], scale, 4)
-    sets = [("warmup_steps", max(1, round(cfg["warmup_steps"] * steps / cfg["steps"]))), ("train_mode", mode)]
+    full_steps = PROBE_STEPS if mode == "frozen" else cfg["steps"]
+    steps = scaled(full_steps, scale, 4)
+    ratio = steps / cfg["steps"]
+    sets = [("warmup_steps", max(1, round(cfg["warmup_steps"] * ratio))), ("train_mode", mode),
+            ("eval_every", max(1, round(cfg["eval_every"] * ratio))),
+            # Only a pretrained encoder has anything to protect from the fresh head's first gradients.
+            ("freeze_encoder_steps", round(cfg["freeze_encoder_steps"] * ratio)
+             if init is not None and mode == "full" else 0)]
     if init is None:
         sets += [("encoder", {**settings(f"pretrain_{OBJECTIVES[0]}.yaml")["encoder"], "mixer": mixer})]
     config = build_config("finetune", "base", str(HERE / "finetune.yaml"), sets, train_data=data["labels"],
