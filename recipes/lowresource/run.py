@@ -1,7 +1,7 @@
 """The low-resource experiment: does self-supervised pretraining on unlabelled speech help a recogniser
 that has 30 minutes of labels from other speakers?
 
-    python recipes/lowresource/run.py --out runs/lowresource --threads 1 --jobs 2   # about 70 min on 2 cores
+    python recipes/lowresource/run.py --out runs/lowresource --threads 1 --jobs 2   # both mixers; see README.md for its time
     python recipes/lowresource/run.py --out /tmp/lr --scale 0.02        # the same pipeline in minutes
 
 1. synthesise a corpus (eSpeak NG, speakers disjoint across splits): its ``train`` split (10 h at
@@ -224,8 +224,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads; 1 on a machine other jobs share (measured: "
                                                     "a step took 25 s with 2 threads under a load of 8, 0.1 s with 1)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="mixers run side by side in this many processes of --threads threads each (2 on "
-                             "2 cores: about 70 min for both mixers instead of 140)")
+                        help="mixers run side by side in this many processes of --threads threads each "
+                             "(2 on 2 cores)")
     args = parser.parse_args()
     if not 0 < args.scale <= 1:
         parser.error(f"--scale must be in (0, 1], got {args.scale}")
