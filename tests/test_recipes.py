@@ -29,3 +29,23 @@ def test_librispeech_encoders_keep_160_ms_of_encoder_lookahead(name, frontend, l
 def test_librispeech_fbank_finetune_starts_from_the_fbank_pretraining():
     config = build_config("finetune", "base", str(RECIPES / "librispeech" / "finetune_fbank.yaml"), [])
     assert config.init == "runs/librispeech/pretrain-fbank/checkpoint.pt"
+
+
+def test_lowresource_recipe_freezes_only_a_pretrained_encoder_at_the_start(tmp_path, monkeypatch):
+    """The frozen start protects pretrained weights; on a random encoder it would only waste steps, and the
+    probe (frozen mode) gets its own, shorter run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lowresource_run", RECIPES / "lowresource" / "run.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    runs = {}
+    monkeypatch.setattr(recipe, "run_training", lambda kind, config, run_dir, progress: runs.update({
+        Path(run_dir).name: config}))
+    data = {"labels": "labels.jsonl", "dev": "dev.jsonl"}
+    for init in (None, tmp_path / "pretrain"):
+        for mode in ("full", "frozen"):
+            recipe.finetune(tmp_path, data, "llsa", init, mode, 1.0, f"{'scratch' if init is None else 'w2v'}-{mode}")
+    frozen_start = {name: (c.steps, c.freeze_encoder_steps) for name, c in runs.items()}
+    assert frozen_start == {"finetune-scratch-full": (4000, 0), "finetune-scratch-frozen": (1500, 0),
+                            "finetune-w2v-full": (4000, 500), "finetune-w2v-frozen": (1500, 0)}
