@@ -1,7 +1,7 @@
 """The low-resource experiment: does self-supervised pretraining on unlabelled speech help a recogniser
 that has 30 minutes of labels from other speakers?
 
-    python recipes/lowresource/run.py --out runs/lowresource --threads 1 --jobs 2   # both mixers; see README.md for its time
+    python recipes/lowresource/run.py --out runs/lowresource --threads 1 --jobs 2  # both mixers; time: README.md
     python recipes/lowresource/run.py --out /tmp/lr --scale 0.02        # the same pipeline in minutes
 
 1. synthesise a corpus (eSpeak NG, speakers disjoint across splits): its ``train`` split (10 h at
