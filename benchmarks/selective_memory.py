@@ -104,7 +104,8 @@ def training_step_point(mode: str, seconds: float, batch: int, device: str, thre
 
     samples = int(seconds * SAMPLE_RATE)
     audio = torch.randn(batch, samples, device=device)
-    labels = torch.randint(1, 29 if encoder else 32, (batch, int(seconds * 12)), device=device)
+    symbols = len(model.vocab) if encoder else model.config.vocab_size   # index 0 is the CTC blank in both
+    labels = torch.randint(1, symbols, (batch, int(seconds * 12)), device=device)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
