@@ -60,6 +60,12 @@ def hf_model(mode: str):
     return model, lambda audio, labels: model(audio, labels=labels).loss
 
 
+def own_modes(replace: str) -> dict[str, tuple[str, str | None]]:
+    """The modes measured with ``--encoder``: name -> (``FinetuneConfig.train_mode``, its replaced layers)."""
+    return {"full": ("full", None), f"selective WSM {replace}": ("replace", replace),
+            "frozen encoder": ("frozen", None)}
+
+
 def own_model(mode: str, encoder_dir: str, replace: str):
     """A streamssl CTC model on the encoder of ``encoder_dir``, set up for ``mode``, and its loss."""
     import torch
@@ -72,8 +78,7 @@ def own_model(mode: str, encoder_dir: str, replace: str):
     encoder_config, weights = resolve_init(encoder_dir)
     model = CTCModel(encoder_config)
     model.encoder.load_state_dict(weights)
-    modes = {"full": ("full", None), f"selective WSM {replace}": ("replace", replace),
-             "frozen encoder": ("frozen", None)}
+    modes = own_modes(replace)
     if mode not in modes:
         raise ValueError(f"unknown mode {mode!r}; modes with --encoder: {sorted(modes)}")
     apply_train_mode(model, *modes[mode])
@@ -149,8 +154,7 @@ def main() -> None:
     parser.add_argument("--replace", default="last:2", help="layers the selective mode replaces (--encoder)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args()
-    modes = args.modes or (["full", f"selective WSM {args.replace}", "frozen encoder"] if args.encoder
-                           else list(MODES))
+    modes = args.modes or list(own_modes(args.replace) if args.encoder else MODES)
 
     results = []
     for mode in modes:

@@ -94,8 +94,8 @@ def pretrain(out: Path, data: dict[str, str], mixer: str, objective: str, scale:
 def finetune(out: Path, data: dict[str, str], mixer: str, init: Path | None, mode: str, scale: float,
              name: str) -> Path:
     cfg = settings("finetune.yaml")
-    full_steps = PROBE_STEPS if mode == "frozen" else cfg["steps"]
-    steps = scaled(full_steps, scale, 4)
+    unscaled_steps = PROBE_STEPS if mode == "frozen" else cfg["steps"]
+    steps = scaled(unscaled_steps, scale, 4)
     ratio = steps / cfg["steps"]
     sets = [("warmup_steps", max(1, round(cfg["warmup_steps"] * ratio))), ("train_mode", mode),
             ("eval_every", max(1, round(cfg["eval_every"] * ratio))),
