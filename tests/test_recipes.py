@@ -49,3 +49,22 @@ def test_lowresource_recipe_freezes_only_a_pretrained_encoder_at_the_start(tmp_p
     frozen_start = {name: (c.steps, c.freeze_encoder_steps) for name, c in runs.items()}
     assert frozen_start == {"finetune-scratch-full": (4000, 0), "finetune-scratch-frozen": (1500, 0),
                             "finetune-w2v-full": (4000, 500), "finetune-w2v-frozen": (1500, 0)}
+
+
+def test_phone_errors_count_a_misspelling_that_sounds_right_as_no_phone_error():
+    """recipes/lowresource/phone_errors.py reads both sides with eSpeak NG: FOTO for PHOTO costs characters
+    but no phonemes, DOG for CAT costs 3 of the reference's 10 phonemes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("phone_errors", RECIPES / "lowresource" / "phone_errors.py")
+    phone_errors = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phone_errors)
+    reader = phone_errors.Reader("en-us")
+    misspelt = phone_errors.phone_scores("misspelt", [("u1", "PHOTO OF A CAT", "FOTO OF A CAT")], reader)
+    wrong = phone_errors.phone_scores("wrong", [("u1", "PHOTO OF A CAT", "PHOTO OF A DOG")], reader)
+    assert misspelt.cer == pytest.approx(2 / 14) and misspelt.per == 0.0
+    assert (misspelt.homophone_share, misspelt.substitutions) == (1.0, 1)
+    assert wrong.per == pytest.approx(3 / 10) and (wrong.homophone_share, wrong.substitutions) == (0.0, 1)
+    rows = phone_errors.table([wrong, misspelt]).splitlines()
+    assert rows[2].startswith("| wrong | 21.4 | - | 30.0 | - |")
+    assert rows[3].startswith("| misspelt | 14.3 | +33.3% | 0.0 | +100.0% | 100.0% of 1 |")

@@ -65,6 +65,10 @@ _INITIALIZE_DONT_EXIT = 0x8000
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
 _PARAM_RATE, _PARAM_PITCH, _PARAM_RANGE = 1, 3, 4
+# espeak_TextToPhonemes: IPA output (bit 1) with this separator between phonemes (bits 8-23).
+_PHONEME_SEPARATOR = "_"
+_PHONEMES_IPA = 0x02 | (ord(_PHONEME_SEPARATOR) << 8)
+_STRESS_MARKS = str.maketrans("", "", "ˈˌ")
 _SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 # Characters eSpeak may read aloud (or that change its reading) but a transcript would not show; the text it is
@@ -102,6 +106,8 @@ class EspeakNG:
         lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
                                      ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
         lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.c_int]
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
         self.sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0,
                                                  espeakng_loader.get_data_path().encode(), _INITIALIZE_DONT_EXIT)
         if self.sample_rate <= 0:
@@ -133,6 +139,23 @@ class EspeakNG:
         if status != 0 or self._lib.espeak_Synchronize() != 0:
             raise RuntimeError(f"eSpeak NG failed (status {status}) on {text!r}")
         return np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype=np.int16)
+
+    def phonemes(self, text: str) -> list[str]:
+        """How the current voice would pronounce ``text``: its IPA phonemes (``"aɪ"``, ``"tʃ"``, ``"ɜː"``), in
+        order, without stress marks or word boundaries (eSpeak joins some function words to the next word).
+
+        Its letter-to-sound rules also read made-up spellings, so ``phonemes("FOTO")`` equals
+        ``phonemes("PHOTO")``: a transcript's phonemes show what it sounds like, whatever its spelling.
+        """
+        buffer = ctypes.create_string_buffer(text.lower().encode("utf-8"))
+        pointer = ctypes.c_char_p(ctypes.addressof(buffer))
+        phones: list[str] = []
+        # Each call reads one clause and moves the pointer past it, to NULL at the end of the text.
+        while pointer.value:
+            clause = self._lib.espeak_TextToPhonemes(ctypes.byref(pointer), _CHARS_UTF8, _PHONEMES_IPA)
+            ipa = (clause or b"").decode("utf-8").translate(_STRESS_MARKS)
+            phones.extend(p for word in ipa.split() for p in word.split(_PHONEME_SEPARATOR) if p)
+        return phones
 
 
 @dataclass(frozen=True)
