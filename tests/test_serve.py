@@ -516,6 +516,38 @@ async def _drain(stream: asyncio.StreamReader) -> None:
         pass
 
 
+def piece_similarities(captured: np.ndarray, played: np.ndarray, piece: int) -> np.ndarray:
+    """For each ``piece``-sample stretch of ``captured``, its best normalised correlation with any stretch of
+    ``played`` looped (the fake microphone loops the file and starts anywhere in it)."""
+    looped = np.concatenate([played, played[:piece]]).astype(np.float64)
+    energy = np.concatenate([[0.0], np.cumsum(looped ** 2)])
+    stretch_norms = np.sqrt(np.maximum(energy[piece:] - energy[:-piece], 1e-30))[: played.size]
+    n = 1 << int(np.ceil(np.log2(looped.size + piece)))
+    spectrum = np.fft.rfft(looped, n)
+    best = []
+    for start in range(0, captured.size - piece + 1, piece):
+        x = captured[start:start + piece].astype(np.float64)
+        correlation = np.fft.irfft(np.conj(np.fft.rfft(x, n)) * spectrum, n)[: played.size]
+        best.append(float(np.max(correlation / stretch_norms)) / max(float(np.linalg.norm(x)), 1e-30))
+    return np.array(best)
+
+
+def test_piece_similarities_tell_a_skip_in_the_capture_from_a_page_that_mangles_audio():
+    played = talk(["CAT DOG SUN"], gap_s=1.5, lead_s=0.5, seed=3)
+    rotated = np.roll(played, 12345)
+    skipped = np.concatenate([rotated[:20000], rotated[20480:], rotated[:480]])
+    zeroed = rotated.copy()
+    for start in range(0, zeroed.size, 3 * 128):
+        zeroed[start:start + 128] = 0.0
+    piece = RATE // 10
+    assert np.mean(piece_similarities(rotated, played, piece) > 0.95) == 1.0
+    assert np.mean(piece_similarities(skipped, played, piece) > 0.95) >= 0.9
+    assert np.mean(piece_similarities(zeroed, played, piece) > 0.95) == 0.0
+    # A page that reports 44.1 kHz for 48 kHz audio: everything 9 % slower and lower.
+    mislabelled = soxr.resample(rotated, 44100, 48000)
+    assert np.mean(piece_similarities(mislabelled, played, piece) > 0.95) < 0.2
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium); "
                                               "the browser microphone page is not tested")
@@ -584,12 +616,16 @@ def test_microphone_page_in_headless_chromium_shows_the_offline_transcript(check
     assert state["status"] == "done", state
     captured = np.concatenate(fed)
     assert abs(captured.size - played.size) <= RATE // 100, (captured.size, played.size)
-    n = min(captured.size, played.size)
-    # The file, started somewhere in its loop, after Chromium's and the server's resampling.
-    correlation = np.fft.irfft(np.fft.rfft(captured[:n]) * np.conj(np.fft.rfft(played[:n])), n)
-    aligned = np.roll(played[:n], int(np.argmax(correlation)))
-    similarity = float(captured[:n] @ aligned / np.linalg.norm(captured[:n]) / np.linalg.norm(aligned))
-    assert similarity > 0.99, f"the page sent audio that is not the file's (similarity {similarity:.3f})"
+    # The file after Chromium's and the server's resampling, piece by piece: Chromium's file-backed fake
+    # microphone runs on a timer and, on a loaded machine, once skipped part of the file (global similarity
+    # 0.58 with the sizes equal), so one alignment for the whole capture cannot be required. A page that drops
+    # or zeroes buffers, sends another rate or mixes in a silent channel fails nearly every 100 ms piece; the
+    # best pieces of a clean run score 0.96 (resampling trims the noise floor's top octave), its worst about
+    # 0.8 (where the capture starts).
+    similarities = piece_similarities(captured, played, RATE // 10)
+    matching = float(np.mean(similarities > 0.95))
+    assert matching >= 0.9, f"the page sent audio that is not the file's: {matching:.0%} of 100 ms pieces " \
+                            f"match it (similarities {np.round(similarities, 3).tolist()})"
     expected = offline_text(recognizer, captured).strip()
     assert expected, "the test model says nothing for the page's audio"
     assert " ".join(state["finals"]).split() == expected.split(), (state, expected)
