@@ -75,9 +75,9 @@ def own_model(mode: str, encoder_dir: str, replace: str):
     from streamssl.selective.finetune import apply_train_mode
     from streamssl.train.sources import resolve_init
 
-    encoder_config, weights = resolve_init(encoder_dir)
-    model = CTCModel(encoder_config)
-    model.encoder.load_state_dict(weights)
+    init = resolve_init(encoder_dir)
+    model = CTCModel(init.encoder_config)
+    model.encoder.load_state_dict(init.encoder)
     modes = own_modes(replace)
     if mode not in modes:
         raise ValueError(f"unknown mode {mode!r}; modes with --encoder: {sorted(modes)}")

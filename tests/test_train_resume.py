@@ -79,8 +79,12 @@ def test_finetune_from_a_pretrained_encoder_copies_its_weights(corpus, tmp_path)
     ft = build_config("finetune", "tiny", None, [("steps", 1), ("freeze_encoder_steps", 1)],
                       train_data=corpus, init=str(tmp_path / "pt"))
     run_training("finetune", ft, str(tmp_path / "ft"), progress=False)
-    pre = load_checkpoint(tmp_path / "pt", kind="pretrain").model.encoder.state_dict()
-    fine = load_checkpoint(tmp_path / "ft", kind="finetune").model.encoder.state_dict()
+    pretrained = load_checkpoint(tmp_path / "pt", kind="pretrain").model
+    fine_tuned = load_checkpoint(tmp_path / "ft", kind="finetune").model
+    pre, fine = pretrained.encoder.state_dict(), fine_tuned.encoder.state_dict()
     # one frozen warm-up step: the encoder is exactly the pretrained one
     for name, value in pre.items():
         assert torch.equal(value, fine[name]), name
+    # and the time masks are wav2vec 2.0's learned masked-frame vector, not a fresh zero one
+    assert pretrained.mask_embedding.abs().sum() > 0
+    assert torch.equal(fine_tuned.mask_embedding, pretrained.mask_embedding)

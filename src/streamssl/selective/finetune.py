@@ -106,7 +106,7 @@ def encoder_config_from_dict(data: dict[str, Any]):
 
 
 def load_hf_encoder(location: str) -> tuple[HFEncoderSpec, dict[str, Tensor]]:
-    """``INIT_SOURCES["hf"]``: the spec and base-model weights of a Hugging Face model in ``location``."""
+    """The spec and base-model weights of a Hugging Face model in ``location`` (``INIT_SOURCES["hf"]``)."""
     try:
         import transformers
     except ImportError:

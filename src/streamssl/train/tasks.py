@@ -117,15 +117,15 @@ class FinetuneTask:
     def __init__(self, config: FinetuneConfig, log=print):
         self.config = config
         self.vocab = CharVocab()
-        weights = None
-        if config.init is not None:
-            self.encoder_config, weights = resolve_init(config.init)
-        else:
-            self.encoder_config = config.encoder
+        init = resolve_init(config.init) if config.init is not None else None
+        self.encoder_config = init.encoder_config if init is not None else config.encoder
         self.model: CTCModel = build_model("finetune", config, self.encoder_config)
-        if weights is not None:
-            self.model.encoder.load_state_dict(weights)
-            log(f"encoder initialised from {config.init}")
+        if init is not None:
+            self.model.encoder.load_state_dict(init.encoder)
+            if init.mask_embedding is not None:
+                self.model.mask_embedding.data.copy_(init.mask_embedding)
+            log(f"encoder initialised from {config.init}"
+                f"{' (with its mask embedding)' if init.mask_embedding is not None else ''}")
         from streamssl.selective.finetune import apply_train_mode
 
         apply_train_mode(self.model, config.train_mode, config.replace_layers, config.replace_mixer,
