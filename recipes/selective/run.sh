@@ -5,7 +5,7 @@
 # then one training step's peak memory in each mode.
 # Usage: recipes/selective/run.sh [LOWRESOURCE_OUT] [OUT]
 # Needs the corpus and pretraining of `python recipes/lowresource/run.py --out LOWRESOURCE_OUT --mixers full`.
-# Every run resumes, and a finished one is not repeated. About 30 min on 2 cores.
+# Every run resumes, and a finished one is not repeated. About 20 min (measured, one thread).
 set -euo pipefail
 low=${1:-runs/lowresource}
 out=${2:-runs/selective}
@@ -17,7 +17,7 @@ common=(--config recipes/lowresource/finetune.yaml --init "$init" --train "$corp
 streamssl finetune "${common[@]}" --full --out "$out/full"
 # Fresh WSM blocks in place of the last layer's attention train with the head only; they need a higher
 # learning rate than a whole pretrained encoder (test CER 59.4 % at 1e-3, 49.5 % at 3e-3, 46.7 % at 1e-2).
-# The frozen encoder gets the same rate, its best of the three.
+# The frozen encoder gets the same rate, its best of the three (68.6, 64.6, 61.7 %).
 for mode in selective frozen; do
     flags=(--frozen)
     [ "$mode" = selective ] && flags=(--replace last:1 --mixer wsm)
