@@ -619,9 +619,9 @@ def test_microphone_page_in_headless_chromium_shows_the_offline_transcript(check
     # The file after Chromium's and the server's resampling, piece by piece: Chromium's file-backed fake
     # microphone runs on a timer and, on a loaded machine, once skipped part of the file (global similarity
     # 0.58 with the sizes equal), so one alignment for the whole capture cannot be required. A page that drops
-    # or zeroes buffers, sends another rate or mixes in a silent channel fails nearly every 100 ms piece; the
-    # best pieces of a clean run score 0.96 (resampling trims the noise floor's top octave), its worst about
-    # 0.8 (where the capture starts).
+    # or zeroes buffers, or sends another rate, fails nearly every 100 ms piece. In 8 clean runs the noise-only
+    # pieces scored about 0.96 (resampling trims the noise floor's top octave), one or two pieces 0.75-0.88 (one
+    # where the capture starts).
     similarities = piece_similarities(captured, played, RATE // 10)
     matching = float(np.mean(similarities > 0.95))
     assert matching >= 0.9, f"the page sent audio that is not the file's: {matching:.0%} of 100 ms pieces " \
