@@ -77,7 +77,7 @@ def own_model(mode: str, encoder_dir: str, replace: str):
 
     init = resolve_init(encoder_dir)
     model = CTCModel(init.encoder_config)
-    model.encoder.load_state_dict(init.encoder)
+    init.load_into(model)
     modes = own_modes(replace)
     if mode not in modes:
         raise ValueError(f"unknown mode {mode!r}; modes with --encoder: {sorted(modes)}")

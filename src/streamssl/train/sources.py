@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from streamssl.config import EncoderConfig
 from streamssl.selective.finetune import HFEncoderSpec, load_hf_encoder
@@ -29,6 +30,13 @@ class InitWeights:
     encoder_config: EncoderConfig | HFEncoderSpec
     encoder: dict[str, Tensor]
     mask_embedding: Tensor | None = None
+
+    def load_into(self, model: nn.Module) -> None:
+        """Copy these weights into a fresh CTC model built on ``encoder_config``."""
+        model.encoder.load_state_dict(self.encoder)
+        if self.mask_embedding is not None:
+            with torch.no_grad():
+                model.mask_embedding.copy_(self.mask_embedding)
 
 
 InitLoader = Callable[[str], InitWeights]

@@ -121,9 +121,7 @@ class FinetuneTask:
         self.encoder_config = init.encoder_config if init is not None else config.encoder
         self.model: CTCModel = build_model("finetune", config, self.encoder_config)
         if init is not None:
-            self.model.encoder.load_state_dict(init.encoder)
-            if init.mask_embedding is not None:
-                self.model.mask_embedding.data.copy_(init.mask_embedding)
+            init.load_into(self.model)
             log(f"encoder initialised from {config.init}"
                 f"{' (with its mask embedding)' if init.mask_embedding is not None else ''}")
         from streamssl.selective.finetune import apply_train_mode
