@@ -4,6 +4,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from streamssl import Encoder, EncoderConfig
+from streamssl.streaming.engine import StreamingEngine
 
 torch.set_num_threads(1)
 
@@ -33,38 +34,50 @@ def stream_in_chunks(encoder: Encoder, x: torch.Tensor, sizes: list[int]) -> tor
     return torch.cat(outputs + [y], dim=1)
 
 
+class FrameCollector:
+    """A stream decoder of the streaming core that keeps the raw output frames instead of decoding them."""
+
+    def __init__(self):
+        self.frames: list[torch.Tensor] = []
+
+    def push(self, outputs: torch.Tensor) -> list:
+        self.frames.append(outputs.clone())
+        return []
+
+    def finish(self) -> list:
+        return []
+
+    def text(self) -> str:
+        return ""
+
+
 def stream_joining_batch(encoder: Encoder, audio: list[torch.Tensor], starts: list[int], piece: int
                          ) -> list[torch.Tensor]:
-    """Stream ``audio[i]`` ((S_i,) or (S_i, F)) through one shared batch: stream ``i`` joins at tick
-    ``starts[i]``, every tick each member gets its next ``piece`` samples (the last one shorter, right-aligned,
-    with counts), and a stream whose input is all in is flushed and leaves. Returns each stream's outputs."""
-    outputs: list[list[torch.Tensor]] = [[] for _ in audio]
-    fed, members, state, tick = [0] * len(audio), [], None, 0
-    with torch.no_grad():
-        while tick <= max(starts) or members:
-            for i, start in enumerate(starts):
-                if start == tick:
-                    fresh = encoder.init_state(1)
-                    state = fresh if state is None else Encoder.stack_states([state, fresh])
-                    members.append(i)
-            tick += 1
-            if not members:
-                continue
-            pieces = [audio[i][fed[i]:fed[i] + piece] for i in members]
-            counts = torch.tensor([p.shape[0] for p in pieces])
-            chunk = torch.stack([torch.nn.functional.pad(p.movedim(0, -1), (piece - p.shape[0], 0)).movedim(-1, 0)
-                                 for p in pieces])
-            y, emitted, state = encoder.step_window(chunk, state, counts)
-            for row, i in enumerate(members):
-                outputs[i].append(y[row, :emitted[row]])
-                fed[i] += pieces[row].shape[0]
-            staying = [row for row, i in enumerate(members) if fed[i] < audio[i].shape[0]]
-            for row, i in enumerate(members):
-                if fed[i] >= audio[i].shape[0]:
-                    outputs[i].append(encoder.flush(state.select([row]))[0][0])
-            members = [members[row] for row in staying]
-            state = state.select(staying) if staying else None
-    return [torch.cat(parts) for parts in outputs]
+    """Stream ``audio[i]`` ((S_i,) or (S_i, F)) through the streaming core, one shared batch: stream ``i``
+    joins at tick ``starts[i]``, every tick each member gets its next ``piece`` samples (the last one
+    shorter, right-aligned, with counts), and a stream whose input is all in is flushed and leaves.
+    Returns each stream's outputs."""
+    engine = StreamingEngine(encoder, decoder=FrameCollector)
+    streams: dict[int, tuple] = {}
+    fed, tick = [0] * len(audio), 0
+    streams_done: dict[int, torch.Tensor] = {}
+    while tick <= max(starts) or streams:
+        for i, start in enumerate(starts):
+            if start == tick:
+                streams[i] = engine.stream()
+        tick += 1
+        if not streams:
+            continue
+        engine.accept({stream: audio[i][fed[i]:fed[i] + piece] for i, stream in streams.items()})
+        for i in streams:
+            fed[i] += piece
+        ending = [i for i in streams if fed[i] >= audio[i].shape[0]]
+        if ending:
+            engine.finish([streams[i] for i in ending])
+        for i in ending:
+            collector = streams.pop(i).decoder
+            streams_done[i] = torch.cat(collector.frames)
+    return [streams_done[i] for i in range(len(audio))]
 
 
 class LargestOutput(TorchDispatchMode):

@@ -26,6 +26,9 @@ LAYERS: dict[str, int] = {
     # 1 objectives and heads: self-supervised objectives, CTC recognition, attention replacement and
     #   Hugging Face encoders (training's --replace and --init hf: use them).
     "streamssl.objectives": 1, "streamssl.asr": 1, "streamssl.selective": 1,
+    #   The batched streaming core drives a CTC model and its decoders; evaluation streams through it, and
+    #   the recogniser and server build on it.
+    "streamssl.streaming.engine": 1,
     # 2 training: run configs, trainer, checkpoints, data pipeline, DDP.
     "streamssl.train": 2,
     # 3 applications: command line, streaming recogniser, demo, export, server.

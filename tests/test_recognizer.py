@@ -214,7 +214,7 @@ def test_states_at_different_positions_stack_and_select_back():
     streams = [recognizer.stream() for _ in range(3)]
     for i, stream in enumerate(streams):
         stream.accept(wave(0.6, i)[:1000 + 700 * i])
-    states = [s._state for s in streams]
+    states = [s.state for s in streams]
     stacked = model.stack_states(states)
     assert stacked.encoder.batch_size == 3 and stacked.lstm[0].shape[0] == 3
     assert stacked.encoder.samples_in.tolist() == [1000, 1700, 2400]
@@ -301,9 +301,9 @@ def test_bad_input_is_refused_with_a_reason():
         stream.accept(np.array([0.0, -1200.0, 3.0], dtype=np.float32))
     stream.accept(np.array([1.5, -1.5], dtype=np.float32))  # headroom for overshoot is accepted
     assert stream.accept(np.zeros(0, dtype=np.float32)).tokens == []
-    other = stream.recognizer.stream()
+    other = stream.engine.stream()
     with pytest.raises(ValueError, match="1-D"):
-        stream.recognizer.accept({other: np.zeros(500), stream: np.zeros((1, 500))})
+        stream.engine.accept({other: np.zeros(500), stream: np.zeros((1, 500))})
     assert other.samples_in == 0, "a bad feed must leave the other streams untouched"
     stream.accept(np.zeros(800, dtype=np.float32))
     stream.finish()
@@ -314,8 +314,8 @@ def test_bad_input_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="frontend='none'"):
         Recognizer(CTCModel(EncoderConfig.tiny(frontend="none", input_dim=8)))
     with pytest.raises(ValueError, match="sample_rate 8000 Hz: this model takes 16000 Hz audio"):
-        stream.recognizer.stream(sample_rate=8000)
-    assert stream.recognizer.stream(sample_rate=16000).samples_in == 0
+        stream.engine.stream(sample_rate=8000)
+    assert stream.engine.stream(sample_rate=16000).samples_in == 0
     with pytest.raises(ValueError, match="cannot stream"):
         Recognizer(CTCModel(EncoderConfig.tiny(mixer="full")))
 

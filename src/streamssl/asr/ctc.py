@@ -43,6 +43,8 @@ class CharVocab:
     Transcripts follow the LibriSpeech convention (upper case, apostrophes, single spaces).
     """
 
+    word_boundary = " "
+
     def __init__(self, symbols: list[str] | None = None):
         self.symbols = list(symbols) if symbols is not None else [BLANK, " ", "'", *string.ascii_uppercase]
         if self.symbols[0] != BLANK or len(set(self.symbols)) != len(self.symbols):
@@ -65,7 +67,10 @@ class CharVocab:
                              f"({''.join(self.symbols[1:])!r}); normalise transcripts first") from None
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(self.symbols[i] for i in ids if i != self.blank)
+        """The text of ``ids``: blanks dropped, words separated by single boundaries (a model may emit the
+        boundary twice in a row, or at the start or end)."""
+        text = "".join(self.symbols[i] for i in ids if i != self.blank)
+        return self.word_boundary.join(word for word in text.split(self.word_boundary) if word)
 
 
 def greedy_decode(log_probs: Tensor, lengths: Tensor, vocab: CharVocab) -> list[str]:

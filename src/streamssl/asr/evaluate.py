@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from streamssl.asr.ctc import CharVocab, GreedyDecoder, RecognitionModel
 from streamssl.asr.lexicon import BeamSearchConfig, LexiconDecoder
+from streamssl.streaming.engine import StreamingEngine, decoder_factory
 
 
 @dataclass
@@ -94,65 +95,49 @@ STREAMING_BATCH_SIZE = 16
 
 
 @torch.no_grad()
-def transcribe_streaming(model: RecognitionModel, dataset, device: torch.device, chunk_ms: float,
-                         progress: bool = False, beam: BeamSearchConfig | None = None,
+def transcribe_streaming(model: RecognitionModel, dataset, chunk_ms: float, progress: bool = False,
+                         beam: BeamSearchConfig | None = None,
                          batch_size: int = STREAMING_BATCH_SIZE) -> tuple[list[str], float]:
-    """Chunk-by-chunk decoding of every utterance of ``dataset``, ``batch_size`` streams at a time.
+    """Decode every utterance of ``dataset`` as live audio, ``batch_size`` streams at a time, through the
+    batched streaming core (:class:`~streamssl.streaming.engine.StreamingEngine`, what ``stream`` and
+    ``serve`` run).
 
-    Each tick feeds every running stream its next chunk (the last one shorter, right-aligned) in one
-    ``step_window`` call; a stream whose audio is all in is flushed and leaves, and the next utterance
-    (loaded then) joins, so the batch stays full. Streams share calls whatever their positions, so
-    every utterance's frames are those it gets alone (up to float rounding), and each goes through its
-    own decoder of :func:`new_decoder` as its frames become final. Returns hypotheses (dataset order)
-    and the compute time in seconds (model and decoders; audio loading excluded).
+    Each tick gives every running stream its next ``chunk_ms`` of audio, as a live source would, and the
+    engine steps them in one call; a stream whose audio is all in finishes (the streams ending on the
+    same tick flush together) and the next utterance, loaded then, joins. Returns hypotheses (dataset
+    order) and the compute time in seconds (model and decoders; audio loading excluded).
     """
-    if not chunk_ms > 0:
-        raise ValueError(f"chunk_ms must be positive, got {chunk_ms:g}")
+    if not chunk_ms > 0 or chunk_ms == float("inf"):
+        raise ValueError(f"chunk_ms must be a positive number of milliseconds, got {chunk_ms:g}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     chunk = max(1, round(chunk_ms * model.sample_rate / 1000))
+    engine = StreamingEngine(model, decoder_factory(model.vocab, beam), chunk_samples=chunk)
     hyps: list[str] = [""] * len(dataset)
     compute = 0.0
     waiting = iter(range(len(dataset)))
-    # Running streams, in batch order: (utterance index, samples (S,), samples fed, decoder).
-    running: list[tuple[int, Tensor, int, GreedyDecoder | LexiconDecoder]] = []
-    state = None
+    # Running streams: utterance index -> (stream, samples (S,), samples fed).
+    running: dict[int, tuple] = {}
     bar = tqdm(total=len(dataset), desc=f"decode (streaming, {chunk_ms:g} ms chunks, {batch_size} streams)",
                disable=not progress, leave=False)
     while True:
-        joining = []
-        while len(running) + len(joining) < batch_size and (index := next(waiting, None)) is not None:
-            joining.append((index, dataset[index]["audio"].to(device, model.dtype), 0,
-                            new_decoder(model.vocab, 1, beam)))
-        start = time.perf_counter()
-        if joining:
-            fresh = [model.init_state(1) for _ in joining]
-            state = model.stack_states(([state] if running else []) + fresh)
-            running += joining
+        while len(running) < batch_size and (index := next(waiting, None)) is not None:
+            running[index] = (engine.stream(), dataset[index]["audio"].to(model.dtype), 0)
         if not running:
             break
-        pieces = [wave[fed:fed + chunk] for _, wave, fed, _ in running]
-        counts = torch.tensor([p.numel() for p in pieces], device=device)
-        width = int(counts.max())
-        batch = torch.stack([torch.nn.functional.pad(p, (width - p.numel(), 0)) for p in pieces])
-        log_probs, emitted, state = model.step_window(batch, state, counts)
-        for row, (_, _, _, decoder) in enumerate(running):
-            decoder.push(log_probs[row:row + 1], emitted[row:row + 1])
-        running = [(index, wave, fed + p.numel(), decoder)
-                   for (index, wave, fed, decoder), p in zip(running, pieces)]
-        staying = []
-        for row, (index, wave, fed, decoder) in enumerate(running):
-            if fed < wave.numel():
-                staying.append(row)
-                continue
-            log_probs, _ = model.flush(state.select([row]))
-            decoder.push(log_probs)
-            decoder.finish()
-            hyps[index] = decoder.texts()[0]
-            bar.update(1)
-        if len(staying) < len(running):
-            running = [running[row] for row in staying]
-            state = state.select(staying) if staying else None
+        start = time.perf_counter()
+        feeds, ending = {}, []
+        for index, (stream, wave, fed) in running.items():
+            feeds[stream] = wave[fed:fed + chunk]
+            running[index] = (stream, wave, fed + chunk)
+            if fed + chunk >= wave.numel():
+                ending.append(index)
+        engine.accept(feeds)
+        if ending:
+            finished = engine.finish([running[index][0] for index in ending])
+            for index in ending:
+                hyps[index] = finished[running.pop(index)[0]].text
+            bar.update(len(ending))
         compute += time.perf_counter() - start
     bar.close()
     return hyps, compute
@@ -194,8 +179,7 @@ def evaluate_model(model: RecognitionModel, utterances: list, streaming: bool = 
     model.eval()
     dataset = AudioDataset(utterances, sample_rate=model.sample_rate)
     if streaming:
-        hyps, compute = transcribe_streaming(model, dataset, device, chunk_ms, progress, beam=beam,
-                                             batch_size=batch_size)
+        hyps, compute = transcribe_streaming(model, dataset, chunk_ms, progress, beam=beam, batch_size=batch_size)
     else:
         hyps, compute = transcribe_offline(model, dataset, device, progress=progress, beam=beam)
     refs = [utt.text for utt in utterances]

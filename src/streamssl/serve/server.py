@@ -8,18 +8,20 @@ order (``call_soon_threadsafe`` is first in, first out), so a session's messages
 
 The batcher's tick: wait until some stream holds a whole chunk of 16 kHz audio, then up to
 ``max_wait_ms`` more for others (or until every stream or ``max_batch`` streams are ready), then give the
-ready streams' audio to one ``Recognizer.accept`` call (the recogniser batches the streams it can).
-While a tick computes, audio keeps arriving, so under load ticks grow to hold more streams.
+ready streams' audio to one ``Recognizer.accept`` call: the streaming core steps them in one model call
+whatever their positions. While a tick computes, audio keeps arriving, so under load ticks grow to hold
+more streams.
 
-Emission delay here is measured from the moment the server *received* the client's audio message that
-completes a token's frame window to the moment the token's message is handed to the socket; it
-includes resampling, waiting for a chunk to fill, waiting for the batch, and compute.
+Emission delay is the streaming core's one clock (:class:`~streamssl.streaming.engine.ArrivalLog`): from
+the moment the server *received* the client's audio message that completes a token's frame window (at
+the client's sample rate, so resampling delay counts) to the moment the token was decoded; it includes
+resampling, waiting for a chunk to fill, waiting for the batch, and compute. Words are built by the
+core's one word builder at the vocabulary's word boundary.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
 import json
 import logging
@@ -51,16 +53,15 @@ from streamssl.serve.protocol import (
     parse_control,
     parse_start,
     token_json,
+    word_json,
 )
 from streamssl.streaming.endpoint import EndpointConfig, Endpointer, Segment
-from streamssl.streaming.recognizer import Recognizer, Stream, Token
+from streamssl.streaming.engine import words_of
+from streamssl.streaming.recognizer import MAX_TICK_S, Recognizer, Stream
 
 logger = logging.getLogger(__name__)
 
 WEBSOCKET_PATH = "/asr"
-# Audio per stream per tick at most: a client that sent seconds at once is worked off over several
-# ticks, so the other streams' ticks stay short.
-MAX_TICK_AUDIO_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -126,21 +127,18 @@ class Session:
         self.closed = False
         self.lost = False
         self.outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        # (input samples received up to and including a message, perf_counter when it arrived): appended
-        # on the loop, read on the worker; one list of pairs, so each append is one atomic step.
-        self._arrivals: list[tuple[int, float]] = []
         self._received = 0
         self._tokens_seen = 0
         self.word_delays_ms: list[float] = []
         self.token_delays_ms: list[float] = []
-        self._token_delay_ms: dict[int, float] = {}
 
     # ------------------------------------------------------------------ on the loop
     def begin(self, start: StartMessage) -> None:
         recognizer = self.server.recognizer
         self.start = start
-        self.stream = recognizer.stream()
-        self.endpointer = Endpointer(self.server.config.endpoint, recognizer.hop_samples / recognizer.sample_rate)
+        self.stream = recognizer.stream(arrival_rate=start.sample_rate)
+        self.endpointer = Endpointer(self.server.config.endpoint, recognizer.hop_samples / recognizer.sample_rate,
+                                     recognizer.word_boundary)
         if start.sample_rate != recognizer.sample_rate:
             self.resampler = soxr.ResampleStream(start.sample_rate, recognizer.sample_rate, 1, dtype="float32")
 
@@ -149,7 +147,8 @@ class Session:
         if samples.size == 0:
             return
         self._received += samples.size
-        self._arrivals.append((self._received, now))
+        # Appended here on the loop, read on the worker: one list append, an atomic step.
+        self.stream.arrivals.record(self._received, now)
         if self.resampler is not None:
             samples = self.resampler.resample_chunk(samples)
         self.pending = np.concatenate([self.pending, samples])
@@ -162,9 +161,9 @@ class Session:
             self.ready_since = now
 
     def take_ready(self) -> np.ndarray:
-        """Whole chunks of pending audio (at most :data:`MAX_TICK_AUDIO_S`) for this tick."""
+        """Whole chunks of pending audio (at most the core's :data:`MAX_TICK_S` of a call) for this tick."""
         chunk = self.server.chunk_samples
-        n = min(self.pending.size // chunk, max(1, int(MAX_TICK_AUDIO_S * self.server.recognizer.sample_rate) // chunk))
+        n = min(self.pending.size // chunk, max(1, int(MAX_TICK_S * self.server.recognizer.sample_rate) // chunk))
         taken, self.pending = self.pending[: n * chunk], self.pending[n * chunk:]
         self.ready_since = time.perf_counter() if self.pending.size >= chunk else None
         return taken
@@ -194,25 +193,12 @@ class Session:
         self.outbox.put_nowait((kind, payload))
 
     # ------------------------------------------------------------------ on the worker thread
-    def _arrival(self, end_s: float) -> float:
-        """When the client audio message holding the sample at ``end_s`` (stream time) arrived."""
-        needed = math.ceil(end_s * self.start.sample_rate - 1e-6)
-        # Past the last message only for frames the end-of-stream flush pads: they count from that message.
-        index = min(bisect.bisect_left(self._arrivals, needed, key=lambda arrival: arrival[0]),
-                    len(self._arrivals) - 1)
-        # Queries come in frame order, so earlier messages are never needed again.
-        del self._arrivals[:index]
-        return self._arrivals[0][1]
-
-    def messages_after(self, emitted_at: float, ended: bool) -> list[str]:
+    def messages_after(self, ended: bool) -> list[str]:
         """JSON messages for what the stream emitted since the last call (tokens now in ``stream.tokens``)."""
         stream, endpointer = self.stream, self.endpointer
         new = stream.tokens[self._tokens_seen:]
         self._tokens_seen = len(stream.tokens)
-        for token in new:
-            delay_ms = 1000 * (emitted_at - self._arrival(token.end_s))
-            self._token_delay_ms[token.frame] = delay_ms
-            self.token_delays_ms.append(delay_ms)
+        self.token_delays_ms += [1000 * token.delay_s for token in new]
         segments = endpointer.update(new, stream.frames_out)
         if ended:
             last = endpointer.finish(stream.frames_out)
@@ -223,7 +209,7 @@ class Session:
         if open_tokens and not ended:
             out.append(json.dumps({"type": "partial", "segment": endpointer.segments_done,
                                    "text": endpointer.open_text(),
-                                   "tokens": [token_json(t, self._token_delay_ms[t.frame]) for t in open_tokens]}))
+                                   "tokens": [token_json(t, 1000 * t.delay_s) for t in open_tokens]}))
         if ended:
             out.append(json.dumps({"type": "done", "text": stream.text, "segments": endpointer.segments_done,
                                    "audio_s": round(stream.samples_in / self.server.recognizer.sample_rate, 4),
@@ -231,27 +217,12 @@ class Session:
         return out
 
     def _final_json(self, segment: Segment) -> str:
-        words = []
-        for group in self._words(segment.tokens):
-            delay_ms = self._token_delay_ms[group[-1].frame]
-            self.word_delays_ms.append(delay_ms)
-            words.append({"text": "".join(t.text for t in group), "start_s": round(group[0].start_s, 4),
-                          "end_s": round(group[-1].end_s, 4), "delay_ms": round(delay_ms, 2)})
-        for token in segment.tokens:
-            del self._token_delay_ms[token.frame]
+        words = words_of(segment.tokens, self.server.recognizer.word_boundary)
+        self.word_delays_ms += [1000 * word.delay_s for word in words]
         return json.dumps({"type": "final", "segment": segment.index, "text": segment.text, "reason": segment.reason,
                            "start_s": round(segment.start_s, 4), "end_s": round(segment.end_s, 4),
-                           "words": words, "latency": self._latency_json()})
-
-    def _words(self, tokens: list[Token]) -> list[list[Token]]:
-        boundary = self.server.config.endpoint.word_boundary
-        groups: list[list[Token]] = [[]]
-        for token in tokens:
-            if token.text == boundary:
-                groups.append([])
-            else:
-                groups[-1].append(token)
-        return [g for g in groups if g]
+                           "words": [word_json(word, 1000 * word.delay_s) for word in words],
+                           "latency": self._latency_json()})
 
     def _latency_json(self) -> dict[str, Any]:
         return {**self.server.declared,
@@ -361,7 +332,7 @@ class StreamingServer:
         try:
             try:
                 first = await asyncio.wait_for(websocket.recv(), self.config.start_timeout_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 raise ProtocolError(f"no start message within {self.config.start_timeout_s:g} s") from None
             session.begin(parse_start(first))
             session.post("send", json.dumps({
@@ -374,7 +345,7 @@ class StreamingServer:
                 if session.closed:
                     break
                 if isinstance(message, bytes):
-                    session.receive(decode_audio(message, session.start.sample_format), time.perf_counter())
+                    session.receive(decode_audio(message, session.start.sample_format), self.recognizer.clock())
                     self._wake.set()
                 else:
                     parse_control(message)
@@ -422,7 +393,7 @@ class StreamingServer:
         if rest.size:
             self.recognizer.accept({session.stream: rest})
         session.stream.finish()
-        self._deliver(session, session.messages_after(time.perf_counter(), ended=True))
+        self._deliver(session, session.messages_after(ended=True))
 
     # ------------------------------------------------------------------ the batcher
     def _ready(self) -> list[Session]:
@@ -448,7 +419,7 @@ class StreamingServer:
                 break
             try:
                 await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 break
             self._wake.clear()
             ready = self._ready()
@@ -469,9 +440,8 @@ class StreamingServer:
             for session in feeds:
                 self._deliver(session, [error_json(f"internal error in the model call: {error}")], close=True)
             return
-        emitted_at = time.perf_counter()
         for session in feeds:
-            self._deliver(session, session.messages_after(emitted_at, ended=False))
+            self._deliver(session, session.messages_after(ended=False))
 
     def _deliver(self, session: Session, messages: list[str], close: bool = False) -> None:
         def post() -> None:

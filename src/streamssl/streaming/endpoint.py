@@ -21,18 +21,16 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
-from streamssl.streaming.recognizer import Token
+from streamssl.streaming.engine import Token
 
 
 @dataclass(frozen=True)
 class EndpointConfig:
     """Endpointing rules. ``silence_ms``: non-speech after speech that ends a segment; ``max_segment_ms``:
-    longest segment, from its first speech token (``None``: no limit); ``word_boundary``: the token text
-    that separates words and does not count as speech."""
+    longest segment, from its first speech token (``None``: no limit)."""
 
     silence_ms: float = 600.0
     max_segment_ms: float | None = 20000.0
-    word_boundary: str = " "
 
     def __post_init__(self) -> None:
         if not self.silence_ms > 0 or not math.isfinite(self.silence_ms):
@@ -75,13 +73,16 @@ class Endpointer:
     Args:
         config: the rules.
         frame_s: output frame period in seconds (the recogniser's ``hop_samples / sample_rate``).
+        word_boundary: the token text that separates words (the recogniser's ``word_boundary``, from its
+            vocabulary); it does not count as speech.
     """
 
-    def __init__(self, config: EndpointConfig, frame_s: float):
+    def __init__(self, config: EndpointConfig, frame_s: float, word_boundary: str = " "):
         if not frame_s > 0:
             raise ValueError(f"frame_s must be positive, got {frame_s}")
         self.config = config
         self.frame_s = frame_s
+        self.word_boundary = word_boundary
         # Whole frames, rounded up, so a cut never comes before the configured time has passed.
         self.silence_frames = max(1, math.ceil(config.silence_ms / 1000 / frame_s - 1e-9))
         self.max_frames = (None if config.max_segment_ms is None
@@ -108,7 +109,7 @@ class Endpointer:
                 raise ValueError(f"token at frame {token.frame} arrived after frame {self._frames_seen} was decoded")
             self._cut_before(token.frame, ended)
             self._open.tokens.append(token)
-            if token.text != self.config.word_boundary:
+            if token.text != self.word_boundary:
                 self._open.first_speech = self._open.first_speech or token
                 self._open.last_speech = token
             self._frames_seen = token.frame + 1
@@ -147,4 +148,4 @@ class Endpointer:
         return segment
 
     def _text(self, tokens: list[Token]) -> str:
-        return "".join(t.text for t in tokens).strip(self.config.word_boundary)
+        return "".join(t.text for t in tokens).strip(self.word_boundary)
