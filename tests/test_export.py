@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ from streamssl.asr.ctc import CTCModel
 from streamssl.config import EncoderConfig
 from streamssl.data.audio import resample
 from streamssl.data.synth import EspeakNG
-from streamssl.export import OnnxModel, export_model
+from streamssl.export import OnnxModel, export_model, state_names
 from streamssl.mixers import MIXERS
 from streamssl.streaming.recognizer import Recognizer
 
@@ -79,6 +80,83 @@ def test_onnx_runtime_equals_pytorch_from_cold_start_through_flush(mixer):
     assert streamed.shape == reference.shape
     assert np.abs(streamed - reference).max() < 1e-4
     assert np.abs(streamed - offline[0].numpy()).max() < 1e-4
+
+
+def mixed_batch_flush(m, audios: list[np.ndarray], chunk: int, flush_calls: int) -> tuple[list[np.ndarray], object]:
+    """Two streams in one batch of ``step_window`` calls: a stream whose audio is all in flushes (its row
+    padding, its flag set) while the other keeps stepping, then gets more flush calls than it needs."""
+    state = m.stack_states([m.init_state(1), m.init_state(1)])
+    fed, outputs = [0, 0], [[], []]
+    for _ in range(max(-(-len(a) // chunk) for a in audios) + flush_calls + 1):
+        pieces = [a[f:f + chunk] for a, f in zip(audios, fed)]
+        flush = torch.tensor([len(p) == 0 for p in pieces])
+        counts = torch.tensor([len(p) for p in pieces])
+        batch = torch.from_numpy(np.stack([np.pad(p, (chunk - len(p), 0)) for p in pieces]))
+        with torch.no_grad():
+            y, emitted, state = m.step_window(batch, state, counts, flush)
+        for b in range(2):
+            outputs[b].append(y[b, :int(emitted[b])].numpy())
+            fed[b] += len(pieces[b])
+    return [np.concatenate(o) for o in outputs], state
+
+
+@pytest.mark.parametrize("mixer", STREAMING)
+def test_a_stream_flushes_inside_a_stepping_batch_eagerly_and_in_onnx_alike(mixer):
+    data, info = exported(mixer)
+    eager_model, runtime = model(mixer), OnnxModel(data)
+    audio = speech()
+    audios = [audio, audio[:9000]]
+    eager, eager_state = mixed_batch_flush(eager_model, audios, info.chunk_samples, info.flush_calls)
+    onnx_out, onnx_state = mixed_batch_flush(runtime, audios, info.chunk_samples, info.flush_calls)
+    assert eager_state.encoder.frames_waiting.tolist() == [0, 0]
+    waiting = onnx_state.tensors["encoder.frames_in"] - onnx_state.tensors["encoder.frames_out"]
+    assert waiting.tolist() == [0, 0]
+    for b, piece in enumerate(audios):
+        with torch.no_grad():
+            offline, frames = eager_model(torch.from_numpy(piece)[None])
+        assert eager[b].shape == onnx_out[b].shape == (int(frames[0]), len(eager_model.vocab))
+        assert np.abs(eager[b] - offline[0].numpy()).max() < 1e-4
+        assert np.abs(onnx_out[b] - eager[b]).max() < 1e-4
+    with pytest.raises(ValueError, match="stream 1 was flushed"):
+        eager_model.step_window(torch.zeros(2, 640), eager_state, torch.tensor([0, 640]))
+    with pytest.raises(ValueError, match=r"flush must be a bool tensor of shape \(2,\), got dtype torch.int64"):
+        eager_model.step_window(torch.zeros(2, 640), eager_state, flush=torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match=r"flush must be a bool array of shape \(2,\), got dtype int64"):
+        runtime.step_window(np.zeros((2, 640), np.float32), onnx_state, flush=np.array([1, 0]))
+
+
+def test_state_names_come_from_the_state_and_the_graph_is_checked_against_them():
+    data, info = exported("llsa", "lstm")
+    names = [s["name"] for s in info.states]
+    assert names == state_names(model("llsa", "lstm").init_state(1))[0]
+    assert names[:2] == ["encoder.frontend", "encoder.positional"]
+    assert names[-6:] == ["encoder.samples_in", "encoder.frames_in", "encoder.frames_end", "encoder.frames_out",
+                          "lstm.0", "lstm.1"]
+    assert "encoder.stack.layers.1.kv_c" in names
+
+    renamed = onnx.load_from_string(data)
+    next(i for i in renamed.graph.input if i.name == "state.encoder.positional").name = "state.encoder.renamed"
+    with pytest.raises(ValueError, match="graph state input 1 is 'state.encoder.renamed' where the state's "
+                                         "structure has 'state.encoder.positional'"):
+        OnnxModel(renamed.SerializeToString())
+
+    def with_states(states) -> bytes:
+        proto = onnx.load_from_string(data)
+        entry = next(p for p in proto.metadata_props if p.key == "streamssl")
+        entry.value = json.dumps({**json.loads(entry.value), "states": states})
+        return proto.SerializeToString()
+
+    misordered = list(info.states)
+    misordered[-2], misordered[-1] = misordered[-1], misordered[-2]
+    # The graph has no inputs for the empty caches of layers without look-ahead.
+    graph_states = [i.name for i in onnx.load_from_string(data).graph.input if i.name.startswith("state.")]
+    assert len(graph_states) == len(names) - 2
+    with pytest.raises(ValueError, match=f"graph state input {len(names) - 4} is 'state.lstm.0' where the state's "
+                                         "structure has 'state.lstm.1'"):
+        OnnxModel(with_states(misordered))
+    resized = [dict(s, shape=["batch", 99, 32]) if s["name"] == "encoder.positional" else s for s in info.states]
+    with pytest.raises(ValueError, match=r"'state.encoder.positional' has element type 1 and sizes \[None, 7, 32\]"):
+        OnnxModel(with_states(resized))
 
 
 def test_lstm_head_and_batched_streams_at_different_positions():

@@ -17,18 +17,22 @@ is a function of tensors only, with shapes that depend on nothing but the chunk 
 with the conv and none frontends; fbank runs kaldi-native-fbank per stream in Python, so an fbank
 export traces the step from the log-mel frames on: ``FbankFrontend.encode_window`` then
 :meth:`Encoder.advance_features`).
+
+The end of a stream is one mechanism, eager and exported alike: ``step_window(..., flush=mask)``
+feeds padding frames to the streams of ``mask`` (ignoring their input) until their look-ahead is
+out; :meth:`Encoder.flush_window` is one such call, wide enough for every stream to finish.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import register_pytree_node, tree_flatten, tree_unflatten
+from torch.utils._pytree import GetAttrKey, register_pytree_node, tree_flatten, tree_unflatten
 
 from streamssl.config import EncoderConfig
 from streamssl.frontends import FeatureAugment, Frontend, build_frontend
@@ -73,6 +77,7 @@ class EncoderState:
     stack: the mixer family's state.
     samples_in: ``(B,)`` samples (or input frames) fed; frames_in: ``(B,)`` frames that entered the
     stack; frames_end: the same plus flush padding; frames_out: ``(B,)`` output frames emitted.
+    ``finished``: :meth:`Encoder.flush_window` ended every stream (a per-stream flush leaves it false).
     """
 
     owner: str
@@ -89,6 +94,12 @@ class EncoderState:
     def batch_size(self) -> int:
         return self.samples_in.shape[0]
 
+    @property
+    def frames_waiting(self) -> Tensor:
+        """``(B,)`` frames in the stack not emitted yet (waiting for look-ahead); a flushing stream is
+        done when its count reaches 0."""
+        return self.frames_in - self.frames_out
+
     def select(self, indices: Sequence[int] | Tensor) -> "EncoderState":
         """The streams ``indices`` (in that order) as a new batch."""
         index = torch.as_tensor(indices, dtype=torch.long, device=self.samples_in.device)
@@ -104,6 +115,11 @@ def _flatten_state(state: EncoderState) -> tuple[list[Any], Any]:
     return [getattr(state, name) for name in present], (state.owner, state.finished, present)
 
 
+def _flatten_state_with_keys(state: EncoderState) -> tuple[list[tuple[GetAttrKey, Any]], Any]:
+    values, context = _flatten_state(state)
+    return [(GetAttrKey(name), value) for name, value in zip(context[2], values)], context
+
+
 def _unflatten_state(values: Any, context: Any) -> EncoderState:
     owner, finished, present = context
     fields = dict.fromkeys(_TENSOR_FIELDS)
@@ -112,7 +128,14 @@ def _unflatten_state(values: Any, context: Any) -> EncoderState:
 
 
 register_pytree_node(EncoderState, _flatten_state, _unflatten_state,
-                     serialized_type_name="streamssl.encoder.EncoderState")
+                     serialized_type_name="streamssl.encoder.EncoderState",
+                     flatten_with_keys_fn=_flatten_state_with_keys)
+
+
+def _tracing() -> bool:
+    """Whether a graph is being traced: it cannot branch on values, so the exported model's runtime
+    checks its input instead."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _stack_leaves(leaves: list[Tensor]) -> Tensor:
@@ -169,9 +192,7 @@ class Encoder(nn.Module):
                              "convert integer PCM with x.float() / 32768")
         if x.dtype != self.dtype:
             raise ValueError(f"{what} has dtype {x.dtype} but the encoder's weights are {self.dtype}")
-        # A traced graph cannot branch on values; the exported model's runtime checks its input instead.
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-        if not tracing and not torch.isfinite(x).all():
+        if not _tracing() and not torch.isfinite(x).all():
             raise ValueError(f"{what} contains NaN or infinite values")
 
     def _check_lengths(self, x: Tensor, lengths: Tensor | None) -> Tensor:
@@ -294,69 +315,86 @@ class Encoder(nn.Module):
         y, counts, state = self.step_window(chunk, state)
         return y[:, :int(counts.max())], state
 
-    def step_window(self, chunk: Tensor, state: EncoderState,
-                    counts: Tensor | None = None) -> tuple[Tensor, Tensor, EncoderState]:
+    def step_window(self, chunk: Tensor, state: EncoderState, counts: Tensor | None = None,
+                    flush: Tensor | None = None) -> tuple[Tensor, Tensor, EncoderState]:
         """:meth:`step` as a function of tensors only (what the exporter traces).
 
         Args:
             chunk: ``(B, n)`` samples or ``(B, n, input_dim)`` frames.
             counts: ``(B,)`` how many of the ``n`` are real per stream, right-aligned (the first
                 ``n - counts[b]`` are filler); ``None``: all of them.
+            flush: ``(B,)`` bool, true for the streams whose call is padding past their end: their row
+                of ``chunk`` and their count are ignored, and ``ceil(n / hop)`` zero frames drive out
+                their look-ahead (a stream is done when ``state.frames_waiting`` is 0); ``None``: none.
         Returns:
             ``(B, m, d_model)`` with each stream's new frames first, ``(B,)`` how many, and the new state.
             ``m`` depends only on ``n``.
         """
         self._check_state(state)
         self._check_input(chunk, "chunk")
-        if chunk.shape[0] != state.batch_size:
-            raise ValueError(f"chunk has batch size {chunk.shape[0]} but the state holds {state.batch_size} streams")
+        batch = state.batch_size
+        if chunk.shape[0] != batch:
+            raise ValueError(f"chunk has batch size {chunk.shape[0]} but the state holds {batch} streams")
         if counts is None:
             counts = torch.full_like(state.samples_in, chunk.shape[1])
-        flushing = torch.zeros_like(state.samples_in, dtype=torch.bool)
-        return self._advance(chunk, counts, flushing, state, final=False)
+        flush = self._check_flush(flush, batch, state)
+        counts = torch.where(flush, 0, counts)
+        if not _tracing():
+            fed = (counts > 0) & (state.frames_end > state.frames_in)
+            if fed.any():
+                raise ValueError(f"stream {int(fed.nonzero()[0, 0])} was flushed and cannot take more input; "
+                                 "start it again with init_state")
+        feats, frame_counts, frontend = self.frontend.step_window(chunk, counts, state.samples_in, state.frontend)
+        return self.advance_features(feats, frame_counts, frontend, counts, state, flush)
+
+    @staticmethod
+    def _check_flush(flush: Tensor | None, batch: int, state: EncoderState) -> Tensor:
+        if flush is None:
+            return torch.zeros_like(state.samples_in, dtype=torch.bool)
+        if not isinstance(flush, Tensor) or flush.dtype != torch.bool or tuple(flush.shape) != (batch,):
+            got = (f"dtype {flush.dtype}, shape {tuple(flush.shape)}" if isinstance(flush, Tensor)
+                   else type(flush).__name__)
+            raise ValueError(f"flush must be a bool tensor of shape ({batch},), got {got}")
+        return flush
 
     def flush(self, state: EncoderState) -> tuple[Tensor, EncoderState]:
         """End every stream: emit the frames still waiting for look-ahead. The state cannot be used again."""
-        self._check_state(state)
         y, counts, state = self.flush_window(state)
         return y[:, :int(counts.max())], state
 
     def flush_window(self, state: EncoderState) -> tuple[Tensor, Tensor, EncoderState]:
-        """:meth:`flush` as a function of tensors only, with :meth:`step_window`'s outputs."""
+        """:meth:`flush` as a function of tensors only, with :meth:`step_window`'s outputs: one
+        :meth:`step_window` call that flushes every stream, ``lookahead_frames()`` frames wide."""
         self._check_state(state)
-        pad = self.stack.lookahead_frames()
-        feats = state.positional.new_zeros(state.batch_size, pad, self.feature_dim)
-        flushing = torch.ones_like(state.samples_in, dtype=torch.bool)
-        return self._advance(feats, torch.full_like(state.samples_in, pad), flushing, state, final=True)
-
-    def _advance(self, x: Tensor, counts: Tensor, flushing: Tensor, state: EncoderState,
-                 final: bool) -> tuple[Tensor, Tensor, EncoderState]:
-        """One step of every stream. ``x`` is the chunk, or the flush padding (feature frames) when ``final``;
-        ``flushing`` ``(B,)`` marks the streams whose ``x`` is padding past their end."""
-        if final:
-            return self.advance_features(x, counts, state.frontend, torch.zeros_like(counts), flushing, state,
-                                         final=True)
-        feats, frame_counts, frontend = self.frontend.step_window(x, counts, state.samples_in, state.frontend)
-        return self.advance_features(feats, frame_counts, frontend, counts, flushing, state)
+        input_dim = self.frontend.input_dim
+        width = self.stack.lookahead_frames() * self.frontend.geometry.hop
+        shape = (state.batch_size, width) if input_dim is None else (state.batch_size, width, input_dim)
+        padding = torch.zeros(shape, dtype=self.dtype, device=state.samples_in.device)
+        flush = torch.ones_like(state.samples_in, dtype=torch.bool)
+        y, emitted, state = self.step_window(padding, state, torch.zeros_like(state.samples_in), flush)
+        return y, emitted, replace(state, finished=True)
 
     def advance_features(self, feats: Tensor, frame_counts: Tensor, frontend_state: Any, input_counts: Tensor,
-                         flushing: Tensor, state: EncoderState,
-                         final: bool = False) -> tuple[Tensor, Tensor, EncoderState]:
-        """The step after the frontend, for an exporter whose graph starts past part of the frontend.
+                         state: EncoderState, flush: Tensor | None = None) -> tuple[Tensor, Tensor, EncoderState]:
+        """The step after the frontend (the second half of :meth:`step_window`), for an exporter whose
+        graph starts past part of the frontend.
 
         Args:
             feats: ``(B, S, feature_dim)`` frontend frames, row ``b``'s last ``frame_counts[b]`` new.
+            frame_counts: ``(B,)`` int64.
             frontend_state: the frontend's state after making them.
             input_counts: ``(B,)`` input units (samples) the step brought, added to ``samples_in``.
-            flushing: ``(B,)`` streams past their end: their ``feats`` become padding that drives out the
-                look-ahead. ``final``: ``feats`` already is that padding (:meth:`flush_window`).
+            state: the state before the step.
+            flush: ``(B,)`` bool, streams past their end: their ``feats`` become ``S`` padding frames that
+                drive out the look-ahead, and their ``input_counts`` are not counted; ``None``: none.
         Returns:
             :meth:`step_window`'s outputs.
         """
-        if not final:
-            feats = torch.where(flushing.view(-1, 1, 1), 0.0, feats)
-            frame_counts = torch.where(flushing, feats.shape[1], frame_counts)
-        real = torch.where(flushing, 0, frame_counts)
+        if flush is None:
+            flush = torch.zeros_like(state.samples_in, dtype=torch.bool)
+        feats = torch.where(flush.view(-1, 1, 1), 0.0, feats)
+        frame_counts = torch.where(flush, feats.shape[1], frame_counts)
+        real = torch.where(flush, 0, frame_counts)
         chunk = Chunk(frame_counts, state.frames_end + frame_counts, state.frames_in + real)
         h, positional = self.positional.step(self.project(feats), frame_counts, state.positional)
         y, valid, stack_state = self.stack.step(h, chunk, state.stack)
@@ -365,9 +403,9 @@ class Encoder(nn.Module):
             leading = (valid.long().cumsum(dim=1) == 0).sum(dim=1)   # filler slots before the first real one
             y = take(y, leading, y.shape[1])
         y = self.final_norm(y)
-        samples_in = state.samples_in + torch.where(flushing, 0, input_counts)
+        samples_in = state.samples_in + torch.where(flush, 0, input_counts)
         new_state = EncoderState(state.owner, frontend_state, positional, stack_state, samples_in, chunk.valid_end,
-                                 chunk.end, state.frames_out + emitted, final)
+                                 chunk.end, state.frames_out + emitted, state.finished)
         return y, emitted, new_state
 
     # ---------------------------------------------------------------- latency

@@ -32,7 +32,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils._pytree import (GetAttrKey, MappingKey, SequenceKey, TreeSpec, tree_flatten,
+                                 tree_flatten_with_path, tree_unflatten)
 
 from streamssl.asr.ctc import CharVocab, CTCModel
 from streamssl.frontends.fbank import PCM_SCALE, FbankFrontend, FbankOptions, OnlineLogMel
@@ -46,58 +48,88 @@ HOST_STATE_KEYS = ("samples", "samples_count")
 HOST_PREFIX = "host.frontend."
 
 
-def _state_names(tree: Any, prefix: str = "") -> list[str]:
-    """Dotted names of a state's tensor leaves, in ``tree_flatten`` order."""
-    if isinstance(tree, Tensor):
-        return [prefix]
-    if tree is None:
-        return []
-    if isinstance(tree, (list, tuple)):
-        return [name for i, item in enumerate(tree) for name in _state_names(item, f"{prefix}.{i}")]
-    if isinstance(tree, dict):
-        return [name for key, item in tree.items() for name in _state_names(item, f"{prefix}.{key}")]
-    if dataclasses.is_dataclass(tree):
-        names = []
-        for field in dataclasses.fields(tree):
-            value = getattr(tree, field.name)
-            if isinstance(value, (str, bool)):
-                continue
-            names += _state_names(value, f"{prefix}.{field.name}" if prefix else field.name)
-        return names
-    raise ValueError(f"unexpected state node {type(tree).__name__}")
+def state_names(state: Any) -> tuple[list[str], list[Tensor], TreeSpec]:
+    """The state's tensor leaves in ``tree_flatten`` order, each named by its dotted path in the tree
+    (``encoder.stack.blocks.0.mixer.kv``, ``lstm.0``), and the tree's spec."""
+    paths, spec = tree_flatten_with_path(state)
+    return [".".join(_key_name(key) for key in path) for path, _ in paths], [leaf for _, leaf in paths], spec
+
+
+def _key_name(key: Any) -> str:
+    if isinstance(key, GetAttrKey):
+        return key.name
+    if isinstance(key, MappingKey):
+        return str(key.key)
+    if isinstance(key, SequenceKey):
+        return str(key.idx)
+    raise ValueError(f"unexpected key {key!r} in a streaming state")
+
+
+def check_state_names(proto: Any, states: Sequence[dict[str, Any]]) -> None:
+    """Check the graph's state inputs and outputs, one by one and in order, against ``states`` (the
+    metadata's, named by :func:`state_names`): same name, element type and fixed sizes.
+
+    Raises ``ValueError`` naming the first mismatch. Host-side states (no ``input``) are never in the
+    graph, and the exporter drops the inputs of empty caches (a layer without look-ahead reads none).
+    """
+    from onnx.helper import np_dtype_to_tensor_dtype
+
+    for side, prefix, values in (("input", STATE_PREFIX, proto.graph.input),
+                                 ("output", NEW_STATE_PREFIX, proto.graph.output)):
+        graph = [v for v in values if v.name.startswith(prefix)]
+        present = {v.name for v in graph}
+        expected = [spec for spec in states
+                    if spec[side] is not None and (spec[side] in present or 0 not in spec["shape"])]
+        for i in range(max(len(graph), len(expected))):
+            got = graph[i].name if i < len(graph) else None
+            want = expected[i][side] if i < len(expected) else None
+            if got != want:
+                raise ValueError(f"graph state {side} {i} is {got!r} where the state's structure has {want!r}")
+            spec, tensor_type = expected[i], graph[i].type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+            sizes_differ = len(dims) != len(spec["shape"]) or any(
+                d is not None and isinstance(size, int) and d != size for d, size in zip(dims, spec["shape"]))
+            if tensor_type.elem_type != np_dtype_to_tensor_dtype(np.dtype(spec["dtype"])) or sizes_differ:
+                raise ValueError(f"graph state {side} {got!r} has element type {tensor_type.elem_type} and sizes "
+                                 f"{dims} where the state's structure has {spec['dtype']} {spec['shape']}")
 
 
 class _Step(nn.Module):
-    """``CTCModel`` streaming step as a function of tensors, for tracing."""
+    """``CTCModel.step_window`` as a function of flat tensors, for tracing."""
 
-    def __init__(self, model: CTCModel, spec: Any):
+    def __init__(self, model: CTCModel, spec: TreeSpec):
         super().__init__()
         self.model = model
         self.spec = spec
 
     def forward(self, samples: Tensor, samples_count: Tensor, flush: Tensor, *tensors: Tensor):
         state = tree_unflatten(list(tensors), self.spec)
-        y, emitted, encoder = self.model.encoder._advance(samples, samples_count, flush, state.encoder, final=False)
-        log_probs, lstm = self.model._head_step(y, emitted, state.lstm)
-        new_state = dataclasses.replace(state, encoder=encoder, lstm=lstm)
-        return (log_probs, emitted, *tree_flatten(new_state)[0])
+        log_probs, emitted, new_state = self.model.step_window(samples, state, samples_count, flush)
+        return (log_probs, emitted, *self._flat(new_state))
+
+    def _flat(self, new_state: Any) -> list[Tensor]:
+        """The new state's leaves, which the graph names after the input state's: same tree, same order."""
+        leaves, spec = tree_flatten(new_state)
+        if spec != self.spec:
+            raise ValueError(f"internal error: the step returned a state of another structure: {spec} != {self.spec}")
+        return leaves
 
 
 class _FeatureStep(_Step):
     """The step of an ``fbank`` model from its log-mel frames: kaldi-native-fbank cannot be traced, so
     the runtime computes them (:class:`~streamssl.frontends.fbank.OnlineLogMel`) and the graph starts
-    at the normalisation. ``features`` ``(B, slots, num_mel_bins)``: row ``b``'s last
-    ``features_count[b]`` frames are new."""
+    at the normalisation (``FbankFrontend.encode_window``, then ``CTCModel.advance_features``).
+    ``features`` ``(B, slots, num_mel_bins)``: row ``b``'s last ``features_count[b]`` frames are new."""
 
     def forward(self, features: Tensor, features_count: Tensor, samples_count: Tensor, flush: Tensor,
                 *tensors: Tensor):
         state = tree_unflatten(list(tensors), self.spec)
-        encoder = self.model.encoder
-        feats, new, context = encoder.frontend.encode_window(features, features_count, state.encoder.frontend)
-        y, emitted, encoder_state = encoder.advance_features(feats, new, context, samples_count, flush, state.encoder)
-        log_probs, lstm = self.model._head_step(y, emitted, state.lstm)
-        new_state = dataclasses.replace(state, encoder=encoder_state, lstm=lstm)
-        return (log_probs, emitted, *tree_flatten(new_state)[0])
+        # A flushing stream's input is ignored, as CTCModel.step_window ignores its samples.
+        features_count = torch.where(flush, 0, features_count)
+        frontend = self.model.encoder.frontend
+        feats, new, context = frontend.encode_window(features, features_count, state.encoder.frontend)
+        log_probs, emitted, new_state = self.model.advance_features(feats, new, context, samples_count, state, flush)
+        return (log_probs, emitted, *self._flat(new_state))
 
 
 @dataclass
@@ -188,10 +220,7 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
         host = {key: state.encoder.frontend[key] for key in HOST_STATE_KEYS}
         graph_frontend = {k: v for k, v in state.encoder.frontend.items() if k not in HOST_STATE_KEYS}
         state = dataclasses.replace(state, encoder=dataclasses.replace(state.encoder, frontend=graph_frontend))
-    leaves, spec = tree_flatten(state)
-    names = _state_names(state)
-    if len(names) != len(leaves):
-        raise ValueError("internal error: state names do not match the state's tensors")
+    names, leaves, spec = state_names(state)
     initial = {}
     for name, leaf in zip(list(names) + [HOST_PREFIX + k for k in host], leaves + list(host.values())):
         values = leaf.flatten().unique()
@@ -241,6 +270,7 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
               for n, leaf in zip(names, leaves)]
     states += [{"name": HOST_PREFIX + k, "input": None, "output": None, "shape": ["batch", *leaf.shape[1:]],
                 "dtype": _dtype_name(leaf.dtype), "initial": initial[HOST_PREFIX + k]} for k, leaf in host.items()]
+    check_state_names(proto, states)
     pad_frames = encoder.stack.lookahead_frames()
     info = ExportInfo(
         export_id=hashlib.sha256(json.dumps([config.to_dict(), states, chunk_samples, int8]).encode()).hexdigest()[:16],
@@ -308,6 +338,7 @@ class OnnxModel:
         if "streamssl" not in meta:
             raise ValueError("this ONNX model has no streamssl metadata; export it with `streamssl export`")
         self.info = ExportInfo.from_json(meta["streamssl"])
+        check_state_names(proto, self.info.states)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -408,25 +439,33 @@ class OnnxModel:
         """The chunk's dimensions past batch and time: ``(input_dim,)`` for frame input, else none."""
         return tuple(self.info.inputs[0]["shape"][2:]) if self.takes_frames else ()
 
-    def step_window(self, chunk: Tensor | np.ndarray, state: OnnxState,
-                    counts: Tensor | np.ndarray | None = None) -> tuple[Tensor, Tensor, OnnxState]:
-        """One exported step: ``chunk`` ``(B, chunk_samples)`` right-aligned, ``counts`` ``(B,)`` real samples."""
+    def step_window(self, chunk: Tensor | np.ndarray, state: OnnxState, counts: Tensor | np.ndarray | None = None,
+                    flush: Tensor | np.ndarray | None = None) -> tuple[Tensor, Tensor, OnnxState]:
+        """One exported step: ``chunk`` ``(B, n)`` right-aligned, ``n <= chunk_samples``, ``counts``
+        ``(B,)`` real samples; ``flush`` ``(B,)`` bool marks the streams whose call is padding past
+        their end (their samples are ignored; ``flush_calls`` such calls finish a stream)."""
         self._check_state(state)
         chunk = np.asarray(chunk, dtype=np.float32)
+        batch = state.batch_size
         expected = self._sample_dims
-        if chunk.ndim != 2 + len(expected) or chunk.shape[0] != state.batch_size or chunk.shape[2:] != expected:
-            raise ValueError(f"chunk must be (batch={state.batch_size}, samples{''.join(f', {d}' for d in expected)}), "
+        if chunk.ndim != 2 + len(expected) or chunk.shape[0] != batch or chunk.shape[2:] != expected:
+            raise ValueError(f"chunk must be (batch={batch}, samples{''.join(f', {d}' for d in expected)}), "
                              f"got shape {chunk.shape}")
         if chunk.shape[1] > self.info.chunk_samples:
             raise ValueError(f"chunk has {chunk.shape[1]} samples but this export takes chunks of "
                              f"{self.info.chunk_samples} ({self.info.chunk_ms:g} ms)")
         if not np.isfinite(chunk).all():
             raise ValueError("chunk contains NaN or infinite values")
-        counts = np.full(chunk.shape[0], chunk.shape[1]) if counts is None else np.asarray(counts)
+        counts = np.full(batch, chunk.shape[1]) if counts is None else np.asarray(counts)
+        flush = np.zeros(batch, dtype=bool) if flush is None else np.asarray(flush)
+        if flush.dtype != bool or flush.shape != (batch,):
+            raise ValueError(f"flush must be a bool array of shape ({batch},), got dtype {flush.dtype}, "
+                             f"shape {flush.shape}")
+        # The graph ignores a flushing stream's samples; the host-side log-mel must not consume them either.
+        counts = np.where(flush, 0, counts).astype(np.int64)
         pad = self.info.chunk_samples - chunk.shape[1]
         chunk = np.pad(chunk, ((0, 0), (pad, 0)) + ((0, 0),) * (chunk.ndim - 2))
-        flush = np.zeros(chunk.shape[0], dtype=bool)
-        inputs, state = self._inputs_of(chunk, counts.astype(np.int64), flush, state)
+        inputs, state = self._inputs_of(chunk, counts, flush, state)
         log_probs, emitted, state = self._run(inputs, state)
         return torch.from_numpy(log_probs), torch.from_numpy(emitted), state
 
@@ -435,25 +474,22 @@ class OnnxModel:
         return log_probs[:, :int(emitted.max())], state
 
     def flush(self, state: OnnxState) -> tuple[Tensor, OnnxState]:
-        """``flush_calls`` padding calls; every stream's remaining frames ``(B, m, V)``, real ones first."""
+        """End every stream: its remaining frames ``(B, m, V)``, real ones first."""
+        log_probs, emitted, state = self.flush_window(state)
+        return log_probs[:, :int(emitted.max())], state
+
+    def flush_window(self, state: OnnxState) -> tuple[Tensor, Tensor, OnnxState]:
+        """``flush_calls`` :meth:`step_window` calls with every stream flushing, joined: log-probabilities
+        ``(B, m, V)`` with each stream's real frames first, how many ``(B,)``, and the state."""
         self._check_state(state)
         batch = state.batch_size
-        flush = np.ones(batch, dtype=bool)
-        counts = np.zeros(batch, dtype=np.int64)
-        if self._log_mel is None:
-            inputs = {"samples": np.zeros((batch, *self.info.inputs[0]["shape"][1:]), dtype=np.float32),
-                      "samples_count": counts, "flush": flush}
-        else:
-            inputs = {"features": np.zeros((batch, *self.info.inputs[0]["shape"][1:]), dtype=np.float32),
-                      "features_count": counts, "samples_count": counts, "flush": flush}
-        rows: list[list[np.ndarray]] = [[] for _ in range(batch)]
+        padding = np.zeros((batch, self.info.chunk_samples, *self._sample_dims), dtype=np.float32)
+        flush, counts = np.ones(batch, dtype=bool), np.zeros(batch, dtype=np.int64)
+        rows: list[list[Tensor]] = [[] for _ in range(batch)]
         for _ in range(self.info.flush_calls):
-            log_probs, emitted, state = self._run(inputs, state)
+            log_probs, emitted, state = self.step_window(padding, state, counts, flush)
             for b in range(batch):
-                rows[b].append(log_probs[b, :emitted[b]])
-        joined = [np.concatenate(r) if r else np.zeros((0, len(self.vocab)), np.float32) for r in rows]
-        width = max(len(r) for r in joined)
-        out = np.zeros((batch, width, len(self.vocab)), dtype=np.float32)
-        for b, r in enumerate(joined):
-            out[b, :len(r)] = r
-        return torch.from_numpy(out), state
+                rows[b].append(log_probs[b, :int(emitted[b])])
+        joined = [torch.cat(r) if r else torch.zeros(0, len(self.vocab)) for r in rows]
+        emitted = torch.tensor([len(r) for r in joined], dtype=torch.long)
+        return pad_sequence(joined, batch_first=True), emitted, state

@@ -126,7 +126,8 @@ class RecognitionModel(Protocol):
     over ``vocab`` and ``(B,)`` valid frames. Output frame ``t`` reads samples
     ``[t * hop_samples, t * hop_samples + window_samples)`` (both ``None`` without a waveform frontend).
     ``stream_error()`` says why the model cannot stream (``None`` if it can); only then do
-    ``init_state``/``step``/``flush`` work, with the meaning of :class:`CTCModel`'s.
+    ``init_state``/``step``/``step_window``/``flush``/``flush_window`` work, with the meaning of
+    :class:`CTCModel`'s.
     """
 
     vocab: CharVocab
@@ -158,9 +159,12 @@ class RecognitionModel(Protocol):
 
     def step(self, chunk: Tensor, state: Any) -> tuple[Tensor, Any]: ...
 
-    def step_window(self, chunk: Tensor, state: Any, counts: Tensor | None = None) -> tuple[Tensor, Tensor, Any]: ...
+    def step_window(self, chunk: Tensor, state: Any, counts: Tensor | None = None,
+                    flush: Tensor | None = None) -> tuple[Tensor, Tensor, Any]: ...
 
     def flush(self, state: Any) -> tuple[Tensor, Any]: ...
+
+    def flush_window(self, state: Any) -> tuple[Tensor, Tensor, Any]: ...
 
 
 @streaming_state
@@ -291,10 +295,22 @@ class CTCModel(nn.Module):
         log_probs, emitted, state = self.step_window(chunk, state)
         return log_probs[:, :int(emitted.max())], state
 
-    def step_window(self, chunk: Tensor, state: CTCState,
-                    counts: Tensor | None = None) -> tuple[Tensor, Tensor, CTCState]:
-        """:meth:`Encoder.step_window` through the head: ``(B, m, V)``, real frames per stream ``(B,)``, state."""
-        y, emitted, enc = self.encoder.step_window(chunk, state.encoder, counts)
+    def step_window(self, chunk: Tensor, state: CTCState, counts: Tensor | None = None,
+                    flush: Tensor | None = None) -> tuple[Tensor, Tensor, CTCState]:
+        """:meth:`Encoder.step_window` through the head (what the exporter traces): log-probabilities
+        ``(B, m, V)`` with each stream's real frames first, how many ``(B,)``, and the new state.
+        ``flush`` ``(B,)`` bool marks the streams whose call is padding past their end."""
+        y, emitted, enc = self.encoder.step_window(chunk, state.encoder, counts, flush)
+        log_probs, lstm = self._head_step(y, emitted, state.lstm)
+        return log_probs, emitted, CTCState(enc, lstm)
+
+    def advance_features(self, feats: Tensor, frame_counts: Tensor, frontend_state: Any, input_counts: Tensor,
+                         state: CTCState, flush: Tensor | None = None) -> tuple[Tensor, Tensor, CTCState]:
+        """:meth:`Encoder.advance_features` through the head: the step from the frontend's frames on,
+        for an export whose graph starts there (fbank: after the log-mel frames, see
+        ``FbankFrontend.encode_window``). Arguments as there, outputs as :meth:`step_window`'s."""
+        y, emitted, enc = self.encoder.advance_features(feats, frame_counts, frontend_state, input_counts,
+                                                        state.encoder, flush)
         log_probs, lstm = self._head_step(y, emitted, state.lstm)
         return log_probs, emitted, CTCState(enc, lstm)
 
@@ -304,7 +320,7 @@ class CTCModel(nn.Module):
         return log_probs[:, :int(emitted.max())], state
 
     def flush_window(self, state: CTCState) -> tuple[Tensor, Tensor, CTCState]:
-        """:meth:`flush` with :meth:`step_window`'s outputs."""
+        """:meth:`flush` with :meth:`step_window`'s outputs (:meth:`Encoder.flush_window` through the head)."""
         y, emitted, enc = self.encoder.flush_window(state.encoder)
         log_probs, lstm = self._head_step(y, emitted, state.lstm)
         return log_probs, emitted, CTCState(enc, lstm)
