@@ -427,3 +427,39 @@ def test_cli_names_bad_parameters_and_paths(checkpoint, tmp_path, capsys):
     assert f"{tmp_path / 'nope.wav'}: no such file" in err and f"{tmp_path}: is a folder" in err
     assert "System error" not in err
     assert [f["file"] for f in json.loads(out)["files"]] == [str(good)]
+
+
+def test_a_calls_compute_is_split_among_its_streams_so_rtf_holds_at_any_batch_size(monkeypatch):
+    """Eight streams fed together share each model call; each records its share, so the report's real-time
+    factor is the calls' time over the audio, as for one stream, not eight times it."""
+    import streamssl.streaming.engine as engine
+
+    class Ticking:
+        """Every reading one second after the last: each call (two readings) takes exactly 1 s."""
+
+        def __init__(self):
+            self.now = 0.0
+
+        def read(self) -> float:
+            self.now += 1.0
+            return self.now
+
+    wall, cpu = Ticking(), Ticking()
+    monkeypatch.setattr(engine, "time", type("FakeTime", (), {"perf_counter": staticmethod(wall.read),
+                                                              "process_time": staticmethod(cpu.read)}))
+    model = tiny_model(STREAMING_MIXERS[0])
+    recognizer = Recognizer(model, chunk_ms=40)
+    streams = [recognizer.stream() for _ in range(8)]
+    for start in range(0, 9600, 640):
+        recognizer.accept({s: wave(0.6, i)[start:start + 640] for i, s in enumerate(streams)})
+    finished = recognizer.finish(streams)
+    assert all(t.text == s.text for s, t in finished.items())
+    calls = recognizer.calls
+    assert calls == 15
+    assert sum(len(s.compute_s) for s in streams) == 8 * calls
+    assert sum(sum(s.compute_s) for s in streams) == pytest.approx(calls)
+    assert sum(s.flush_s for s in streams) == pytest.approx(1.0)
+    report = build_report(recognizer, streams, "as fast as possible")
+    assert report.audio_s == pytest.approx(8 * 0.6)
+    assert report.rtf == pytest.approx((calls + 1) / (8 * 0.6))
+    assert report.rtf_cpu == pytest.approx((calls + 1) / (8 * 0.6))

@@ -274,6 +274,45 @@ def test_server_transcript_finals_and_latency_equal_offline(recognizer, speech):
     assert server.ticks > 0 and not server.sessions
 
 
+class Python310Timeout(Exception):
+    """What ``asyncio.wait_for`` raises before Python 3.11: ``asyncio.TimeoutError``, not the builtin."""
+
+
+def test_batcher_survives_the_wait_timeouts_of_python_3_10(recognizer, speech, monkeypatch):
+    """Before 3.11 ``asyncio.wait_for`` raises ``asyncio.TimeoutError``, which the builtin ``TimeoutError``
+    does not catch; the server's asyncio is made to behave so. A tick that waits in vain for a silent
+    second client must time out and go on, or the batcher dies and the speaking client never finishes."""
+    import types
+
+    import streamssl.serve.server as server_module
+
+    async def wait_for(awaitable, timeout):
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except TimeoutError:
+            raise Python310Timeout() from None
+
+    old_asyncio = types.SimpleNamespace(**vars(asyncio))
+    old_asyncio.wait_for, old_asyncio.TimeoutError = wait_for, Python310Timeout
+    monkeypatch.setattr(server_module, "asyncio", old_asyncio)
+    audio, _ = speech
+    clip = audio[: 2 * RATE]
+
+    async def scenario():
+        async with StreamingServer(recognizer, ServeConfig(max_wait_ms=30, start_timeout_s=0.5), port=0) as server:
+            async with connect(f"ws://127.0.0.1:{server.port}/asr") as silent:
+                await silent.send(json.dumps({"type": "start", "sample_rate": RATE, "format": "pcm16"}))
+                speaker = Client(server.port)
+                done = await asyncio.wait_for(speaker.run(clip), 60)
+            async with connect(f"ws://127.0.0.1:{server.port}/asr") as mute:
+                await asyncio.wait_for(mute.wait_closed(), 10)
+            return done, mute.close_code, mute.close_reason
+
+    done, code, reason = asyncio.run(scenario())
+    assert done["type"] == "done" and done["text"] == offline_text(recognizer, pcm16(clip))
+    assert code == 1008 and "no start message within 0.5 s" in reason
+
+
 @pytest.mark.slow
 def test_server_on_the_onnx_backend_gives_the_offline_transcript(checkpoint, recognizer, speech):
     audio, _ = speech

@@ -367,6 +367,9 @@ class StreamingServer:
                 sender.cancel()
             elif not session.closed:
                 session.post("close", (CLOSE_GOING_AWAY, "session ended"))
+            if session.stream is not None and not session.stream.finished:
+                # On the worker, after any tick already queued with this stream in it.
+                await self._loop.run_in_executor(self._worker, self.recognizer.close, session.stream)
             await asyncio.gather(sender, return_exceptions=True)
 
     async def _send_loop(self, session: Session) -> None:

@@ -403,6 +403,12 @@ class StreamingEngine:
             results[stream] = Transcript(stream.text, list(stream.tokens), list(stream.words))
         return results
 
+    def close(self, stream: Stream) -> None:
+        """Drop ``stream`` unfinished (its source went away): the engine keeps no reference to it."""
+        if stream in self._members:
+            self._release(self._members)
+        stream.finished = True
+
     # ------------------------------------------------------------ batching
     def _tick(self, streams: list[Stream], counts: list[int], width: int, updates: dict[Stream, Update]) -> None:
         """One ``step_window`` call: stream ``i`` gives ``counts[i]`` samples, right-aligned in ``width``."""
