@@ -162,11 +162,12 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def version() -> str:
     """``streamssl X.Y.Z`` from the installed package's metadata."""
-    
+    from importlib import metadata
+
     try:
         return f"streamssl {metadata.version('streamssl')}"
     except metadata.PackageNotFoundError:
-        return "streamssl (version unknown: not installed; pip install -e . in the checkout)"
+        return "streamssl (version unknown: the package is not installed; pip install -e . installs it)"
 
 
 class _Version(argparse.Action):

@@ -176,6 +176,7 @@ def _train_mode_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from streamssl.asr.evaluate import evaluate_model
     from streamssl.asr.lexicon import BeamSearchConfig
     from streamssl.tables import results_table
     from streamssl.train.checkpoint import load_checkpoint
@@ -208,8 +209,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         lexicon_words=args.lexicon_words, lm_weight=args.lm_weight, word_score=args.word_score,
         beam_size=args.beam_size)
     mode = f"streaming in {args.chunk_ms:g} ms chunks" if args.streaming else "offline"
-    stage(f"decoding {len(utterances)} utterance(s), {sum(u.duration for u in utterances) / 3600:.2f} h, {mode} "
-          f"with the {args.decoder} decoder on {device}" + (f", {args.threads} thread(s)" if device.type == "cpu" else ""))
+    threads = f", {args.threads} thread(s)" if device.type == "cpu" else ""
+    stage(f"decoding {len(utterances)} utterance(s) ({sum(u.duration for u in utterances):.0f} s of audio) {mode} "
+          f"with the {args.decoder} decoder on {device}{threads}")
     result = evaluate_model(model.to(device), utterances, streaming=args.streaming, chunk_ms=args.chunk_ms,
                             device=device, progress=not args.quiet, max_offline_s=args.max_offline_s, beam=beam,
                             batch_size=args.batch_size)
