@@ -134,9 +134,10 @@ def test_non_finite_or_non_positive_chunk_ms_is_refused_while_parsing(argv, valu
 def test_a_chunk_shorter_than_one_frame_is_refused_with_the_hop(checkpoint, tmp_path, capsys):
     audio = tmp_path / "a.wav"
     soundfile.write(audio, np.zeros(1600, dtype=np.float32), 16000)
+    manifest = make_corpus(tmp_path / "corpus", n=1)
     refusal = ("--chunk-ms {} is shorter than one frame hop of this model (20 ms = 320 samples); "
                "use --chunk-ms 20 or more\n")
-    for argv in (["stream", str(audio)], ["export", "--out", str(tmp_path / "m.onnx")]):
+    for argv in (["stream", str(audio)], ["evaluate", "--data", str(manifest), "--streaming", "--quiet"]):
         for chunk_ms in ("0.01", "19"):
             code, out, err = run([*argv, "--checkpoint", str(checkpoint), "--chunk-ms", chunk_ms], capsys)
             assert (code, out) == (2, "") and err == f"streamssl {argv[0]}: error: " + refusal.format(chunk_ms)

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 # What ``--threads`` defaults to where a command does not say otherwise. Measured with ``streamssl
 # evaluate --streaming --decoder greedy`` on 30 utterances of the demo test split with the demo model
-# (a 4 x 144 LLSA encoder) on a shared 2-core machine: 10.0 s on 1 thread, over 60 s on 2 (every thread
-# waits for the slowest, and on a busy machine one of them is always descheduled).
+# (a 4 x 144 LLSA encoder) on a 2-core machine other jobs shared (load average 4 to 9): 9 to 20 s on 1
+# thread, 207 to 295 s on 2, since each step's threads wait for one another and one is always descheduled.
 DEFAULT_THREADS = 1
 
 
@@ -69,7 +69,7 @@ class ChunkMs(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        if math.isnan(values) or math.isinf(values):
+        if not math.isfinite(values):
             parser.error(f"{option_string} must be a finite number of milliseconds, got {values:g}")
         if values <= 0:
             parser.error(f"{option_string} must be positive, got {values:g}")
@@ -77,15 +77,15 @@ class ChunkMs(argparse.Action):
 
 
 def add_chunk_ms(parser: argparse.ArgumentParser, what: str = "audio per model step") -> None:
-    """``--chunk-ms`` (default 40 ms); see :func:`check_chunk` for the check against the model's hop."""
+    """``--chunk-ms`` (default 40 ms); :func:`check_chunk` checks it against the model's frame hop."""
     parser.add_argument("--chunk-ms", type=float, default=40.0, action=ChunkMs,
                         help=f"{what} in milliseconds, at least one frame hop of the model (default 40)")
 
 
 def check_chunk(chunk_ms: float, hop_samples: int | None, sample_rate: int) -> None:
     """Refuse a chunk of ``chunk_ms`` milliseconds shorter than one frame hop (``hop_samples`` at
-    ``sample_rate`` Hz; ``None``: the model takes frames, no hop to check): such chunks step the model on
-    a sample or two at a time, for hours on a file of seconds, and never emit a frame by themselves."""
+    ``sample_rate`` Hz; ``None``: the model takes frames, no hop to check): every chunk is a model call,
+    so chunks of a sample or two take hours over a file of seconds."""
     if hop_samples is None:
         return
     hop_ms = 1000 * hop_samples / sample_rate
