@@ -143,7 +143,7 @@ def test_evaluate_checks_data_before_the_checkpoint(tmp_path, capsys):
 
 def test_evaluate_refuses_bad_parameters_and_overlong_offline_utterances(finetuned, tmp_path, capsys):
     corpus = good_folder(tmp_path)
-    base = ["evaluate", "--checkpoint", str(finetuned), "--data", str(corpus), "--json"]
+    base = ["evaluate", "--checkpoint", str(finetuned), "--data", str(corpus), "--json", "--quiet"]
     assert main(base + ["--streaming", "--chunk-ms", "-5"]) == 2
     assert "--chunk-ms must be positive, got -5" in capsys.readouterr().err
     longest = max(read_manifest_folder(corpus), key=lambda item: item[1])

@@ -64,7 +64,7 @@ def test_wrong_checkpoint_kind_and_missing_checkpoint(corpus, tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     code, _, err = run(["finetune", "--preset", "tiny", "--init", str(tmp_path / "junk.pt"), "--train", corpus,
                         "--out", str(tmp_path / "ft")], capsys)
-    assert code == 2 and "not a readable checkpoint" in err
+    assert code == 2 and "junk.pt is not a streamssl checkpoint (a text file" in err
     # the same folder with another configuration is not silently resumed
     code, _, err = run(["pretrain", "--preset", "tiny", "--steps", "1", "--lr", "0.5", "--train", corpus,
                         "--out", str(tmp_path / "pt")], capsys)

@@ -7,18 +7,16 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from streamssl.commands import data, export, serve, stream, train
-from streamssl.config import EncoderConfig
-from streamssl.demo import run_demo
-from streamssl.encoder import declared_latency
-from streamssl.mixers import MIXERS
-from streamssl.tables import latency_table
+from streamssl.commands.common import Parser, UsageError, add_subcommands, add_threads, use_threads
 
-# Each provides ``add_commands(subparsers)`` and registers its own subcommands.
+if TYPE_CHECKING:
+    from streamssl.config import EncoderConfig
+
+# Each provides ``add_commands(subparsers)`` and registers its own subcommands. Only the parser of the
+# command being run gets its flags, and torch is imported by the commands themselves, so ``--help`` is fast.
 COMMAND_MODULES = (data, train, stream, serve, export)
 
 
@@ -32,20 +30,39 @@ def _right_frames(text: str) -> int | list[int]:
 
 
 def _option(text: str) -> tuple[str, Any]:
+    import yaml
+
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, yaml.safe_load(value)
 
 
+def preset_names() -> list[str]:
+    """The training presets (``streamssl pretrain/finetune --preset``), whose encoders ``--preset`` names."""
+    from streamssl.train.config import PRESETS
+
+    return sorted(set(PRESETS["pretrain"]) | set(PRESETS["finetune"]))
+
+
+def preset_encoder(name: str) -> "EncoderConfig":
+    """The encoder of training preset ``name`` (a name both kinds have gives both the same encoder)."""
+    from streamssl.train.config import PRESETS, preset
+
+    return preset("pretrain" if name in PRESETS["pretrain"] else "finetune", name).encoder
+
+
 def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that describe an :class:`EncoderConfig`: a preset or file, then overrides."""
+    from streamssl.mixers import MIXERS
+
     group = parser.add_argument_group("encoder configuration")
     group.add_argument("--config", help="an encoder YAML or JSON file of EncoderConfig fields (such as a run "
                                         "folder's encoder.yaml), a run folder, or a pretrain/finetune run "
                                         "config (its encoder: fields over --preset)")
-    group.add_argument("--preset", choices=("base", "tiny"), default="base",
-                       help="starting configuration: wav2vec 2.0 BASE size, or a tiny test encoder")
+    group.add_argument("--preset", choices=preset_names(), default="base",
+                       help="the encoder of this pretrain/finetune preset: base (wav2vec 2.0 BASE size, the "
+                            "default), cpu-small (the demo's), tiny (tests)...")
     group.add_argument("--mixer", choices=sorted(MIXERS), help="mixer family")
     group.add_argument("--layers", type=int, dest="n_layers", help="number of blocks")
     group.add_argument("--d-model", type=int, help="model width")
@@ -62,6 +79,9 @@ def encoder_fields_of(path: str, preset: str) -> dict[str, Any]:
     """EncoderConfig fields from ``--config``: an encoder YAML/JSON file (such as a run folder's
     ``encoder.yaml``), a run folder, or a pretrain/finetune run config, whose ``encoder:`` fields go
     over the ``preset`` encoder (as ``streamssl pretrain --config`` would build it with that preset)."""
+    import yaml
+
+    from streamssl.config import EncoderConfig
     from streamssl.train.config import FinetuneConfig, PretrainConfig
 
     file = Path(path) / "encoder.yaml" if Path(path).is_dir() else Path(path)
@@ -85,15 +105,16 @@ def encoder_fields_of(path: str, preset: str) -> dict[str, Any]:
     encoder = data.get("encoder") or {}
     if not isinstance(encoder, dict):
         raise ValueError(f"--config {file}: encoder must be a mapping of EncoderConfig fields")
-    base = EncoderConfig.tiny() if preset == "tiny" else EncoderConfig.base()
-    return {**base.to_dict(), **encoder}
+    return {**preset_encoder(preset).to_dict(), **encoder}
 
 
-def encoder_config_from_args(args: argparse.Namespace) -> EncoderConfig:
+def encoder_config_from_args(args: argparse.Namespace) -> "EncoderConfig":
+    from streamssl.config import EncoderConfig
+
     if args.config:
         data = encoder_fields_of(args.config, args.preset)
     else:
-        data = (EncoderConfig.tiny() if args.preset == "tiny" else EncoderConfig.base()).to_dict()
+        data = preset_encoder(args.preset).to_dict()
     for key in ("mixer", "n_layers", "d_model", "n_heads", "right_frames"):
         value = getattr(args, key, None)
         if value is not None:
@@ -106,6 +127,9 @@ def encoder_config_from_args(args: argparse.Namespace) -> EncoderConfig:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
+    from streamssl.encoder import declared_latency
+    from streamssl.tables import latency_table
+
     config = encoder_config_from_args(args)
     latency = declared_latency(config)
     if args.json:
@@ -116,36 +140,71 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from streamssl.demo import run_demo
+
+    use_threads(args.threads)
     run_demo(args.out, progress=not args.no_progress)
     return 0
 
 
+def _latency_arguments(parser: argparse.ArgumentParser) -> None:
+    add_encoder_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=cmd_latency)
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    add_threads(parser, default=None)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=cmd_demo)
+
+
+def version() -> str:
+    """``streamssl X.Y.Z`` from the installed package's metadata."""
+    from importlib import metadata
+
+    try:
+        return f"streamssl {metadata.version('streamssl')}"
+    except metadata.PackageNotFoundError:
+        return "streamssl (version unknown: the package is not installed; pip install -e . installs it)"
+
+
+class _Version(argparse.Action):
+    """``--version``: the package metadata is read only when asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="streamssl", description="Streaming speech transformers and self-supervised speech learning: "
                                       "speech corpora, pretraining, CTC fine-tuning, evaluation, streaming "
                                       "recognition and declared latency. 'streamssl COMMAND --help' says more.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    latency = sub.add_parser("latency", help="print the declared latency of an encoder configuration")
-    add_encoder_arguments(latency)
-    latency.add_argument("--json", action="store_true", help="machine-readable output")
-    latency.set_defaults(func=cmd_latency)
-
-    demo = sub.add_parser("demo", help="the README's main job: synthesise speech, pretrain, fine-tune, "
-                                       "evaluate a small LLSA encoder (CPU, minutes)")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    demo.set_defaults(func=cmd_demo)
-
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version of streamssl and exit")
+    sub = add_subcommands(parser, "command")
+    sub.add_parser("latency", arguments=_latency_arguments,
+                   help="print the declared latency of an encoder configuration")
+    sub.add_parser("demo", arguments=_demo_arguments,
+                   help="the README's main job: synthesise speech, pretrain, fine-tune, evaluate a small LLSA "
+                        "encoder (CPU, minutes)")
     for module in COMMAND_MODULES:
         module.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status. Bad input,
+    from a flag that does not parse to a file that is not what it should be, is one line on stderr and
+    status 2 (1 where a command says so, e.g. files that failed among others)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        print(error, file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except ValueError as error:

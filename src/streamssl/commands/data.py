@@ -6,13 +6,13 @@ import argparse
 import json
 import sys
 
-from streamssl.data.check import check_report
-from streamssl.data.manifest import write_manifest
-from streamssl.data.readers import load_utterances
-from streamssl.data.synth import synthesize_corpus
+from streamssl.commands.common import Subcommands
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
+    from streamssl.data.manifest import write_manifest
+    from streamssl.data.readers import load_utterances
+
     utterances = load_utterances(args.src, skip_bad=args.skip_bad, decode=not args.headers_only)
     write_manifest(utterances, args.out)
     hours = sum(utt.duration for utt in utterances) / 3600
@@ -21,6 +21,8 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from streamssl.data.check import check_report
+
     scan, lines = check_report(args.src, decode=not args.headers_only, progress=True)
     print("\n".join(lines))
     if not scan.utterances and not scan.problems:
@@ -30,6 +32,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from streamssl.data.synth import synthesize_corpus
+
     summary = synthesize_corpus(args.out, args.hours, args.seed, text_file=args.text, noise_snr_db=args.snr_db,
                                 varied_noise=args.varied_noise,
                                 workers=args.workers)
@@ -37,9 +41,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: Subcommands) -> None:
     """Register ``corpus manifest``, ``corpus check`` and ``corpus synth``."""
-    corpus = subparsers.add_parser("corpus", help="speech corpora: manifests, checks, a synthetic corpus")
+    subparsers.add_parser("corpus", arguments=_corpus_arguments,
+                          help="speech corpora: manifests, checks, a synthetic corpus")
+
+
+def _corpus_arguments(corpus: argparse.ArgumentParser) -> None:
     sub = corpus.add_subparsers(dest="corpus_command", required=True)
 
     manifest = sub.add_parser("manifest", help="write a JSONL manifest of a LibriSpeech-layout or audio+.txt folder")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
+import errno
 import math
+from typing import TYPE_CHECKING
 
-import torch
+from streamssl.commands.common import Subcommands, add_chunk_ms, add_threads, load_recognizer, use_threads
 
-from streamssl.serve.server import ServeConfig, StreamingServer
-from streamssl.streaming.endpoint import EndpointConfig
-from streamssl.streaming.recognizer import Recognizer
+if TYPE_CHECKING:
+    from streamssl.serve.server import StreamingServer
 
 
 def _max_segment(text: str) -> float | None:
@@ -19,25 +18,45 @@ def _max_segment(text: str) -> float | None:
     return None if math.isinf(value) or value == 0 else value
 
 
+def listen_error(host: str, port: int, error: OSError) -> str:
+    """One line on why the server cannot listen on ``host``:``port``, and what to do."""
+    if error.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is in use; pick another with --port"
+    if error.errno == errno.EACCES:
+        return f"port {port} on {host} needs privileges (ports below 1024 do); pick another with --port"
+    return f"cannot listen on {host} port {port}: {error.strerror or error}; check --host and --port"
+
+
 async def _serve(server: StreamingServer) -> None:
-    async with server:
+    try:
+        await server.start()
+    except OSError as error:
+        await server.stop()
+        raise ValueError(listen_error(server.host, server.port, error)) from None
+    try:
         print(f"streamssl serve: page http://{server.host}:{server.port}/  websocket "
               f"ws://{server.host}:{server.port}/asr  (declared latency {server.declared['declared_latency_ms']:g} ms)",
               flush=True)
         await server.serve_forever()
+    finally:
+        await server.stop()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.chunk_ms <= 0:
-        raise ValueError(f"--chunk-ms must be positive, got {args.chunk_ms}")
+    import asyncio
+    import logging
+
+    from streamssl.serve.server import ServeConfig, StreamingServer
+    from streamssl.streaming.endpoint import EndpointConfig
+
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    use_threads(args.threads)
     endpoint = EndpointConfig(silence_ms=args.silence_ms, max_segment_ms=args.max_segment_ms)
     config = ServeConfig(max_streams=args.max_streams, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_message_bytes=args.max_message_bytes, endpoint=endpoint)
-    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    recognizer = Recognizer.from_checkpoint(args.checkpoint, chunk_ms=args.chunk_ms, backend=args.backend)
+    recognizer = load_recognizer(args.checkpoint, args.chunk_ms, args.backend, args.threads)
     server = StreamingServer(recognizer, config, host=args.host, port=args.port)
     try:
         asyncio.run(_serve(server))
@@ -46,18 +65,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "serve", help="websocket server for live recognition, with a microphone page at /",
-        description="Serve a fine-tuned CTC checkpoint over websockets (ws://HOST:PORT/asr) for many live "
-                    "streams at once, with endpointing into segments, and a browser microphone page at "
-                    "http://HOST:PORT/. The protocol is in docs/serving.md.")
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    from streamssl.serve.server import ServeConfig
+    from streamssl.streaming.endpoint import EndpointConfig
+
     parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint (file or run folder)")
     parser.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="model runtime: torch, or onnx (the step exported at --chunk-ms, run by ONNX Runtime; default torch)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
-    parser.add_argument("--chunk-ms", type=float, default=40.0, help="audio per model step (default 40)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    add_chunk_ms(parser)
+    add_threads(parser)
     defaults = ServeConfig()
     group = parser.add_argument_group("batching and limits")
     group.add_argument("--max-streams", type=int, default=defaults.max_streams,
@@ -76,3 +93,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--max-segment-ms", type=_max_segment, default=endpoint.max_segment_ms,
                        help=f"longest segment; 0 or inf for no limit (default {endpoint.max_segment_ms:g})")
     parser.set_defaults(func=cmd_serve)
+
+
+def add_commands(sub: Subcommands) -> None:
+    sub.add_parser(
+        "serve", arguments=_arguments, help="websocket server for live recognition, with a microphone page at /",
+        description="Serve a fine-tuned CTC checkpoint over websockets (ws://HOST:PORT/asr) for many live "
+                    "streams at once, with endpointing into segments, and a browser microphone page at "
+                    "http://HOST:PORT/. The protocol is in docs/serving.md.")

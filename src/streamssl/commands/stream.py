@@ -6,15 +6,16 @@ import argparse
 import json
 import shutil
 import sys
-from typing import Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Iterable, Iterator, TextIO
 
-import numpy as np
-import torch
+from streamssl.commands.common import (
+    Subcommands, add_chunk_ms, add_threads, load_recognizer, use_threads)
 
-from streamssl.data.audio import audio_blocks, audio_info
-from streamssl.streaming.pacing import PacedClock
-from streamssl.streaming.recognizer import Recognizer, Stream, Update
-from streamssl.streaming.report import build_report
+if TYPE_CHECKING:
+    import numpy as np
+
+    from streamssl.streaming.pacing import PacedClock
+    from streamssl.streaming.recognizer import Recognizer, Stream, Update
 
 
 class PartialDisplay:
@@ -55,6 +56,8 @@ class PartialDisplay:
 def open_audio(path: str, sample_rate: int) -> Iterator[np.ndarray]:
     """Blocks of mono float32 samples at ``sample_rate`` (see :func:`streamssl.data.audio_blocks`); says on
     stderr when it resamples or downmixes, and refuses a file without samples."""
+    from streamssl.data.audio import audio_blocks, audio_info
+
     info = audio_info(path)
     if info.frames == 0:
         raise ValueError(f"{path}: no audio samples")
@@ -69,6 +72,9 @@ def stream_file(recognizer: Recognizer, clock: PacedClock, blocks: Iterable[np.n
                 display: PartialDisplay | None) -> Stream:
     """Feed the audio of ``blocks`` in chunks of ``chunk_samples`` at real-time pace (slept or simulated by
     ``clock``); returns the finished stream. Only one block and one chunk are held at a time."""
+    import numpy as np
+    import torch
+
     stream = recognizer.stream()
     clock.start()
     fed = 0
@@ -102,18 +108,18 @@ def stream_file(recognizer: Recognizer, clock: PacedClock, blocks: Iterable[np.n
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    if not args.chunk_ms > 0:
-        raise ValueError(f"--chunk-ms must be positive, got {args.chunk_ms:g}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    from streamssl.streaming.pacing import PacedClock
+    from streamssl.streaming.report import build_report
+
+    use_threads(args.threads)
     clock = PacedClock(simulate=not args.realtime)
-    recognizer = Recognizer.from_checkpoint(args.checkpoint, chunk_ms=args.chunk_ms, clock=clock.now,
-                                            backend=args.backend)
+    recognizer = load_recognizer(args.checkpoint, args.chunk_ms, args.backend, args.threads, clock.now)
     chunk_samples = recognizer.chunk_samples
     streams, results, failed = [], [], []
     for path in args.files:
-        display = None if args.json else PartialDisplay(path, sys.stdout)
+        # With --json the transcript as it grows is progress, so it goes to stderr, keeping stdout pure JSON.
+        display = (PartialDisplay(path, sys.stdout) if not args.json else
+                   None if args.quiet else PartialDisplay(path, sys.stderr))
         try:
             stream = stream_file(recognizer, clock, open_audio(path, recognizer.sample_rate), chunk_samples,
                                  display)
@@ -140,20 +146,26 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "stream", help="recognise audio files chunk by chunk and report latency",
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (any rate or channel count)")
+    parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint (file or run folder)")
+    add_chunk_ms(parser)
+    parser.add_argument("--realtime", action="store_true", help="feed at real-time pace, sleeping between chunks")
+    add_threads(parser)
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                        help="run the model in PyTorch, or export its step at --chunk-ms and run it in ONNX Runtime")
+    parser.add_argument("--json", action="store_true",
+                        help="machine-readable transcripts and report on stdout (the partial transcripts go to "
+                             "stderr)")
+    parser.add_argument("--quiet", action="store_true", help="with --json, no partial transcripts on stderr")
+    parser.set_defaults(func=cmd_stream)
+
+
+def add_commands(sub: Subcommands) -> None:
+    sub.add_parser(
+        "stream", arguments=_arguments, help="recognise audio files chunk by chunk and report latency",
         description="Stream audio files through a fine-tuned CTC checkpoint chunk by chunk, show the partial "
                     "transcript as it grows, then print a latency report: declared algorithmic latency, "
                     "compute per chunk, real-time factor and emission delay per word. Without --realtime the "
                     "files are fed as fast as the CPU allows on a clock that skips the waits between chunks, "
                     "so emission delays are still those of live audio.")
-    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (any rate or channel count)")
-    parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint (file or run folder)")
-    parser.add_argument("--chunk-ms", type=float, default=40.0, help="audio per model step (default 40)")
-    parser.add_argument("--realtime", action="store_true", help="feed at real-time pace, sleeping between chunks")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                        help="run the model in PyTorch, or export its step at --chunk-ms and run it in ONNX Runtime")
-    parser.add_argument("--json", action="store_true", help="machine-readable transcripts and report")
-    parser.set_defaults(func=cmd_stream)

@@ -17,12 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import yaml
 
-from streamssl.asr.evaluate import MAX_OFFLINE_SECONDS, STREAMING_BATCH_SIZE
-from streamssl.asr.lexicon import BeamSearchConfig
-from streamssl.tables import results_table
-from streamssl.train.config import PRESETS, FinetuneConfig, PretrainConfig, RunConfig
+from streamssl.commands.common import Subcommands, add_chunk_ms, add_quiet, add_threads, check_chunk, use_threads
+
+if TYPE_CHECKING:
+    from streamssl.train.config import RunConfig
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -39,6 +41,8 @@ def build_config(kind: str, preset_name: str, config_path: str | None = None,
     Fine-tuning with ``init`` drops the preset's encoder (the encoder comes from the checkpoint) unless
     the file or ``--set`` named encoder fields explicitly, which is then an error.
     """
+    from streamssl.train.config import PRESETS, FinetuneConfig, PretrainConfig
+
     cls = PretrainConfig if kind == "pretrain" else FinetuneConfig
     if preset_name not in PRESETS[kind]:
         raise ValueError(f"unknown {kind} preset {preset_name!r}; presets: {sorted(PRESETS[kind])}")
@@ -71,6 +75,8 @@ def build_config(kind: str, preset_name: str, config_path: str | None = None,
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
+    from streamssl.train.config import PRESETS
+
     parser.add_argument("--config", help=f"YAML file of {'PretrainConfig' if kind == 'pretrain' else 'FinetuneConfig'} "
                                          "fields (encoder fields under 'encoder:')")
     parser.add_argument("--preset", choices=sorted(PRESETS[kind]),
@@ -90,6 +96,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     parser.add_argument("--stop-after", type=int, metavar="STEP",
                         help="checkpoint and stop at this step (resume later with the same command)")
+    add_threads(parser, default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -125,6 +132,8 @@ def run_training(kind: str, config: RunConfig, out: str, device: str | None = No
 def starting_preset(kind: str, preset_name: str | None, config_path: str | None) -> str:
     """The preset a run starts from: the one named, else ``base`` under a ``--config`` file. With neither,
     a ``ValueError``: the BASE defaults (400 k pretraining updates) must never start by accident."""
+    from streamssl.train.config import PRESETS
+
     if preset_name is not None:
         return preset_name
     if config_path is not None:
@@ -136,6 +145,7 @@ def starting_preset(kind: str, preset_name: str | None, config_path: str | None)
 
 def _cmd_train(kind: str):
     def command(args: argparse.Namespace) -> int:
+        use_threads(args.threads)
         flags = dict(train_data=args.train_data, dev_data=args.dev_data, steps=args.steps, lr=args.lr,
                      seed=args.seed, skip_bad=args.skip_bad)
         if kind == "finetune":
@@ -167,31 +177,43 @@ def _train_mode_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from streamssl.asr.evaluate import evaluate_model
+    from streamssl.asr.lexicon import BeamSearchConfig
+    from streamssl.tables import results_table
     from streamssl.train.checkpoint import load_checkpoint
     from streamssl.train.data import load_split, spellable
     from streamssl.train.dist import pick_device
 
-    if args.streaming and not args.chunk_ms > 0:
-        raise ValueError(f"--chunk-ms must be positive, got {args.chunk_ms:g}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    use_threads(args.threads)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
+    def stage(message: str) -> None:
+        if not args.quiet:
+            print(f"evaluate: {message}", file=sys.stderr, flush=True)
+
     # The data is checked before any model is built, so a bad corpus fails fast and names its files.
+    stage(f"checking {args.data}")
     utterances = load_split(args.data, args.skip_bad, "evaluation data", log=log)
     checkpoint = load_checkpoint(args.checkpoint, kind="finetune")
     model = checkpoint.model
-    if args.streaming and model.stream_error() is not None:
-        raise ValueError(model.stream_error())
+    if args.streaming:
+        if model.stream_error() is not None:
+            raise ValueError(model.stream_error())
+        check_chunk(args.chunk_ms, model.hop_samples, model.sample_rate)
     utterances = spellable(utterances, model.vocab, args.skip_bad, "evaluation data", args.data, log)
     device = pick_device(args.device)
     beam = None if args.decoder == "greedy" else BeamSearchConfig(
         lexicon_words=args.lexicon_words, lm_weight=args.lm_weight, word_score=args.word_score,
         beam_size=args.beam_size)
+    mode = f"streaming in {args.chunk_ms:g} ms chunks" if args.streaming else "offline"
+    threads = f", {args.threads} thread(s)" if device.type == "cpu" else ""
+    stage(f"decoding {len(utterances)} utterance(s) ({sum(u.duration for u in utterances):.0f} s of audio) {mode} "
+          f"with the {args.decoder} decoder on {device}{threads}")
     result = evaluate_model(model.to(device), utterances, streaming=args.streaming, chunk_ms=args.chunk_ms,
-                            device=device, progress=not args.json, max_offline_s=args.max_offline_s, beam=beam,
+                            device=device, progress=not args.quiet, max_offline_s=args.max_offline_s, beam=beam,
                             batch_size=args.batch_size)
     if args.json:
         out = result.to_dict()
@@ -206,44 +228,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    pretrain = sub.add_parser(
-        "pretrain", help="self-supervised pretraining of an encoder (wav2vec 2.0 or BEST-RQ)",
-        description="Pretrain a streaming encoder with a self-supervised objective: wav2vec 2.0 (masked spans, "
-                    "a Gumbel quantiser, a contrastive loss; the default) or BEST-RQ (objective: bestrq; masked "
-                    "log-mel spans, labels from a frozen random-projection quantiser). The configuration is --preset, then the --config YAML "
-                    "file (PretrainConfig fields, encoder fields under 'encoder:'), then --set KEY=VALUE, "
-                    "then the flags below. Running the same command again resumes from --out; "
-                    "torchrun --nproc-per-node N -m streamssl pretrain ... trains with DDP.")
-    _add_run_arguments(pretrain, "pretrain")
-    pretrain.set_defaults(func=_cmd_train("pretrain"))
+def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_run_arguments(parser, "pretrain")
+    parser.set_defaults(func=_cmd_train("pretrain"))
 
-    finetune = sub.add_parser(
-        "finetune", help="CTC fine-tuning over characters",
-        description="Fine-tune an encoder with CTC over characters: from a streamssl checkpoint or run "
-                    "folder (--init), a local Hugging Face wav2vec 2.0 / HuBERT / WavLM model "
-                    "(--init hf:DIR), or from scratch. The whole model trains (--full, the default), only "
-                    "the head (--frozen), or only fresh layers that replace the attention of some layers "
-                    "(--replace). The configuration is built as for pretrain (FinetuneConfig fields).")
-    _add_run_arguments(finetune, "finetune")
-    finetune.add_argument("--init", help="checkpoint (or run folder) whose encoder starts the model; "
-                                         "omit to train from scratch")
-    finetune.add_argument("--head", choices=("linear", "lstm"), help="CTC head")
-    mode = finetune.add_mutually_exclusive_group()
+
+def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_run_arguments(parser, "finetune")
+    parser.add_argument("--init", help="checkpoint (or run folder) whose encoder starts the model; "
+                                       "omit to train from scratch")
+    parser.add_argument("--head", choices=("linear", "lstm"), help="CTC head")
+    mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--full", action="store_true", help="train the whole model (default)")
     mode.add_argument("--frozen", action="store_true", help="keep the encoder fixed; train only the CTC head")
     mode.add_argument("--replace", metavar="LAYERS", help="selective fine-tuning: replace the attention of LAYERS "
                                                           "('last:K' or 'i,j,...') with fresh --mixer layers and "
                                                           "train only those and the head")
-    finetune.add_argument("--mixer", help="mixer of the replaced layers with --replace (default wsm)")
-    finetune.set_defaults(func=_cmd_train("finetune"))
+    parser.add_argument("--mixer", help="mixer of the replaced layers with --replace (default wsm)")
+    parser.set_defaults(func=_cmd_train("finetune"))
 
-    evaluate = sub.add_parser("evaluate", help="CTC decoding (lexicon beam search or greedy): WER, CER, latency, "
-                                               "real-time factor")
+
+def _evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
+    from streamssl.asr.evaluate import MAX_OFFLINE_SECONDS, STREAMING_BATCH_SIZE
+    from streamssl.asr.lexicon import BeamSearchConfig
+
     evaluate.add_argument("--checkpoint", required=True, help="a finetune checkpoint or its run folder")
     evaluate.add_argument("--data", required=True, help="manifest, LibriSpeech or audio+txt folder")
     evaluate.add_argument("--streaming", action="store_true", help="decode chunk by chunk through step/flush")
-    evaluate.add_argument("--chunk-ms", type=float, default=40.0, help="streaming chunk length (default 40)")
+    add_chunk_ms(evaluate, "streaming chunk length")
     evaluate.add_argument("--batch-size", type=int, default=STREAMING_BATCH_SIZE, metavar="STREAMS",
                           help="utterances streamed at once with --streaming, each joining as another ends "
                                f"(default {STREAMING_BATCH_SIZE}; transcripts do not depend on it)")
@@ -265,5 +277,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     evaluate.add_argument("--skip-bad", action="store_true", help="skip utterances that fail corpus check")
     evaluate.add_argument("--hypotheses", action="store_true", help="also print every reference/hypothesis")
-    evaluate.add_argument("--json", action="store_true", help="machine-readable output")
+    add_threads(evaluate)
+    evaluate.add_argument("--json", action="store_true",
+                          help="machine-readable output on stdout (progress still goes to stderr)")
+    add_quiet(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+
+def add_commands(sub: Subcommands) -> None:
+    sub.add_parser(
+        "pretrain", arguments=_pretrain_arguments,
+        help="self-supervised pretraining of an encoder (wav2vec 2.0 or BEST-RQ)",
+        description="Pretrain a streaming encoder with a self-supervised objective: wav2vec 2.0 (masked spans, "
+                    "a Gumbel quantiser, a contrastive loss; the default) or BEST-RQ (objective: bestrq; masked "
+                    "log-mel spans, labels from a frozen random-projection quantiser). The configuration is --preset, then the --config YAML "
+                    "file (PretrainConfig fields, encoder fields under 'encoder:'), then --set KEY=VALUE, "
+                    "then the flags below. Running the same command again resumes from --out; "
+                    "torchrun --nproc-per-node N -m streamssl pretrain ... trains with DDP.")
+    sub.add_parser(
+        "finetune", arguments=_finetune_arguments, help="CTC fine-tuning over characters",
+        description="Fine-tune an encoder with CTC over characters: from a streamssl checkpoint or run "
+                    "folder (--init), a local Hugging Face wav2vec 2.0 / HuBERT / WavLM model "
+                    "(--init hf:DIR), or from scratch. The whole model trains (--full, the default), only "
+                    "the head (--frozen), or only fresh layers that replace the attention of some layers "
+                    "(--replace). The configuration is built as for pretrain (FinetuneConfig fields).")
+    sub.add_parser("evaluate", arguments=_evaluate_arguments,
+                   help="CTC decoding (lexicon beam search or greedy): WER, CER, latency, real-time factor")

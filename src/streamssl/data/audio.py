@@ -17,6 +17,10 @@ SAMPLE_RATE = 16000
 # Extensions the readers treat as audio; soundfile (libsndfile) decodes all of them.
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".opus", ".mp3", ".aiff", ".aif")
 
+# Float PCM lies in [-1, 1]; the headroom lets resampled or filtered audio overshoot a little (the
+# recogniser allows the same), while louder files are refused before they are transcribed as noise.
+MAX_FLOAT_PEAK = 1.5
+
 _rates_noticed: set[int] = set()
 
 
@@ -55,6 +59,33 @@ def audio_info(path: str | Path) -> AudioInfo:
     except (RuntimeError, OSError) as error:
         raise ValueError(f"{path}: cannot read audio header: {error}") from None
     return AudioInfo(frames=int(info.frames), sample_rate=int(info.samplerate), channels=int(info.channels))
+
+
+def check_samples(path: str | Path, samples: np.ndarray, sample_rate: int, start_frame: int = 0) -> None:
+    """Refuse decoded ``samples`` of shape (frames, channels) at ``sample_rate`` Hz, ``start_frame``
+    frames into ``path``, that are not audio in [-1, 1]: NaN or infinite values, or a peak above
+    :data:`MAX_FLOAT_PEAK`. Says whether the values look like int16 PCM stored as floats.
+
+    Raises:
+        ValueError: naming ``path`` and the time (seconds) of the first bad value or of the peak.
+    """
+    if samples.size == 0:
+        return
+    finite = np.isfinite(samples).all(axis=1)
+    if not finite.all():
+        at = (start_frame + int(np.argmin(finite))) / sample_rate
+        raise ValueError(f"{path}: samples are NaN or infinite (the first at {at:.3f} s)")
+    magnitude = np.abs(samples).max(axis=1)
+    peak_frame = int(np.argmax(magnitude))
+    peak = float(magnitude[peak_frame])
+    if peak > MAX_FLOAT_PEAK:
+        at = (start_frame + peak_frame) / sample_rate
+        # Whole numbers are what int16 PCM becomes when written as floats without scaling.
+        if peak <= 32768 and bool(np.all(samples == np.round(samples))):
+            hint = "the values are whole numbers, as int16 PCM stored as floats: divide them by 32768"
+        else:
+            hint = "scale the audio into [-1, 1], e.g. divide it by its peak"
+        raise ValueError(f"{path}: float samples exceed [-1, 1] (peak {round(peak, 3)} at {at:.3f} s); {hint}")
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -98,8 +129,9 @@ def audio_blocks(path: str | Path, sample_rate: int = SAMPLE_RATE, block_frames:
     :func:`load_audio`, this logs nothing: callers say themselves when they resample.
 
     Raises:
-        ValueError: the file cannot be opened, or decoding fails or ends early (after the blocks before
-            that were yielded); the message names the file.
+        ValueError: the file cannot be opened, decoding fails or ends early, or a block is not audio in
+            [-1, 1] (:func:`check_samples`), after the blocks before that were yielded; the message names
+            the file.
     """
     if block_frames < 1:
         raise ValueError(f"block_frames must be positive, got {block_frames}")
@@ -116,6 +148,7 @@ def audio_blocks(path: str | Path, sample_rate: int = SAMPLE_RATE, block_frames:
                 block = audio.read(block_frames, dtype="float32", always_2d=True)
             except (RuntimeError, OSError) as error:
                 raise ValueError(f"{path}: decoding failed after {decoded} frames: {error}") from None
+            check_samples(path, block, audio.samplerate, decoded)
             decoded += block.shape[0]
             last = block.shape[0] < block_frames
             mono = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]

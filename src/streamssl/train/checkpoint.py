@@ -19,8 +19,12 @@ read with ``torch.load(weights_only=True)``: tensors and plain data only, so a c
 
 from __future__ import annotations
 
+import codecs
 import os
+import pickle
 import random
+import re
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +121,44 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _not_torch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a file ``torch.save`` wrote (a zip archive, or a pickle in the old format),
+    judged from its bytes; ``None`` if it may be one. Asking torch would answer such files with an
+    unpickler's internals ("pop from empty list", advice to load them unrestricted)."""
+    with path.open("rb") as file:
+        head = file.read(512)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):
+        return None if zipfile.is_zipfile(path) else "a zip archive without its end: truncated or damaged"
+    if head.startswith(b"\x80"):
+        return None
+    try:
+        # Not final: the 512 bytes may end inside a character.
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        return f"neither a zip archive nor a pickle, as torch.save writes; it starts with {head[:8]!r}"
+    return f"a text file, not the binary file torch.save writes; it starts with {text[:24]!r}"
+
+
+def _load_plain(path: Path) -> Any:
+    """``torch.load`` of ``path`` restricted to tensors and plain data: unpickling anything else could run
+    code from the file. Every failure is a one-line ``ValueError`` that names the file."""
+    problem = _not_torch_file(path)
+    if problem is None:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+            problem = (f"it refers to {found.group(1)}, not only to tensors and plain data; such a file is never "
+                       "unpickled, since that could run code from it" if found else
+                       "a pickle, but not one of tensors and plain data as torch.save writes")
+        except Exception as error:  # torch raises many types for a damaged file
+            first = re.split(r"(?<=\.)\s", " ".join(str(error).split()), maxsplit=1)[0]
+            problem = f"damaged: {type(error).__name__}: {first}" if first else f"damaged: {type(error).__name__}"
+    raise ValueError(f"{path} is not a streamssl checkpoint ({problem})")
+
+
 def read_payload(path: str | Path) -> dict[str, Any]:
     """The raw dict of a checkpoint, checked for format and kind."""
     path = Path(path)
@@ -124,15 +166,10 @@ def read_payload(path: str | Path) -> dict[str, Any]:
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        # Tensors and plain data only: unpickling anything else could run code from the file.
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged, foreign or unsafe file
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path} is not a readable checkpoint (only tensors and plain data are loaded): "
-                         f"{first_line}") from None
+    payload = _load_plain(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a streamssl checkpoint")
+        raise ValueError(f"{path} is not a streamssl checkpoint (a PyTorch file, but without the "
+                         f"{FORMAT!r} format entry that streamssl pretrain and finetune write)")
     version = payload.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ValueError(f"{path}: checkpoint format version {version!r} is not a valid version")

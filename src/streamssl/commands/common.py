@@ -1,0 +1,138 @@
+"""What several commands share: subcommands whose flags are added only when they run, usage errors in one
+line, the ``--threads``, ``--chunk-ms`` and ``--quiet`` flags with their checks, and loading a recogniser.
+
+Nothing here imports torch at module level: ``streamssl --help`` and ``streamssl stream --help`` only
+build parsers, and should answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
+
+if TYPE_CHECKING:
+    from streamssl.streaming.recognizer import Clock, Recognizer
+
+# What ``--threads`` defaults to where a command does not say otherwise. Measured with ``streamssl
+# evaluate --streaming --decoder greedy`` on 30 utterances of the demo test split with the demo model
+# (a 4 x 144 LLSA encoder) on a 2-core machine other jobs shared (load average 4 to 9): 9 to 20 s on 1
+# thread, 207 to 295 s on 2, since each step's threads wait for one another and one is always descheduled.
+DEFAULT_THREADS = 1
+
+
+class UsageError(Exception):
+    """A command line that does not parse; its message is one line, ``PROG: error: WHAT``."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors raise :class:`UsageError` instead of printing the usage
+    and exiting, so that :func:`streamssl.cli.main` reports them in one line and returns 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
+
+
+class Subcommands(argparse._SubParsersAction):
+    """Subparsers whose flags are added by an ``arguments`` function only when that subcommand is the one
+    being run, so listing the commands (or one command's help) imports nothing the others need."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._arguments: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def add_parser(self, name: str, arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                   **kwargs: Any) -> argparse.ArgumentParser:
+        """``add_parser`` of argparse; ``arguments(parser)`` adds the flags, and runs when ``name`` is chosen."""
+        parser = super().add_parser(name, **kwargs)
+        if arguments is not None:
+            self._arguments[name] = arguments
+        return parser
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: list[str],
+                 option_string: str | None = None) -> None:
+        arguments = self._arguments.pop(values[0], None)
+        if arguments is not None:
+            arguments(self._name_parser_map[values[0]])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def add_subcommands(parser: argparse.ArgumentParser, dest: str) -> Subcommands:
+    """Required subcommands of ``parser``, named in ``args.<dest>``."""
+    return parser.add_subparsers(dest=dest, required=True, action=Subcommands, parser_class=Parser)
+
+
+class ChunkMs(argparse.Action):
+    """``--chunk-ms``: a positive, finite number of milliseconds, checked while parsing (an infinite chunk
+    overflows, a non-positive one never fills)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if not math.isfinite(values):
+            parser.error(f"{option_string} must be a finite number of milliseconds, got {values:g}")
+        if values <= 0:
+            parser.error(f"{option_string} must be positive, got {values:g}")
+        setattr(namespace, self.dest, values)
+
+
+def add_chunk_ms(parser: argparse.ArgumentParser, what: str = "audio per model step") -> None:
+    """``--chunk-ms`` (default 40 ms); :func:`check_chunk` checks it against the model's frame hop."""
+    parser.add_argument("--chunk-ms", type=float, default=40.0, action=ChunkMs,
+                        help=f"{what} in milliseconds, at least one frame hop of the model (default 40)")
+
+
+def check_chunk(chunk_ms: float, hop_samples: int | None, sample_rate: int) -> None:
+    """Refuse a chunk of ``chunk_ms`` milliseconds shorter than one frame hop (``hop_samples`` at
+    ``sample_rate`` Hz; ``None``: the model takes frames, no hop to check): every chunk is a model call,
+    so chunks of a sample or two take hours over a file of seconds."""
+    if hop_samples is None:
+        return
+    hop_ms = 1000 * hop_samples / sample_rate
+    if round(chunk_ms * sample_rate / 1000) < hop_samples:
+        raise ValueError(f"--chunk-ms {chunk_ms:g} is shorter than one frame hop of this model "
+                         f"({hop_ms:g} ms = {hop_samples} samples); use --chunk-ms {hop_ms:g} or more")
+
+
+def add_threads(parser: argparse.ArgumentParser, default: int | None = DEFAULT_THREADS) -> None:
+    """``--threads N``: CPU threads for torch (and ONNX Runtime); ``default`` ``None`` keeps torch's own
+    (one per physical core, or ``OMP_NUM_THREADS``)."""
+    if default is None:
+        shown = "torch's default: one per core, or OMP_NUM_THREADS"
+    else:
+        shown = f"{default}; more only help on an idle machine"
+    parser.add_argument("--threads", type=int, default=default, metavar="N",
+                        help=f"CPU threads for the model (default {shown})")
+
+
+def use_threads(threads: int | None) -> None:
+    """Give torch ``threads`` intra-op threads (``None``: leave its default), or a ``ValueError`` for
+    fewer than one."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    """``--quiet``: no progress on stderr (errors still go there)."""
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
+
+
+def load_recognizer(checkpoint: str, chunk_ms: float, backend: str, threads: int,
+                    clock: "Clock" = time.perf_counter) -> "Recognizer":
+    """The :class:`~streamssl.streaming.recognizer.Recognizer` of a fine-tuned ``checkpoint`` (file or run
+    folder) stepping in chunks of ``chunk_ms`` milliseconds (checked by :func:`check_chunk` before any
+    export), on ``backend`` ``"torch"`` or ``"onnx"`` (ONNX Runtime on ``threads`` threads)."""
+    from streamssl.export import OnnxModel, export_model
+    from streamssl.streaming.recognizer import Recognizer
+    from streamssl.train.checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint, kind="finetune").model
+    check_chunk(chunk_ms, model.hop_samples, model.sample_rate)
+    if backend == "onnx":
+        model = OnnxModel(export_model(model, chunk_ms)[0], threads=threads)
+    return Recognizer(model, chunk_ms, clock=clock, backend=backend)
