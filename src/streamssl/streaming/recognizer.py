@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from streamssl.asr.ctc import RecognitionModel
+from streamssl.data.audio import MAX_FLOAT_PEAK
 from streamssl.export import OnnxModel, export_model
 from streamssl.latency import Latency
 from streamssl.streaming.engine import (
@@ -46,9 +47,6 @@ from streamssl.streaming.engine import (
 __all__ = ["BACKENDS", "Recognizer", "Stream", "Token", "Transcript", "Update", "Word"]
 
 BACKENDS = ("torch", "onnx")
-# Float PCM lies in [-1, 1]; a little headroom lets resampled or filtered audio overshoot, while int16
-# values passed as floats (hundreds to thousands) are caught.
-MAX_SAMPLE_MAGNITUDE = 1.5
 # Audio one stream gives one call at most: a stream that brought seconds at once is worked off over
 # several calls, so the streams sharing them do not wait for it.
 MAX_TICK_S = 1.0
@@ -68,7 +66,7 @@ def _as_samples(samples: Any) -> Tensor:
     if not torch.isfinite(samples).all():
         raise ValueError("samples contain NaN or infinite values")
     peak = float(samples.abs().max()) if samples.numel() else 0.0
-    if peak > MAX_SAMPLE_MAGNITUDE:
+    if peak > MAX_FLOAT_PEAK:
         raise ValueError(f"samples must be floats in [-1, 1], got a peak magnitude of {peak:g}; integer PCM "
                          "values stored as floats (int16 range) need dividing by 32768")
     return samples
