@@ -4,6 +4,8 @@ Peak memory on CPU is measured in a fresh subprocess per point, as the growth of
 size over the resident size just before the measured forward+backward. The peak is Linux's ``VmHWM``,
 reset first through ``/proc/self/clear_refs`` (``ru_maxrss`` would not do: a child inherits its
 parent's peak). On CUDA it is ``torch.cuda.max_memory_allocated`` over the memory allocated before.
+torch and streamssl are imported where they are used, so that a parent process that only starts the
+measuring children stays light.
 """
 
 from __future__ import annotations
@@ -16,10 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
-
-from streamssl import Encoder, EncoderConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "benchmarks"
@@ -84,6 +82,10 @@ def peak_rss_mb() -> float:
 
 def fwd_bwd_point(config: dict, frames: int, batch: int, device: str, repeats: int) -> dict:
     """Time and peak memory of one forward+backward of an encoder on random frames (this process)."""
+    import torch
+
+    from streamssl import Encoder, EncoderConfig
+
     torch.manual_seed(0)
     encoder = Encoder(EncoderConfig.from_dict(config)).to(device).train()
     dim = encoder.frontend.input_dim

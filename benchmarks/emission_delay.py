@@ -14,7 +14,7 @@ to other jobs on a shared machine) and ``cpu`` (compute takes the process's CPU 
 own); ``--clocks real`` sleeps instead. With
 random weights there are no meaningful tokens, so every output frame is counted as a token: its
 emission delay is the clock reading after the model call that produced it minus the reading when the
-chunk holding the last sample of its 25 ms window was fed (METHODS.md 5.3). Frames released by the
+chunk holding the last sample of its 25 ms window was fed (docs/methods.md 5.3). Frames released by the
 end-of-stream flush are left out (no look-ahead left to wait for). Per-chunk compute is the wall time
 of each model call; RTF is their sum over the audio duration. The machine these numbers come from is
 shared, so each point also gives its CPU-time RTF (process CPU time during the model calls over the

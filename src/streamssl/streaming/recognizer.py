@@ -21,7 +21,7 @@ with the least ready; ticks repeat while some stream has more, so streams fed al
 however much each brings. An ONNX export steps one fixed chunk per call. Results never depend on
 which other streams were running.
 
-Emission delay (METHODS.md section 5.3) is measured per output frame: the clock reading when the
+Emission delay (docs/methods.md section 5.3) is measured per output frame: the clock reading when the
 :meth:`Stream.accept` call that completed the frame's window was made, to the clock reading after the
 model call that produced the frame. Waiting for a chunk to fill, for look-ahead audio, and compute are
 all inside it.
