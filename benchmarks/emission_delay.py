@@ -129,7 +129,7 @@ def main() -> None:
                              "real: sleep between chunks")
     parser.add_argument("--name", default="emission_delay")
     add_common_options(parser)
-    args = parse_args(parser, smoke=dict(chunks_ms=[40.0], seconds=1.0, layers=1))
+    args = parse_args(parser, smoke=dict(mixers=["llsa", "emformer"], chunks_ms=[40.0], seconds=1.0, layers=1))
 
     torch.set_num_threads(1)
     wave = torch.from_numpy(np.random.default_rng(0).normal(0, 0.1, int(args.seconds * 16000)).astype(np.float32))

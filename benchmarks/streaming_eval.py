@@ -93,7 +93,8 @@ def main() -> None:
     add_common_options(parser)
     args = parse_args(parser, smoke=dict(limit=2, batch_sizes="1,2", int8_limit=1))
     if args.smoke and not (args.checkpoint or args.data):
-        args.checkpoint = trained_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="streamssl-bench-")), steps=2)
+        scratch = tempfile.TemporaryDirectory(prefix="streamssl-bench-")  # the tiny model and its corpus
+        args.checkpoint = trained_tiny_checkpoint(Path(scratch.name), steps=2)
         args.data = args.int8_data = str(args.checkpoint.parent / "corpus" / "manifest.jsonl")
     if not (args.checkpoint and args.data):
         parser.error("--checkpoint and --data are required (or --smoke)")
