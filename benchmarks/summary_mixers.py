@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--mixers", nargs="+", choices=MIXERS, default=list(MIXERS))
     parser.add_argument("--load", type=Path, help="skip measuring: tabulate and plot the summary_mixers.json given")
     add_common_options(parser)
-    args = parse_args(parser, smoke=dict(frames=[64], layers=[1], mixers=["summary", "wsm"], repeats=1))
+    args = parse_args(parser, smoke=dict(frames=[64], layers=[1], mixers=["wsm"], repeats=1))
     if args.one:
         mixer, n_layers, frames = args.one
         print(json.dumps(measure_one(mixer, int(n_layers), int(frames), args.repeats)))
