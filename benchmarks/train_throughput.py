@@ -4,9 +4,10 @@
 
 A character CTC model (linear head) is trained on a batch of random speech-band audio with random
 transcripts, at two sizes: the encoder of the ``cpu-small`` preset (what ``streamssl demo`` trains)
-and wav2vec 2.0 BASE (12 layers, d_model 768), both with the preset's mixer. Frontends: ``conv`` (the
-preset's channels at demo size, 512 at BASE), ``fbank`` at 4x and 2x subsampling (default options:
-256 channels), and ``none`` fed precomputed 80-dim frames at 20 ms (the encoder alone: a floor).
+and wav2vec 2.0 BASE (12 layers, d_model 768), both with the preset's mixer. Frontends: ``conv``,
+``fbank`` at 4x and 2x subsampling, and ``none`` fed precomputed 80-dim frames at 20 ms (the encoder alone:
+a floor). At demo size the preset's frontend keeps the preset's options (``fbank``: 144 channels) and the
+others take their defaults (``conv``: 512 channels); at BASE every frontend takes its defaults.
 After one warm-up step, ``steps`` steps are timed; throughput is audio seconds / process CPU seconds
 (on one thread, what the step costs with a core to itself, even on a shared machine), and also / wall
 seconds. For ``fbank`` the knf log-mel extraction's share of the step's CPU time is timed apart. Prints a
