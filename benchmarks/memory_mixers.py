@@ -137,7 +137,6 @@ def main() -> None:
                "streaming": [streaming_cost(m, c, segments=args.stream_steps)
                              for m in ("amtrf", "emformer") for c in args.segments],
                "memory": [peak_memory(m, t) for m in args.memory_mixers for t in args.frames]}
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "memory_mixers.json", results)
     plot(results, args.out / "memory_mixers.png")
 

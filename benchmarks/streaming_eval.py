@@ -2,7 +2,7 @@
 
     python benchmarks/streaming_eval.py --checkpoint RUN --data SPLIT.jsonl [--limit N]
         [--batch-sizes 1,16] [--decoders greedy,lexicon] [--int8-data SPLIT.jsonl] [--int8-limit N]
-    python benchmarks/streaming_eval.py --smoke     # seconds: a tiny model trained 2 steps on 2 tone utterances
+    python benchmarks/streaming_eval.py --smoke     # seconds: a tiny model trained 2 steps, 2 tone utterances
 
 Part 1 runs ``evaluate_model(..., streaming=True, chunk_ms=40, batch_size=b)`` for every batch size and
 decoder on the first ``--limit`` utterances of ``--data`` and reports wall and process CPU seconds
