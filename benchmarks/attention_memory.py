@@ -1,10 +1,10 @@
 """Peak memory and time of forward+backward vs sequence length for the attention family.
 
-    python benchmarks/attention_memory.py [--device cuda] [--frames 500 1000 2000 4000 8000]
+    python benchmarks/attention_memory.py [--device cuda] [--frames 500 1000 2000 4000 8000] [--smoke]
 
 d_model 256, 4 heads, left 64, right 8, frame input (no frontend), batch 1; one layer and a 6-layer
 stack. Points whose dense T x T attention would not fit the memory cap are skipped and say so.
-Prints a markdown table, writes benchmarks/results/attention_memory_<device>.json and a PNG plot.
+Prints a markdown table, writes attention_memory_<device>.json and a PNG plot under ``--out``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import ROOT, markdown_table, measure_in_subprocess, write_json
+from common import add_common_options, markdown_table, measure_in_subprocess, parse_args, write_json
 
 MIXERS = ("full", "maa", "sa", "llsa")
 
@@ -26,15 +26,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[500, 1000, 2000, 4000, 8000])
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 6])
+    parser.add_argument("--mixers", nargs="+", choices=MIXERS, default=list(MIXERS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory-cap-mb", type=float, default=12000)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
-    args = parser.parse_args()
+    add_common_options(parser)
+    args = parse_args(parser, smoke=dict(frames=[64], layers=[1], mixers=["sa"]))
 
     results = []
     for layers in args.layers:
         for frames in args.frames:
-            for mixer in MIXERS:
+            for mixer in args.mixers:
                 config = dict(frontend="none", input_dim=80, d_model=256, n_heads=4, ffn_dim=1024, dropout=0.0,
                               n_layers=layers, mixer=mixer, left_frames=64, right_frames=8,
                               pos_conv_kernel=16, pos_conv_groups=16)
@@ -48,12 +49,12 @@ def main() -> None:
                 print(point, flush=True)
     write_json(args.out / f"attention_memory_{args.device}.json", results)
 
-    header = ["layers", "T (frames)"] + [f"{m} MB / s" for m in MIXERS]
+    header = ["layers", "T (frames)"] + [f"{m} MB / s" for m in args.mixers]
     rows = []
     for layers in args.layers:
         for frames in args.frames:
             cells = []
-            for mixer in MIXERS:
+            for mixer in args.mixers:
                 p = next(r for r in results if (r["mixer"], r["frames"], r["layers"]) == (mixer, frames, layers))
                 cells.append(f"{p['peak_mb']:.0f} / {p['time_s']:.2f}" if "peak_mb" in p
                              else p.get("skipped", p.get("error", "?")))

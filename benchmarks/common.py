@@ -4,21 +4,62 @@ Peak memory on CPU is measured in a fresh subprocess per point, as the growth of
 size over the resident size just before the measured forward+backward. The peak is Linux's ``VmHWM``,
 reset first through ``/proc/self/clear_refs`` (``ru_maxrss`` would not do: a child inherits its
 parent's peak). On CUDA it is ``torch.cuda.max_memory_allocated`` over the memory allocated before.
+torch and streamssl are imported where they are used, so that a parent process that only starts the
+measuring children stays light.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-import torch
-
-from streamssl import Encoder, EncoderConfig
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "benchmarks"
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """``--out`` (where results go) and ``--smoke`` (the toy run CI makes: does the script still work?)."""
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder for the JSON and plots (default: docs/benchmarks; a fresh temporary folder "
+                             "with --smoke)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes and one repeat, seconds in all: checks that the script runs against "
+                             "today's API; its numbers mean nothing")
+
+
+def parse_args(parser: argparse.ArgumentParser, smoke: dict[str, Any], argv: list[str] | None = None
+               ) -> argparse.Namespace:
+    """Parse the command line; with ``--smoke`` the values of ``smoke`` replace the defaults (options given on
+    the command line still win), and ``--out`` defaults to a fresh temporary folder so that a smoke run never
+    overwrites the published results."""
+    args = parser.parse_args(argv)
+    if not args.smoke:
+        return args
+    parser.set_defaults(**smoke, out=Path(tempfile.mkdtemp(prefix="streamssl-bench-")))
+    return parser.parse_args(argv)
+
+
+def trained_tiny_checkpoint(folder: Path, steps: int = 300) -> Path:
+    """A ``tiny`` fine-tune preset model (LLSA, 0.03 M parameters) trained for ``steps`` steps on the tone corpus
+    of ``tests/train_corpus.py`` (each character a tone of its own pitch), so that it really transcribes;
+    returns its run folder."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from train_corpus import make_corpus
+
+    from streamssl.cli import main
+
+    manifest = make_corpus(folder / "corpus", n=40, words=(2, 3))
+    code = main(["finetune", "--preset", "tiny", "--train", str(manifest), "--out", str(folder / "ft"),
+                 "--steps", str(steps), "--lr", "0.003", "--set", "max_batch_seconds=8", "--no-progress"])
+    if code != 0:
+        raise SystemExit("training the tiny benchmark model failed")
+    return folder / "ft"
 
 
 def _status_mb(field: str) -> float:
@@ -41,6 +82,10 @@ def peak_rss_mb() -> float:
 
 def fwd_bwd_point(config: dict, frames: int, batch: int, device: str, repeats: int) -> dict:
     """Time and peak memory of one forward+backward of an encoder on random frames (this process)."""
+    import torch
+
+    from streamssl import Encoder, EncoderConfig
+
     torch.manual_seed(0)
     encoder = Encoder(EncoderConfig.from_dict(config)).to(device).train()
     dim = encoder.frontend.input_dim

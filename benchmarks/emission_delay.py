@@ -1,6 +1,6 @@
 """Emission delay and real-time factor of the streaming recogniser across mixers and chunk sizes.
 
-    python benchmarks/emission_delay.py [--seconds 8] [--chunks-ms 20 40 80 160 320 640] [--clocks wall cpu]
+    python benchmarks/emission_delay.py [--seconds 8] [--chunks-ms 20 40 80 160 320 640] [--clocks wall cpu] [--smoke]
 
 Model: a CTC model (linear head) on a 12-layer encoder, d_model 256, 4 heads, FFN 1024, conv frontend
 with 256 channels, left 64 / right 8 frames, random weights, eval mode, one CPU thread, batch of one.
@@ -14,7 +14,7 @@ to other jobs on a shared machine) and ``cpu`` (compute takes the process's CPU 
 own); ``--clocks real`` sleeps instead. With
 random weights there are no meaningful tokens, so every output frame is counted as a token: its
 emission delay is the clock reading after the model call that produced it minus the reading when the
-chunk holding the last sample of its 25 ms window was fed (METHODS.md 5.3). Frames released by the
+chunk holding the last sample of its 25 ms window was fed (docs/methods.md 5.3). Frames released by the
 end-of-stream flush are left out (no look-ahead left to wait for). Per-chunk compute is the wall time
 of each model call; RTF is their sum over the audio duration. The machine these numbers come from is
 shared, so each point also gives its CPU-time RTF (process CPU time during the model calls over the
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, markdown_table, write_json
+from common import add_common_options, markdown_table, parse_args, write_json
 from streamssl.asr.ctc import CTCModel
 from streamssl.config import EncoderConfig
 from streamssl.mixers import MIXERS
@@ -127,9 +127,9 @@ def main() -> None:
     parser.add_argument("--clocks", nargs="+", choices=("wall", "cpu", "real"), default=["wall", "cpu"],
                         help="wall: simulated pace on wall time; cpu: simulated pace on process CPU time; "
                              "real: sleep between chunks")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--name", default="emission_delay")
-    args = parser.parse_args()
+    add_common_options(parser)
+    args = parse_args(parser, smoke=dict(mixers=["llsa", "emformer"], chunks_ms=[40.0], seconds=1.0, layers=1))
 
     torch.set_num_threads(1)
     wave = torch.from_numpy(np.random.default_rng(0).normal(0, 0.1, int(args.seconds * 16000)).astype(np.float32))

@@ -1,14 +1,15 @@
 """Augmented-memory mixers (AM-TRF, Emformer) against SA and LLSA at equal worst-case look-ahead, on CPU.
 
-    PYTHONPATH=src python benchmarks/memory_mixers.py [--frames 500 1000 2000 4000] [--out docs/benchmarks]
+    PYTHONPATH=src python benchmarks/memory_mixers.py [--frames 500 1000 2000 4000] [--out docs/benchmarks] [--smoke]
 
 Three measurements, one thread, d_model 256, 4 heads, ffn 1024, 4 layers, frame input (no frontend):
 
-1. Training throughput: forward+backward frames per second on a batch of 2 x 1000 frames.
+1. Training throughput: forward+backward frames per second on a batch of 2 x 1000 frames (``--train-frames``).
    ``amtrf``/``emformer`` use C=16, R=4, L=32, M=4 (worst look-ahead C-1+R = 19 frames, mean 11.5);
    ``sa`` spreads 19 frames of look-ahead over its layers (5+5+5+4, it compounds), ``llsa`` has R=19.
 2. Streaming cost per segment: one stream fed one segment (C frames) per step, C in {4, 8, 16, 32},
-   milliseconds per step at steady state and the real-time factor at 20 ms frames.
+   milliseconds per step at steady state (median of 40 steps after 8, ``--stream-steps``) and the
+   real-time factor at 20 ms frames.
 3. Peak memory vs T: extra resident memory (peak RSS minus RSS before) of one forward+backward,
    each point in a fresh process so earlier peaks cannot hide later ones.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, markdown_table, measure_in_subprocess, write_json
+from common import add_common_options, markdown_table, measure_in_subprocess, parse_args, write_json
 from streamssl import Encoder, EncoderConfig
 
 N_LAYERS, SEGMENT, RIGHT, LEFT, MEMORY = 4, 16, 4, 32, 4
@@ -121,17 +122,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[500, 1000, 2000, 4000])
     parser.add_argument("--segments", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
-    args = parser.parse_args()
+    parser.add_argument("--train-frames", type=int, default=1000, help="frames per utterance of the throughput batch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed throughput steps per mixer (median)")
+    parser.add_argument("--memory-mixers", nargs="+", default=["amtrf", "emformer", "sa"],
+                        help="mixers of the peak-memory part (one fresh process per point)")
+    parser.add_argument("--stream-steps", type=int, default=40, help="timed streaming steps per point (median)")
+    add_common_options(parser)
+    args = parse_args(parser, smoke=dict(frames=[64], segments=[4], train_frames=64, repeats=1, stream_steps=2,
+                                         memory_mixers=["emformer"]))
     torch.set_num_threads(1)
 
-    results = {"training": [throughput(m) for m in ("amtrf", "emformer", "sa", "llsa")],
-               "streaming": [streaming_cost(m, c) for m in ("amtrf", "emformer") for c in args.segments],
-               "memory": [peak_memory(m, t) for m in ("amtrf", "emformer", "sa") for t in args.frames]}
+    results = {"training": [throughput(m, frames=args.train_frames, repeats=args.repeats)
+                            for m in ("amtrf", "emformer", "sa", "llsa")],
+               "streaming": [streaming_cost(m, c, segments=args.stream_steps)
+                             for m in ("amtrf", "emformer") for c in args.segments],
+               "memory": [peak_memory(m, t) for m in args.memory_mixers for t in args.frames]}
     write_json(args.out / "memory_mixers.json", results)
     plot(results, args.out / "memory_mixers.png")
 
-    print(f"Training throughput, forward+backward, 2 x 1000 frames, {N_LAYERS} layers, one thread")
+    print(f"Training throughput, forward+backward, 2 x {args.train_frames} frames, {N_LAYERS} layers, one thread")
     print(markdown_table(["mixer", "look-ahead worst / mean (frames)", "frames/s", "s per step"],
                 [[p["mixer"], f"{p['lookahead_frames']} / {p['mean_lookahead_frames']:g}",
                   f"{p['frames_per_s']:.0f}", f"{p['step_s']:.2f}"] for p in results["training"]]))
@@ -148,11 +157,11 @@ def main() -> None:
     rows = []
     for t in args.frames:
         row = [str(t)]
-        for mixer in ("amtrf", "emformer", "sa"):
+        for mixer in args.memory_mixers:
             p = next(p for p in results["memory"] if (p["mixer"], p["frames"]) == (mixer, t))
             row.append(f"{p['peak_mb']:.0f} / {p['time_s']:.2f}")
         rows.append(row)
-    print(markdown_table(["T (frames)", "amtrf", "emformer", "sa"], rows))
+    print(markdown_table(["T (frames)", *args.memory_mixers], rows))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
     python benchmarks/selective_memory.py [--device cuda] [--seconds 16] [--batch 1] [--threads 1]
     python benchmarks/selective_memory.py --encoder RUN_DIR [--replace last:2] [--batch 8]
+    python benchmarks/selective_memory.py --smoke     # seconds: the selective mode of a tiny model
 
 By default a wav2vec 2.0 BASE-sized ``Wav2Vec2ForCTC`` (12 layers, width 768, 7-layer conv feature encoder;
-the ``transformers`` defaults), randomly initialised, 32 output symbols, on a batch of random audio with
-random labels. With ``--encoder``, a streamssl CTC model (linear head) whose encoder is loaded from that
-pretraining or fine-tuning run, and ``--replace`` layers in the selective mode. Each mode runs in a fresh
-interpreter:
+the ``transformers`` defaults; ``--hf-size tiny``: 4 layers of width 32), randomly initialised, 32 output
+symbols, on a batch of random audio with random labels. With ``--encoder``, a streamssl CTC model (linear
+head) whose encoder is loaded from that pretraining or fine-tuning run, and ``--replace`` layers in the
+selective mode. Each mode runs in a fresh interpreter:
 
 * ``full``: every parameter trains, the conv feature encoder included;
 * ``full, frozen CNN``: the usual Hugging Face recipe (``freeze_feature_encoder()``);
@@ -20,32 +21,39 @@ optimiser state, the time is the fastest of the last two. Memory: on CPU the pea
 (``ru_maxrss``) minus the resident size after importing torch and transformers, before the model is
 built, so it counts weights, gradients, optimiser state and activations; on CUDA
 ``torch.cuda.max_memory_allocated``. Prints a markdown table and writes
-``docs/benchmarks/selective_memory_<device>.json`` (``selective_memory_own_<device>.json`` with ``--encoder``).
+``selective_memory_<device>.json`` (``selective_memory_own_<device>.json`` with ``--encoder``) under ``--out``.
+Without ``transformers`` (the ``hf`` extra) the script says so and exits with status 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import ROOT, markdown_table, peak_rss_mb, reset_peak_rss, write_json
+from common import add_common_options, markdown_table, parse_args, peak_rss_mb, reset_peak_rss, write_json
 
 MODES = ("full", "full, frozen CNN", "selective WSM last:4", "frozen encoder")
 BASELINES = ("full", "full, frozen CNN")
 SAMPLE_RATE = 16000
+HF_SIZES = {"base": {},
+            "tiny": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                         conv_dim=(16, 16), conv_kernel=(10, 4), conv_stride=(5, 4), num_conv_pos_embeddings=8,
+                         num_conv_pos_embedding_groups=4)}
+"""``Wav2Vec2Config`` fields of each ``--hf-size`` beyond the ``transformers`` defaults (BASE)."""
 
 
-def hf_model(mode: str):
-    """The BASE-sized Hugging Face model set up for ``mode``, and its loss on ``(audio, labels)``."""
+def hf_model(mode: str, hf_size: str = "base"):
+    """The Hugging Face model of ``hf_size`` set up for ``mode``, and its loss on ``(audio, labels)``."""
     import transformers
 
     from streamssl.selective import replace_attention
 
-    config = transformers.Wav2Vec2Config(vocab_size=32, mask_time_prob=0.0, layerdrop=0.0)
+    config = transformers.Wav2Vec2Config(vocab_size=32, mask_time_prob=0.0, layerdrop=0.0, **HF_SIZES[hf_size])
     model = transformers.Wav2Vec2ForCTC(config)
     if mode == "full, frozen CNN":
         model.freeze_feature_encoder()
@@ -91,7 +99,7 @@ def own_model(mode: str, encoder_dir: str, replace: str):
 
 
 def training_step_point(mode: str, seconds: float, batch: int, device: str, threads: int, steps: int = 3,
-                        encoder: str | None = None, replace: str = "last:2") -> dict:
+                        encoder: str | None = None, replace: str = "last:2", hf_size: str = "base") -> dict:
     """Measure ``mode`` in this process (meant to be a fresh one)."""
     import torch
 
@@ -102,7 +110,7 @@ def training_step_point(mode: str, seconds: float, batch: int, device: str, thre
 
     base_mb = reset_peak_rss()
     torch.manual_seed(0)
-    model, loss_of = own_model(mode, encoder, replace) if encoder else hf_model(mode)
+    model, loss_of = own_model(mode, encoder, replace) if encoder else hf_model(mode, hf_size)
     trainable, total = count_parameters(model)
     model.to(device).train()
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -130,9 +138,9 @@ def training_step_point(mode: str, seconds: float, batch: int, device: str, thre
 
 
 def measure(mode: str, seconds: float, batch: int, device: str, threads: int, encoder: str | None,
-            replace: str) -> dict:
+            replace: str, hf_size: str) -> dict:
     request = json.dumps(dict(mode=mode, seconds=seconds, batch=batch, device=device, threads=threads,
-                              encoder=encoder, replace=replace))
+                              encoder=encoder, replace=replace, hf_size=hf_size))
     code = ("import json, sys; sys.path.insert(0, %r); from selective_memory import training_step_point; "
             "print(json.dumps(training_step_point(**json.loads(sys.argv[1]))))") % str(Path(__file__).parent)
     done = subprocess.run([sys.executable, "-c", code, request], capture_output=True, text=True)
@@ -152,13 +160,19 @@ def main() -> None:
     parser.add_argument("--encoder", help="a streamssl pretraining or fine-tuning run directory whose encoder "
                                           "is measured instead of the Hugging Face BASE model")
     parser.add_argument("--replace", default="last:2", help="layers the selective mode replaces (--encoder)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
-    args = parser.parse_args()
+    parser.add_argument("--hf-size", choices=sorted(HF_SIZES), default="base",
+                        help="size of the Hugging Face model (tiny: 4 layers of width 32)")
+    add_common_options(parser)
+    args = parse_args(parser, smoke=dict(seconds=0.5, hf_size="tiny", modes=["selective WSM last:4"]))
+    if importlib.util.find_spec("transformers") is None:
+        print("skipped: transformers is not installed (pip install -e '.[hf]')")
+        return
     modes = args.modes or list(own_modes(args.replace) if args.encoder else MODES)
 
     results = []
     for mode in modes:
-        point = measure(mode, args.seconds, args.batch, args.device, args.threads, args.encoder, args.replace)
+        point = measure(mode, args.seconds, args.batch, args.device, args.threads, args.encoder, args.replace,
+                        args.hf_size)
         results.append(point)
         print(point, flush=True)
     name = f"selective_memory_own_{args.device}.json" if args.encoder else f"selective_memory_{args.device}.json"

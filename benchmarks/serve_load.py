@@ -1,10 +1,11 @@
 """Load test of ``streamssl serve``: N concurrent clients stream speech at real-time pace over loopback.
 
-    python benchmarks/serve_load.py [--clients 1 8 32 64] [--seconds 60] [--chunks-ms 40] [--checkpoint DIR]
+    python benchmarks/serve_load.py [--clients 1 8 32 64] [--seconds 60] [--chunks-ms 40] [--checkpoint DIR] [--smoke]
 
 Model: ``runs/demo/finetune`` when it exists (or ``--checkpoint``), otherwise a tiny CTC model (the
-``tiny`` fine-tune preset, LLSA, 0.03 M parameters) trained for 300 steps on the tone corpus of
-``tests/train_corpus.py`` (each character a tone of its own pitch), so it really transcribes.
+``tiny`` fine-tune preset, LLSA, 0.03 M parameters) trained for 300 steps (``--train-steps``) on the tone
+corpus of ``tests/train_corpus.py`` (each character a tone of its own pitch), so it really transcribes.
+``--smoke`` always takes the tiny model, trained for 2 steps, with 2 clients and 1 s of audio each.
 
 Method. The server runs in its own process (one torch thread) exactly as ``streamssl serve`` does:
 ``StreamingServer`` on 127.0.0.1 with the default batching (``max_batch`` 64, ``max_wait_ms`` 10) and
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, markdown_table, write_json
+from common import ROOT, add_common_options, markdown_table, parse_args, trained_tiny_checkpoint, write_json
 
 RATE = 16000
 BLOCK_S = 0.04
@@ -51,20 +52,6 @@ DISTINCT_AUDIO = 8
 
 
 # ------------------------------------------------------------------------------------------ model and audio
-def trained_tiny_checkpoint(folder: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from train_corpus import make_corpus
-
-    from streamssl.cli import main
-
-    manifest = make_corpus(folder / "corpus", n=40, words=(2, 3))
-    code = main(["finetune", "--preset", "tiny", "--train", str(manifest), "--out", str(folder / "ft"),
-                 "--steps", "300", "--lr", "0.003", "--set", "max_batch_seconds=8", "--no-progress"])
-    if code != 0:
-        raise SystemExit("training the tiny benchmark model failed")
-    return folder / "ft"
-
-
 def client_audio(index: int, seconds: float) -> np.ndarray:
     """About ``seconds`` of tone speech, PCM16-quantised (what the server receives), float32."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -258,9 +245,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="audio per client (at least this long)")
     parser.add_argument("--checkpoint", type=Path, help="fine-tuned checkpoint (default: runs/demo/finetune "
                                                         "if present, else a tiny model trained here)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--train-steps", type=int, default=300, help="training steps of the tiny model")
     parser.add_argument("--name", default="serve_load")
-    args = parser.parse_args()
+    add_common_options(parser)
+    args = parse_args(parser, smoke=dict(clients=[2], seconds=1.0, train_steps=2))
     import torch
 
     # One thread here as in the server: on a small shared machine more threads only spin.
@@ -270,9 +258,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = args.checkpoint or (ROOT / "runs" / "demo" / "finetune")
         model_name = str(checkpoint)
-        if not checkpoint.exists():
-            checkpoint = trained_tiny_checkpoint(Path(scratch))
-            model_name = "tiny tone-corpus model (300 steps)"
+        if not checkpoint.exists() or (args.smoke and not args.checkpoint):
+            checkpoint = trained_tiny_checkpoint(Path(scratch), args.train_steps)
+            model_name = f"tiny tone-corpus model ({args.train_steps} steps)"
         audios = [client_audio(i, args.seconds) for i in range(DISTINCT_AUDIO)]
         expected = offline_transcripts(checkpoint, audios)
         rows = []

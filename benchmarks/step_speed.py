@@ -1,9 +1,9 @@
 """One streaming step, side by side in one run on one thread: torchaudio's Emformer (the peer) against
 streamssl ``emformer`` and ``llsa``, in PyTorch and in ONNX Runtime.
 
-Config (issue 14): 12 layers, d_model 256, ffn 1024, 4 heads, left 32, right 4, memory 4, frame input,
-chunks of C = 2, 4, 16 frames (20 ms frames: 40, 80, 320 ms). Also: a batch of 32 LLSA streams at
-different positions against batch 1, per stream.
+Config (issue 14): 12 layers (``--layers``), d_model 256, ffn 1024, 4 heads, left 32, right 4, memory 4,
+frame input, chunks of C = 2, 4, 16 frames (20 ms frames: 40, 80, 320 ms). Also: a batch of 32 (``--batch``)
+LLSA streams at different positions against batch 1, per stream.
 
 torchaudio cannot be imported against this project's torch, so its ``models/emformer.py`` (which needs
 only torch) is loaded on its own from a torchaudio wheel: ``pip download torchaudio --no-deps -d DIR``
@@ -11,8 +11,9 @@ and pass ``--torchaudio-wheel DIR/torchaudio-*.whl``. Without it the peer is ski
 Its code is read from the wheel at run time, never copied into the project.
 
     python benchmarks/step_speed.py --torchaudio-wheel /tmp/ta/torchaudio-2.9.1-*.whl
+    python benchmarks/step_speed.py --smoke     # seconds: one layer, C = 2, batch of 2
 
-Prints a markdown table; writes docs/benchmarks/step_speed.json and step_speed.png. Times are CPU
+Prints a markdown table; writes step_speed.json and step_speed.png under ``--out``. Times are CPU
 time (``time.process_time``) per step, median over ``--steps`` steps after a warm-up, so other load on
 a shared machine does not inflate them.
 """
@@ -33,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import add_common_options, parse_args
 from streamssl import EncoderConfig
 from streamssl.asr.ctc import CTCModel
 from streamssl.export import OnnxModel, export_model
 
-ROOT = Path(__file__).resolve().parent.parent
 FRAME_MS = 20.0
-LAYERS, D_MODEL, FFN, HEADS, LEFT, RIGHT, MEMORY, INPUT_DIM = 12, 256, 1024, 4, 32, 4, 4, 80
+D_MODEL, FFN, HEADS, LEFT, RIGHT, MEMORY, INPUT_DIM = 256, 1024, 4, 32, 4, 4, 80
 
 
 def timed(step, n_steps: int, warmup: int = 5) -> float:
@@ -54,10 +55,11 @@ def timed(step, n_steps: int, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
-def streamssl_model(mixer: str, chunk: int) -> CTCModel:
+def streamssl_model(mixer: str, chunk: int, layers: int) -> CTCModel:
     torch.manual_seed(0)
     options = {"segment_frames": chunk, "memory_size": MEMORY} if mixer == "emformer" else {}
-    config = EncoderConfig(frontend="none", input_dim=INPUT_DIM, d_model=D_MODEL, n_layers=LAYERS, n_heads=HEADS,
+    config = EncoderConfig(frontend="none", frontend_options={"input_dim": INPUT_DIM}, d_model=D_MODEL,
+                           n_layers=layers, n_heads=HEADS,
                            ffn_dim=FFN, dropout=0.0, pos_conv_kernel=8, pos_conv_groups=4, mixer=mixer,
                            left_frames=LEFT, right_frames=RIGHT, mixer_options=options)
     return CTCModel(config).eval()
@@ -87,9 +89,9 @@ def onnx_step_time(model: CTCModel, chunk: int, n_steps: int) -> float:
     return timed(step, n_steps)
 
 
-def batch_per_stream_ratio(chunk: int, n_steps: int, batch: int = 32) -> tuple[float, float]:
+def batch_per_stream_ratio(chunk: int, n_steps: int, layers: int, batch: int = 32) -> tuple[float, float]:
     """CPU time of one step for ``batch`` LLSA streams at different positions, per stream, and of batch 1."""
-    model = streamssl_model("llsa", chunk)
+    model = streamssl_model("llsa", chunk, layers)
     x = torch.randn(1, chunk, INPUT_DIM)
     states = []
     with torch.inference_mode():
@@ -125,9 +127,9 @@ def load_torchaudio_emformer(wheel: str | None):
     return module.Emformer, Path(paths[0]).name
 
 
-def torchaudio_step_time(emformer_cls, chunk: int, n_steps: int) -> float:
+def torchaudio_step_time(emformer_cls, chunk: int, n_steps: int, layers: int) -> float:
     torch.manual_seed(0)
-    model = emformer_cls(input_dim=D_MODEL, num_heads=HEADS, ffn_dim=FFN, num_layers=LAYERS, segment_length=chunk,
+    model = emformer_cls(input_dim=D_MODEL, num_heads=HEADS, ffn_dim=FFN, num_layers=layers, segment_length=chunk,
                          left_context_length=LEFT, right_context_length=RIGHT, max_memory_size=MEMORY).eval()
     x = torch.randn(1, chunk + RIGHT, D_MODEL)
     lengths = torch.tensor([chunk + RIGHT])
@@ -146,8 +148,10 @@ def main() -> int:
     parser.add_argument("--torchaudio-wheel", help="path (glob) of a torchaudio wheel to read emformer.py from")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--chunks", default="2,4,16")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
-    args = parser.parse_args()
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=32, help="LLSA streams of the batched step")
+    add_common_options(parser)
+    args = parse_args(parser, smoke=dict(steps=1, chunks="2", layers=1, batch=2))
     torch.set_num_threads(1)
     emformer_cls, peer = load_torchaudio_emformer(args.torchaudio_wheel)
     if emformer_cls is None:
@@ -156,26 +160,26 @@ def main() -> int:
     for chunk in [int(c) for c in args.chunks.split(",")]:
         row = {"chunk_frames": chunk, "chunk_ms": chunk * FRAME_MS}
         if emformer_cls is not None:
-            row["torchaudio_emformer_ms"] = 1000 * torchaudio_step_time(emformer_cls, chunk, args.steps)
+            row["torchaudio_emformer_ms"] = 1000 * torchaudio_step_time(emformer_cls, chunk, args.steps, args.layers)
         for mixer in ("emformer", "llsa"):
-            model = streamssl_model(mixer, chunk)
+            model = streamssl_model(mixer, chunk, args.layers)
             row[f"{mixer}_torch_ms"] = 1000 * torch_step_time(model, chunk, args.steps)
             row[f"{mixer}_onnx_ms"] = 1000 * onnx_step_time(model, chunk, args.steps)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    per_stream, single = batch_per_stream_ratio(2, args.steps)
-    result = {"config": {"layers": LAYERS, "d_model": D_MODEL, "ffn": FFN, "heads": HEADS, "left": LEFT,
+    per_stream, single = batch_per_stream_ratio(2, args.steps, args.layers, args.batch)
+    result = {"config": {"layers": args.layers, "d_model": D_MODEL, "ffn": FFN, "heads": HEADS, "left": LEFT,
                          "right": RIGHT, "memory": MEMORY, "input": "frames", "threads": 1},
               "peer": peer, "rows": rows,
-              "batch32_llsa_c2": {"per_stream_ms": 1000 * per_stream, "batch1_ms": 1000 * single,
-                                  "ratio": per_stream / single}}
+              "batched_llsa_c2": {"batch": args.batch, "per_stream_ms": 1000 * per_stream,
+                                  "batch1_ms": 1000 * single, "ratio": per_stream / single}}
     columns = [k for k in rows[0] if k.endswith("_ms") and k != "chunk_ms"]
     print("| C (frames) | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
     for row in rows:
         print(f"| {row['chunk_frames']} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
-    ratio = result["batch32_llsa_c2"]
-    print(f"batch 32 at different positions, LLSA C=2: {ratio['per_stream_ms']:.2f} ms per stream vs "
+    ratio = result["batched_llsa_c2"]
+    print(f"batch {args.batch} at different positions, LLSA C=2: {ratio['per_stream_ms']:.2f} ms per stream vs "
           f"{ratio['batch1_ms']:.2f} ms at batch 1 (ratio {ratio['ratio']:.3f})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
     python benchmarks/streaming_eval.py --checkpoint RUN --data SPLIT.jsonl [--limit N]
         [--batch-sizes 1,16] [--decoders greedy,lexicon] [--int8-data SPLIT.jsonl] [--int8-limit N]
+    python benchmarks/streaming_eval.py --smoke     # seconds: a tiny model trained 2 steps, 2 tone utterances
 
 Part 1 runs ``evaluate_model(..., streaming=True, chunk_ms=40, batch_size=b)`` for every batch size and
 decoder on the first ``--limit`` utterances of ``--data`` and reports wall and process CPU seconds
@@ -12,17 +13,19 @@ graph is built once before the timing.
 Part 2 (with ``--int8-data``) exports the checkpoint's streaming step at 40 ms chunks in float32 and in
 int8 (``streamssl export --int8``: ONNX Runtime's dynamic weight quantisation), and scores the PyTorch
 model and both exports streaming (greedy, batch 16) on that split: WER, CER, and transcripts equal
-to PyTorch's. Prints markdown tables; writes ``docs/benchmarks/streaming_eval.json``.
+to PyTorch's. Prints markdown tables; writes ``streaming_eval.json`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from common import ROOT, markdown_table, write_json
+from common import add_common_options, markdown_table, parse_args, trained_tiny_checkpoint, write_json
 from streamssl.asr.evaluate import evaluate_model
 from streamssl.asr.lexicon import BeamSearchConfig
 from streamssl.data import load_utterances
@@ -80,14 +83,21 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint (file or run folder)")
-    parser.add_argument("--data", required=True, help="manifest for the batching comparison")
+    parser.add_argument("--checkpoint", help="fine-tuned checkpoint (file or run folder); required without --smoke")
+    parser.add_argument("--data", help="manifest for the batching comparison; required without --smoke")
     parser.add_argument("--limit", type=int, default=None, help="first N utterances of --data")
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--decoders", default="greedy,lexicon")
     parser.add_argument("--int8-data", help="manifest for the int8 WER comparison (skipped without)")
     parser.add_argument("--int8-limit", type=int, default=None, help="first N utterances of --int8-data")
-    args = parser.parse_args()
+    add_common_options(parser)
+    args = parse_args(parser, smoke=dict(limit=2, batch_sizes="1,2", int8_limit=1))
+    if args.smoke and not (args.checkpoint or args.data):
+        scratch = tempfile.TemporaryDirectory(prefix="streamssl-bench-")  # the tiny model and its corpus
+        args.checkpoint = trained_tiny_checkpoint(Path(scratch.name), steps=2)
+        args.data = args.int8_data = str(args.checkpoint.parent / "corpus" / "manifest.jsonl")
+    if not (args.checkpoint and args.data):
+        parser.error("--checkpoint and --data are required (or --smoke)")
     torch.set_num_threads(1)
     model = load_checkpoint(args.checkpoint, kind="finetune").model.eval()
     utterances = load_utterances(args.data)[:args.limit]
@@ -105,7 +115,7 @@ def main() -> None:
         out["int8"] = {"data": args.int8_data, "utterances": len(split), "audio_s": round(split_s, 1),
                        "rows": int8_change(model, split)}
         print(table(out["int8"]["rows"]))
-    write_json(ROOT / "docs" / "benchmarks" / "streaming_eval.json", out)
+    write_json(args.out / "streaming_eval.json", out)
 
 
 if __name__ == "__main__":

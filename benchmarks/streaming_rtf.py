@@ -1,6 +1,6 @@
 """Streaming throughput: real-time factor per chunk size on one CPU thread.
 
-    python benchmarks/streaming_rtf.py [--seconds 10] [--layers 12]
+    python benchmarks/streaming_rtf.py [--seconds 10] [--layers 12] [--smoke]
 
 A 12-layer encoder, d_model 256, 4 heads, conv frontend with 256 channels, left 64, right 8 frames,
 fed 16 kHz audio chunk by chunk through ``Encoder.step``. RTF = compute time / audio duration
@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from common import ROOT, markdown_table, write_json
+from common import add_common_options, markdown_table, parse_args, write_json
 from streamssl import Encoder, EncoderConfig
 
 MIXERS = ("maa", "sa", "llsa")
@@ -38,8 +37,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--right-frames", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
-    args = parser.parse_args()
+    add_common_options(parser)
+    args = parse_args(parser, smoke=dict(seconds=1.0, layers=1))
     torch.set_num_threads(1)
     torch.manual_seed(0)
 

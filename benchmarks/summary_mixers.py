@@ -11,8 +11,8 @@ before the measured forward+backward (weights, gradients and a warm-up already i
 told to return every block of 64 KiB or more to the system on free, so RSS follows live tensors.
 ``full`` is skipped where its ``T x T`` score tensors would exceed ``--budget-gb``.
 
-    python benchmarks/summary_mixers.py --json docs/benchmarks/summary_mixers.json
-    # table on stdout, plot in docs/benchmarks/summary_mixers.png
+    python benchmarks/summary_mixers.py [--frames 500 1000 ...] [--layers 1 6] [--load FILE] [--smoke]
+    # table on stdout; summary_mixers.json and summary_mixers.png under --out (default docs/benchmarks)
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import add_common_options, parse_args, peak_rss_mb, reset_peak_rss, write_json
+
 MIXERS = ("summary", "wsm", "full", "sa")
 FRAMES = (500, 1000, 2000, 4000, 8000, 16000)
 LAYERS = (1, 6)
@@ -37,8 +39,6 @@ softmax and gradients, int64 offsets and boolean masks); only used to skip runs 
 def measure_one(mixer: str, n_layers: int, frames: int, repeats: int) -> dict:
     """Run in a child process: build, warm up, then time ``repeats`` forward+backward passes."""
     import torch
-
-    from common import peak_rss_mb, reset_peak_rss
 
     from streamssl import EncoderConfig
     from streamssl.mixers import build_stack
@@ -80,12 +80,13 @@ def power_law_exponent(xs: list[float], ys: list[float]) -> float:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| layers | mixer | " + " | ".join(f"T={t}" for t in FRAMES) + " |",
-             "|---|---|" + "---|" * len(FRAMES)]
-    for n_layers in LAYERS:
-        for mixer in MIXERS:
+    frame_counts, layer_counts, mixers = grid(results)
+    lines = ["| layers | mixer | " + " | ".join(f"T={t}" for t in frame_counts) + " |",
+             "|---|---|" + "---|" * len(frame_counts)]
+    for n_layers in layer_counts:
+        for mixer in mixers:
             cells = []
-            for frames in FRAMES:
+            for frames in frame_counts:
                 row = [r for r in results if (r["mixer"], r["layers"], r["frames"]) == (mixer, n_layers, frames)]
                 cells.append(f"{row[0]['seconds'] * 1000:.0f} ms / {row[0]['peak_mb']:.0f} MB" if row else "skipped")
             if any(c != "skipped" for c in cells):
@@ -98,8 +99,9 @@ def linearity(results: list[dict]) -> str:
     over ``T >= 1000`` (at 500 frames fixed costs still show)."""
     lines = ["| layers | mixer | CPU time 16000/8000 | memory 16000/8000 | exponent of CPU time | exponent of memory "
              "| memory per 1000 frames (8000 to 16000) |", "|---|---|---|---|---|---|---|"]
-    for n_layers in LAYERS:
-        for mixer in MIXERS:
+    _, layer_counts, mixers = grid(results)
+    for n_layers in layer_counts:
+        for mixer in mixers:
             rows = sorted((r for r in results if (r["mixer"], r["layers"]) == (mixer, n_layers)
                            and r["frames"] >= 1000), key=lambda r: r["frames"])
             if len(rows) < 2:
@@ -123,8 +125,9 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mixer, color in zip(MIXERS, ("tab:green", "tab:blue", "tab:red", "tab:orange")):
-        for n_layers, style in zip(LAYERS, ("-", "--")):
+    _, layer_counts, mixers = grid(results)
+    for mixer, color in zip(mixers, ("tab:green", "tab:blue", "tab:red", "tab:orange")):
+        for n_layers, style in zip(layer_counts, ("-", "--")):
             rows = sorted((r for r in results if (r["mixer"], r["layers"]) == (mixer, n_layers)),
                           key=lambda r: r["frames"])
             if not rows:
@@ -151,30 +154,41 @@ def main() -> None:
     parser.add_argument("--one", nargs=3, metavar=("MIXER", "LAYERS", "FRAMES"), help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per point (the least CPU time is kept)")
     parser.add_argument("--budget-gb", type=float, default=3.0, help="skip full where it would need more")
-    parser.add_argument("--png", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "summary_mixers.png")
-    parser.add_argument("--json", type=Path, help="also write the raw results here")
-    parser.add_argument("--load", type=Path, help="skip measuring: tabulate and plot results written by --json")
-    args = parser.parse_args()
+    parser.add_argument("--frames", type=int, nargs="+", default=list(FRAMES))
+    parser.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
+    parser.add_argument("--mixers", nargs="+", choices=MIXERS, default=list(MIXERS))
+    parser.add_argument("--load", type=Path, help="skip measuring: tabulate and plot the summary_mixers.json given")
+    add_common_options(parser)
+    args = parse_args(parser, smoke=dict(frames=[64], layers=[1], mixers=["wsm"], repeats=1))
     if args.one:
         mixer, n_layers, frames = args.one
         print(json.dumps(measure_one(mixer, int(n_layers), int(frames), args.repeats)))
         return
 
-    results = json.loads(args.load.read_text()) if args.load else measure_all(args.repeats, args.budget_gb)
+    results = (json.loads(args.load.read_text()) if args.load
+               else measure_all(args.mixers, args.layers, args.frames, args.repeats, args.budget_gb))
     print(table(results))
     print()
     print(linearity(results))
-    plot(results, args.png)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\nplot: {args.png}")
+    plot(results, args.out / "summary_mixers.png")
+    if not args.load:
+        write_json(args.out / "summary_mixers.json", results)
+    print(f"\nplot: {args.out / 'summary_mixers.png'}")
 
 
-def measure_all(repeats: int, budget_gb: float) -> list[dict]:
+def grid(results: list[dict]) -> tuple[list[int], list[int], list[str]]:
+    """The frame counts, layer counts and mixers (in the order of :data:`MIXERS`) that ``results`` cover."""
+    present = {r["mixer"] for r in results}
+    return (sorted({r["frames"] for r in results}), sorted({r["layers"] for r in results}),
+            [m for m in MIXERS if m in present])
+
+
+def measure_all(mixers: list[str], layer_counts: list[int], frame_counts: list[int], repeats: int,
+                budget_gb: float) -> list[dict]:
     results = []
-    for n_layers in LAYERS:
-        for mixer in MIXERS:
-            for frames in FRAMES:
+    for n_layers in layer_counts:
+        for mixer in mixers:
+            for frames in frame_counts:
                 if mixer == "full" and FULL_BYTES_PER_SQUARED_FRAME * frames**2 * n_layers > budget_gb * 2**30:
                     continue
                 result = run_point(mixer, n_layers, frames, repeats)

@@ -1,28 +1,29 @@
 """Training throughput per frontend: seconds of audio per second of one fwd+bwd+AdamW step.
 
-    python benchmarks/train_throughput.py [--demo-steps 6] [--base-steps 1] [--threads 1]
+    python benchmarks/train_throughput.py [--demo-steps 6] [--base-steps 1] [--threads 1] [--smoke]
 
 A character CTC model (linear head) is trained on a batch of random speech-band audio with random
 transcripts, at two sizes: the encoder of the ``cpu-small`` preset (what ``streamssl demo`` trains)
-and wav2vec 2.0 BASE (12 layers, d_model 768), both with the preset's mixer. Frontends: ``conv`` (the
-preset's channels at demo size, 512 at BASE), ``fbank`` at 4x and 2x subsampling (default options:
-256 channels), and ``none`` fed precomputed 80-dim frames at 20 ms (the encoder alone: a floor).
+and wav2vec 2.0 BASE (12 layers, d_model 768), both with the preset's mixer. Frontends: ``conv``,
+``fbank`` at 4x and 2x subsampling, and ``none`` fed precomputed 80-dim frames at 20 ms (the encoder alone:
+a floor). At demo size the preset's frontend keeps the preset's options (``fbank``: 144 channels) and the
+others take their defaults (``conv``: 512 channels); at BASE every frontend takes its defaults.
 After one warm-up step, ``steps`` steps are timed; throughput is audio seconds / process CPU seconds
 (on one thread, what the step costs with a core to itself, even on a shared machine), and also / wall
-seconds. For ``fbank`` the knf log-mel extraction's share of the step's CPU time is timed apart. Prints a markdown table; writes JSON and
-a PNG plot under docs/benchmarks/.
+seconds. For ``fbank`` the knf log-mel extraction's share of the step's CPU time is timed apart. Prints a
+markdown table; writes JSON and a PNG plot under ``--out``. ``--smoke`` runs the demo size only, one step
+of one half-second utterance per frontend.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, markdown_table, write_json
+from common import add_common_options, markdown_table, parse_args, write_json
 from streamssl import EncoderConfig
 from streamssl.asr.ctc import CTCModel
 from streamssl.train.config import PRESETS
@@ -112,12 +113,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="audio per utterance")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: CPU time stays meaningful on a shared machine)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
-    args = parser.parse_args()
+    parser.add_argument("--sizes", nargs="+", choices=("demo", "base"), default=["demo", "base"])
+    add_common_options(parser)
+    args = parse_args(parser, smoke=dict(sizes=["demo"], demo_steps=1, batch=1, seconds=0.5))
     torch.set_num_threads(args.threads)
 
+    runs = {"demo": (args.demo_steps, args.batch), "base": (args.base_steps, args.base_batch)}
     results = []
-    for size, steps, batch in (("demo", args.demo_steps, args.batch), ("base", args.base_steps, args.base_batch)):
+    for size in args.sizes:
+        steps, batch = runs[size]
         for frontend, options in FRONTENDS:
             results.append(measure(size, frontend, options, steps, batch, args.seconds))
     write_json(args.out / "train_throughput.json", results)
@@ -140,8 +144,8 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, size in zip(axes, ("demo", "base")):
+    fig, axes = plt.subplots(1, len(args.sizes), figsize=(4.5 * len(args.sizes), 3.5), squeeze=False)
+    for ax, size in zip(axes[0], args.sizes):
         points = [p for p in results if p["size"] == size]
         names = [label(p) for p in points]
         ax.bar(names, [p["audio_s_per_cpu_s"] for p in points], color="tab:blue", label="per CPU second")
@@ -150,7 +154,7 @@ def main() -> None:
         ax.set_title(f"{size}: {points[0]['n_layers']} layers x d_model {points[0]['d_model']}")
         ax.set_ylabel("audio seconds trained per second")
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0].legend()
+    axes[0, 0].legend()
     fig.tight_layout()
     fig.savefig(args.out / "train_throughput.png", dpi=100)
     print(f"plot: {args.out / 'train_throughput.png'}")

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from hypothesis import settings
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -7,6 +8,12 @@ from streamssl import Encoder, EncoderConfig
 from streamssl.streaming.engine import StreamingEngine
 
 torch.set_num_threads(1)
+
+# Every property test draws the same examples on every run (seeded from the test function, for a given
+# Hypothesis version), so a failure in CI replays locally; Hypothesis prints the falsifying example and the
+# blob for @reproduce_failure. Loaded before the test modules, so their own @settings start from it.
+settings.register_profile("reproducible", derandomize=True, database=None, print_blob=True)
+settings.load_profile("reproducible")
 
 
 def make_encoder(mixer: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> Encoder:

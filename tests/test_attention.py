@@ -61,7 +61,7 @@ def test_llsa_lookahead_is_one_layer_whatever_the_depth(layers):
 
 
 def test_paper_latency_figures():
-    """12 layers, 20 ms frames, right_frames=8: MAA and SA 1.92 s, LLSA 0.16 s (METHODS.md section 2)."""
+    """12 layers, 20 ms frames, right_frames=8: MAA and SA 1.92 s, LLSA 0.16 s (docs/methods.md section 2)."""
     with torch.device("meta"):
         latencies = {m: Encoder(EncoderConfig.base(mixer=m, right_frames=8)).latency() for m in ("maa", "sa", "llsa")}
     assert latencies["maa"].encoder_lookahead_ms == pytest.approx(1920.0)

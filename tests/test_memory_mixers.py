@@ -1,6 +1,6 @@
 """Family-specific tests of the augmented-memory mixers ``amtrf`` (AM-TRF) and ``emformer``.
 
-The offline forms are checked against naive per-segment references written here from METHODS.md
+The offline forms are checked against naive per-segment references written here from docs/methods.md
 section 3 (plain softmax attention, Python loops), and the streaming forms against the offline forms.
 """
 
@@ -56,7 +56,7 @@ def stacked(items: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 
 
 def amtrf_reference(stack, x: torch.Tensor) -> torch.Tensor:
-    """AM-TRF on one utterance ``x`` (T, D), block by block as METHODS.md section 3 states it."""
+    """AM-TRF on one utterance ``x`` (T, D), block by block as docs/methods.md section 3 states it."""
     c, left, right, m = stack.segment_frames, stack.left_frames, stack.right_frames, stack.memory_size
     banks: list[list[torch.Tensor]] = [[] for _ in stack.blocks]
     outputs = []

@@ -1,4 +1,7 @@
-"""Selective fine-tuning: attention of chosen layers replaced by fresh mixers, everything else frozen."""
+"""Selective fine-tuning: attention of chosen layers replaced by fresh mixers, everything else frozen.
+
+The Hugging Face tests take the ``saved`` fixture, which skips them where ``transformers`` (the ``hf``
+extra) is not installed; the streamssl-encoder tests run without it."""
 
 import pytest
 import torch
@@ -6,17 +9,19 @@ import torch.nn.functional as F
 
 from conftest import make_encoder
 from streamssl.selective import Replacement, parse_layers, replace_attention
+from streamssl.selective.hf import HFMixerAttention, lengths_from_mask
 
-transformers = pytest.importorskip("transformers")
-
-from streamssl.selective.hf import HFMixerAttention, lengths_from_mask  # noqa: E402
-
-FAMILIES = {
-    "wav2vec2": (transformers.Wav2Vec2Config, transformers.Wav2Vec2Model, transformers.Wav2Vec2ForCTC),
-    "hubert": (transformers.HubertConfig, transformers.HubertModel, transformers.HubertForCTC),
-    "wavlm": (transformers.WavLMConfig, transformers.WavLMModel, transformers.WavLMForCTC),
-}
+FAMILIES = {"wav2vec2": "Wav2Vec2", "hubert": "Hubert", "wavlm": "WavLM"}
+"""Each family's class-name prefix in ``transformers``."""
 SAMPLES_PER_FRAME = 20
+
+
+def hf_class(family: str, kind: str):
+    """The ``transformers`` class of ``family``: ``kind`` is ``"Config"``, ``"Model"`` or ``"ForCTC"``.
+    Only reached from tests that take ``saved``, so transformers is there."""
+    import transformers
+
+    return getattr(transformers, FAMILIES[family] + kind)
 
 
 def tiny_config(family: str, **overrides):
@@ -29,24 +34,25 @@ def tiny_config(family: str, **overrides):
                   vocab_size=8, layerdrop=0.0, mask_time_prob=0.0, hidden_dropout=0.0, attention_dropout=0.0,
                   activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0)
     values.update(overrides)
-    return FAMILIES[family][0](**values)
+    return hf_class(family, "Config")(**values)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A ``ForCTC`` checkpoint of each family written with ``save_pretrained`` (its base model loads from it too)."""
+    """A ``ForCTC`` checkpoint of each family written with ``save_pretrained`` (its base model loads from it
+    too); skips the test where transformers is not installed."""
+    pytest.importorskip("transformers")
     paths = {}
-    for family, (_, _, ctc_class) in FAMILIES.items():
+    for family in FAMILIES:
         torch.manual_seed(0)
         path = tmp_path_factory.mktemp(family)
-        ctc_class(tiny_config(family)).save_pretrained(path)
+        hf_class(family, "ForCTC")(tiny_config(family)).save_pretrained(path)
         paths[family] = path
     return paths
 
 
 def load(saved, family: str, kind: str, **kwargs):
-    _, base_class, ctc_class = FAMILIES[family]
-    return (ctc_class if kind == "ctc" else base_class).from_pretrained(saved[family], **kwargs)
+    return hf_class(family, "ForCTC" if kind == "ctc" else "Model").from_pretrained(saved[family], **kwargs)
 
 
 def waves(seed: int = 1, lengths=(1600, 1100)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +190,7 @@ def test_hf_save_and_reload(saved, tmp_path):
     torch.save({"config": model.config.to_dict(), "replacement": model.selective_replacement.to_dict(),
                 "model": model.state_dict()}, tmp_path / "model.pt")
     payload = torch.load(tmp_path / "model.pt")
-    rebuilt = transformers.WavLMForCTC(transformers.WavLMConfig.from_dict(payload["config"]))
+    rebuilt = hf_class("wavlm", "ForCTC")(hf_class("wavlm", "Config").from_dict(payload["config"]))
     Replacement.from_dict(payload["replacement"]).apply(rebuilt)
     rebuilt.load_state_dict(payload["model"])
     x, mask = waves()
@@ -328,7 +334,7 @@ def test_finetune_cli_from_hf_with_replacement_saves_reloads_and_evaluates(saved
     assert checkpoint.step == 3
 
     # The frozen part is exactly the pretrained model after training; the reloaded model evaluates.
-    pretrained = transformers.WavLMModel.from_pretrained(saved["wavlm"]).state_dict()
+    pretrained = hf_class("wavlm", "Model").from_pretrained(saved["wavlm"]).state_dict()
     reloaded = model.encoder.state_dict()
     for name in ("encoder.layers.0.attention.q_proj.weight", "encoder.layers.2.feed_forward.output_dense.weight",
                  "feature_projection.projection.weight"):

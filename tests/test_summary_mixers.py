@@ -27,7 +27,7 @@ def make_encoder(mixer: str, left: int | None, right, n_layers: int = 2, dtype: 
 
 
 def reference_mixer(mixer: SummaryMixer, u: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """METHODS.md section 4 written frame by frame with explicit slices: the definition, slowly."""
+    """docs/methods.md section 4 written frame by frame with explicit slices: the definition, slowly."""
     out = torch.zeros_like(u)
     for b, length in enumerate(lengths.tolist()):
         x = u[b, :length]

@@ -19,7 +19,7 @@ DEFAULT_FRONTEND = "conv"
 class EncoderConfig:
     """Everything needed to rebuild an :class:`~streamssl.Encoder`.
 
-    Frontend (METHODS.md section 1):
+    Frontend (docs/methods.md section 1):
         frontend: a name in :data:`streamssl.frontends.FRONTENDS`: ``"conv"`` (16 kHz waveform through
             a wav2vec 2.0-style convolution stack, 20 ms frames), ``"fbank"`` (waveform -> 80-bin log-mel
             -> causal subsampling to 20 or 40 ms frames), ``"none"`` (frames ``(B, T, input_dim)`` in).

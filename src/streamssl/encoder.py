@@ -410,7 +410,7 @@ class Encoder(nn.Module):
 
     # ---------------------------------------------------------------- latency
     def latency(self) -> Latency:
-        """Declared algorithmic look-ahead (METHODS.md section 5.1), frontend and encoder parts apart."""
+        """Declared algorithmic look-ahead (docs/methods.md section 5.1), frontend and encoder parts apart."""
         cfg, geometry = self.config, self.frontend.geometry
         return Latency(mixer=cfg.mixer, n_layers=cfg.n_layers, frame_ms=geometry.frame_ms,
                        frontend_lookahead_ms=geometry.lookahead_ms,

@@ -1,4 +1,4 @@
-"""Latency, declared and measured (METHODS.md section 5).
+"""Latency, declared and measured (docs/methods.md section 5).
 
 *Declared* look-ahead comes from the formulas of each mixer family. *Measured* look-ahead comes from
 :func:`measure_lookahead`, two ways:

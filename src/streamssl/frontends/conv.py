@@ -1,4 +1,4 @@
-"""``conv``: the wav2vec 2.0-style waveform frontend (METHODS.md section 1), streaming.
+"""``conv``: the wav2vec 2.0-style waveform frontend (docs/methods.md section 1), streaming.
 
 Every layer normalises each frame on its own (LayerNorm over channels), because a statistic taken
 across time (GroupNorm, utterance mean/variance) would make a frame depend on the future.

@@ -1,5 +1,5 @@
 """``fbank``: 80-bin log-mel filterbank features, a global mean/variance normalisation and a causal
-convolutional subsampling to 20 ms or 40 ms frames (METHODS.md section 1).
+convolutional subsampling to 20 ms or 40 ms frames (docs/methods.md section 1).
 
 The filterbank is computed by kaldi-native-fbank (the extractor sherpa-onnx streams with): 25 ms
 window, 10 ms hop, povey window, no dither, ``snip_edges`` (a frame exists only once its whole window

@@ -1,4 +1,4 @@
-"""The attention family (METHODS.md section 2): AA ``full``, MAA ``maa``, SA ``sa`` and LLSA ``llsa``."""
+"""The attention family (docs/methods.md section 2): AA ``full``, MAA ``maa``, SA ``sa`` and LLSA ``llsa``."""
 
 from __future__ import annotations
 

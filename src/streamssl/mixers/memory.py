@@ -1,4 +1,4 @@
-"""Augmented-memory attention (METHODS.md section 3): AM-TRF ``amtrf`` and Emformer ``emformer``.
+"""Augmented-memory attention (docs/methods.md section 3): AM-TRF ``amtrf`` and Emformer ``emformer``.
 
 Both cut the frames into segments of ``C`` frames and compute each segment's outputs from a small
 block of frames plus a bank of at most ``M`` memory vectors summarising earlier segments. A segment

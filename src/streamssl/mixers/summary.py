@@ -1,4 +1,4 @@
-"""SummaryMixing ``summary`` and Windowed SummaryMixing ``wsm`` (METHODS.md section 4): linear-time mixers.
+"""SummaryMixing ``summary`` and Windowed SummaryMixing ``wsm`` (docs/methods.md section 4): linear-time mixers.
 
 Every output frame combines a per-frame projection with averages of per-frame projections::
 

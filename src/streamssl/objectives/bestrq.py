@@ -1,6 +1,6 @@
 """BEST-RQ (Chiu et al., 2022): masked prediction of labels from a frozen random-projection quantiser.
 
-Per batch (METHODS.md section 4b)::
+Per batch (docs/methods.md section 4b)::
 
     x      = frontend input features (B, T_in, F)      # normalised log-mel, before any learned layer
     z      = stack s consecutive frames of x           # (B, T, s F): one vector per encoder frame

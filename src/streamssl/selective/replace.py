@@ -1,4 +1,4 @@
-"""Selective fine-tuning (METHODS.md section 4): swap the self-attention of chosen layers of a pretrained
+"""Selective fine-tuning (docs/methods.md section 4): swap the self-attention of chosen layers of a pretrained
 model for freshly initialised mixers, and train only those (and the output head).
 
 The frozen part keeps no activations for backward. Every parameter upstream of the first replaced layer

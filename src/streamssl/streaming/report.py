@@ -1,4 +1,4 @@
-"""Latency report of a streaming run (METHODS.md section 5): declared, compute, and emission delay."""
+"""Latency report of a streaming run (docs/methods.md section 5): declared, compute, and emission delay."""
 
 from __future__ import annotations
 

@@ -132,7 +132,7 @@ class RunConfig:
 
 @dataclass
 class PretrainConfig(RunConfig):
-    """Self-supervised pretraining of an encoder (METHODS.md sections 1-2 give the encoder).
+    """Self-supervised pretraining of an encoder (docs/methods.md sections 1-2 give the encoder).
 
     ``objective``: a name in :data:`streamssl.objectives.OBJECTIVES`: ``wav2vec2`` (the default) or
     ``bestrq``. ``objective_options``: the options of that objective (validated by it; for ``bestrq``
