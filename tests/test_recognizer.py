@@ -278,8 +278,11 @@ def test_simulated_pace_skips_waiting_but_keeps_delays():
     delays_ms = 1000 * np.array(stream.frame_delays_s[:streamed])
     lookahead_ms = model.latency().encoder_lookahead_ms
     assert clock.now() - clock._start_s >= 1.0
-    assert delays_ms.min() >= lookahead_ms
-    assert np.median(delays_ms) < lookahead_ms + 50  # a tiny model computes in well under 50 ms
+    # With one hop a call and a uniform look-ahead, a frame waits its look-ahead, then the CPU time of the
+    # call that emits it: what the clock counted past the waits it skipped, no more.
+    excess_ms = delays_ms - lookahead_ms
+    assert excess_ms.min() >= 0
+    assert excess_ms.max() <= 1000 * max(stream.cpu_s) + 1.0  # 1 ms: the checks of accept, outside the call
     report = build_report(recognizer, [stream], "simulated")
     assert report.chunks == len(stream.compute_s) == 50
     assert report.algorithmic_ms == pytest.approx(model.latency().total_lookahead_ms + 20)

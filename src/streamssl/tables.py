@@ -32,10 +32,13 @@ def latency_table(latencies: list[Latency]) -> str:
 
 
 def results_table(rows: list[tuple[str, Any]]) -> str:
-    """One line per (label, :class:`~streamssl.asr.evaluate.EvalResult`)."""
-    table = [("model", "mode", "decoder", "latency", "WER %", "CER %", "RTF", "utterances")]
+    """One line per (label, :class:`~streamssl.asr.evaluate.EvalResult`). ``look-ahead`` is the model's declared
+    look-ahead; ``algorithmic`` adds the wait for a chunk to fill (what ``stream`` and ``serve`` declare), for
+    streaming rows only."""
+    table = [("model", "mode", "decoder", "look-ahead", "algorithmic", "WER %", "CER %", "RTF", "utterances")]
     for label, r in rows:
         mode = f"streaming {r.chunk_ms:g} ms" if r.streaming else "offline"
-        table.append((label, mode, r.decoder, format_ms(r.latency["total_lookahead_ms"]), f"{100 * r.wer:.1f}",
-                      f"{100 * r.cer:.1f}", f"{r.rtf:.3f}", str(r.n_utterances)))
+        algorithmic = "-" if r.algorithmic_latency_ms is None else format_ms(r.algorithmic_latency_ms)
+        table.append((label, mode, r.decoder, format_ms(r.latency["total_lookahead_ms"]), algorithmic,
+                      f"{100 * r.wer:.1f}", f"{100 * r.cer:.1f}", f"{r.rtf:.3f}", str(r.n_utterances)))
     return text_table(table)

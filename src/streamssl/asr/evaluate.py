@@ -21,7 +21,8 @@ class EvalResult:
     """Scores of one pass over a data set.
 
     ``rtf`` is compute time (model and decoder) over audio time (audio loading excluded); ``latency`` is the
-    model's declared latency (:meth:`~streamssl.Latency.to_dict`); ``decoder`` is ``"greedy"`` or ``"lexicon"`` (whose options ``beam`` holds);
+    model's declared look-ahead (:meth:`~streamssl.Latency.to_dict`); ``algorithmic_latency_ms`` adds the
+    chunk wait to it for a streaming pass (what ``stream`` and ``serve`` declare), ``None`` offline; ``decoder`` is ``"greedy"`` or ``"lexicon"`` (whose options ``beam`` holds);
     ``hypotheses`` holds ``(id, reference, hypothesis)``.
     """
 
@@ -34,6 +35,7 @@ class EvalResult:
     streaming: bool
     chunk_ms: float | None
     latency: dict
+    algorithmic_latency_ms: float | None = None
     decoder: str = "greedy"
     beam: dict | None = None
     hypotheses: list[tuple[str, str, str]] = field(default_factory=list)
@@ -184,9 +186,11 @@ def evaluate_model(model: RecognitionModel, utterances: list, streaming: bool = 
         hyps, compute = transcribe_offline(model, dataset, device, progress=progress, beam=beam)
     refs = [utt.text for utt in utterances]
     wer, cer = score(refs, hyps)
+    latency = model.latency()
     audio_seconds = sum(utt.duration for utt in utterances)
     return EvalResult(wer=wer, cer=cer, n_utterances=len(utterances), audio_seconds=audio_seconds,
                       compute_seconds=compute, rtf=compute / audio_seconds, streaming=streaming,
-                      chunk_ms=chunk_ms if streaming else None, latency=model.latency().to_dict(),
+                      chunk_ms=chunk_ms if streaming else None, latency=latency.to_dict(),
+                      algorithmic_latency_ms=latency.total_lookahead_ms + chunk_ms if streaming else None,
                       decoder="greedy" if beam is None else "lexicon", beam=None if beam is None else beam.to_dict(),
                       hypotheses=[(utt.id, ref, hyp) for utt, ref, hyp in zip(utterances, refs, hyps)])

@@ -412,11 +412,11 @@ class StreamingEngine:
     # ------------------------------------------------------------ batching
     def _tick(self, streams: list[Stream], counts: list[int], width: int, updates: dict[Stream, Update]) -> None:
         """One ``step_window`` call: stream ``i`` gives ``counts[i]`` samples, right-aligned in ``width``."""
+        started, started_cpu = time.perf_counter(), time.process_time()
         pieces = [s._take(n) for s, n in zip(streams, counts)]
         chunk = torch.zeros((len(pieces), width, *pieces[0].shape[1:]), dtype=pieces[0].dtype)
         for row, piece in enumerate(pieces):
             chunk[row, width - piece.shape[0]:] = piece
-        started, started_cpu = time.perf_counter(), time.process_time()
         state = self._state_of(streams)
         outputs, emitted, state = self.model.step_window(chunk, state, torch.tensor(counts))
         self._members, self._batch_state = tuple(streams), state
