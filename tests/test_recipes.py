@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from streamssl import Encoder
-from streamssl.commands.train import build_config
+from streamssl.train.api import build_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
