@@ -136,7 +136,7 @@ def test_bestrq_needs_a_frontend_with_input_features():
     ({"codebook_dim": 0}, "codebook_dim"),
     ({"mask_prob": 1.0}, "mask_prob"),
     ({"noise_std": -0.1}, "noise_std"),
-    ({"mask_lenght": 3}, "unknown objective_options for 'bestrq'"),
+    ({"mask_lenght": 3}, "objective 'bestrq' does not read option\\(s\\) \\['mask_lenght'\\]"),
 ])
 def test_bad_bestrq_options_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -260,7 +260,11 @@ def test_selective_fine_tuning_starts_from_a_bestrq_checkpoint(corpus, tmp_path)
 
 @pytest.mark.parametrize("bad, message", [
     ({"objective": "hubert"}, "unknown objective 'hubert'; registered objectives: \\['bestrq', 'wav2vec2'\\]"),
-    ({"objective_options": {"codebook_entries": 8}}, "must be empty for wav2vec2"),
+    ({"objective_options": {"noise_std": 0.1}}, "objective 'wav2vec2' does not read option\\(s\\) \\['noise_std'\\]"),
+    ({"objective": "bestrq", "objective_options": {"num_negatives": 5}},
+     "objective 'bestrq' does not read option\\(s\\) \\['num_negatives'\\]"),
+    ({"objective": "bestrq", "mask_prob": 0.3}, "PretrainConfig has no field\\(s\\) \\['mask_prob'\\]: the options of "
+                                                "objective 'bestrq' go in objective_options"),
     ({"objective": "bestrq", "objective_options": {"noise_std": -1.0}}, "noise_std"),
     ({"objective": "bestrq", "objective_options": "big"}, "objective_options must be a mapping"),
 ])

@@ -62,7 +62,7 @@ def encoder_fields_of(path: str, preset: str) -> dict[str, Any]:
     """EncoderConfig fields from ``--config``: an encoder YAML/JSON file (such as a run folder's
     ``encoder.yaml``), a run folder, or a pretrain/finetune run config, whose ``encoder:`` fields go
     over the ``preset`` encoder (as ``streamssl pretrain --config`` would build it with that preset)."""
-    from streamssl.train.config import FinetuneConfig, PretrainConfig
+    from streamssl.train.config import LEGACY_WAV2VEC2_FIELDS, FinetuneConfig, PretrainConfig
 
     file = Path(path) / "encoder.yaml" if Path(path).is_dir() else Path(path)
     if not file.is_file():
@@ -77,6 +77,7 @@ def encoder_fields_of(path: str, preset: str) -> dict[str, Any]:
         raise ValueError(f"--config {file}: expected a mapping of EncoderConfig fields, got {type(data).__name__}")
     encoder_keys = {f.name for f in dataclasses.fields(EncoderConfig)}
     run_keys = {f.name for cls in (PretrainConfig, FinetuneConfig) for f in dataclasses.fields(cls)}
+    run_keys |= set(LEGACY_WAV2VEC2_FIELDS)  # run configs saved before objective_options held them
     if set(data) <= encoder_keys or not set(data) <= run_keys:
         return data  # unknown keys are named by EncoderConfig.from_dict
     if data.get("init"):
