@@ -133,3 +133,10 @@ def test_a_replace_run_names_each_layers_mixer(corpus, tmp_path, capsys):
     pretrained = yaml.safe_load((tmp_path / "pt" / "encoder.yaml").read_text())
     assert pretrained["mixer"] == "sa" and "layer_mixers" not in pretrained
     assert json.loads((tmp_path / "pt" / "summary.json").read_text())["threads"] == torch.get_num_threads()
+
+
+def test_a_layer_that_changes_the_objective_takes_none_of_the_lower_layers_options():
+    switched = build_config("pretrain", "tiny", None, [("objective", "bestrq"),
+                                                       ("objective_options", {"codebook_entries": 32})])
+    assert switched.objective_options == {"codebook_entries": 32, "codebook_dim": 16, "codebooks": 1,
+                                          "mask_prob": 0.45, "mask_length": 4, "noise_std": 0.1, "quantizer_seed": 0}

@@ -202,8 +202,9 @@ class PretrainConfig(RunConfig):
         lower = _options_in_their_home(lower, below)
         upper = _options_in_their_home(upper, objective)
         values = super().layered(lower, upper)
-        if objective != below and "objective_options" not in upper:
-            values.pop("objective_options", None)  # they were the other objective's
+        if objective != below:
+            # The lower layer's options were another objective's.
+            values["objective_options"] = upper.get("objective_options", {})
         elif isinstance(lower.get("objective_options"), dict) and isinstance(upper.get("objective_options"), dict):
             values["objective_options"] = {**lower["objective_options"], **upper["objective_options"]}
         return values
