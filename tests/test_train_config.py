@@ -90,7 +90,8 @@ def test_a_checkpoint_of_the_older_layout_loads_and_resumes(preset, corpus, tmp_
     run_training("pretrain", config, str(tmp_path / "run"), stop_after=2, progress=False)
     payload = read_payload(tmp_path / "run")
     payload["task_config"] = old_layout(payload["task_config"])
-    save_checkpoint(tmp_path / "run" / "checkpoint.pt", {k: v for k, v in payload.items() if k not in ("format", "version")})
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt",
+                    {k: v for k, v in payload.items() if k not in ("format", "version")})
 
     loaded = load_checkpoint(tmp_path / "run", kind="pretrain")
     assert loaded.step == 2 and loaded.config.to_dict() == config.to_dict()
