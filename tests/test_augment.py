@@ -6,8 +6,8 @@ import torch
 from train_corpus import make_corpus
 
 from streamssl.data import load_utterances
+from streamssl.train.api import build_config
 from streamssl.train.augment import AugmentOptions, SpecAugment
-from streamssl.commands.train import build_config
 
 
 @pytest.fixture(scope="module")

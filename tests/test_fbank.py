@@ -136,8 +136,8 @@ def corpus(tmp_path_factory):
 def test_training_estimates_statistics_from_scratch_and_a_finetune_keeps_the_pretrained_ones(corpus, tmp_path):
     from streamssl.streaming import Recognizer
     from streamssl.asr.ctc import greedy_decode
+    from streamssl.train.api import build_config, run_training
     from streamssl.train.checkpoint import load_checkpoint
-    from streamssl.commands.train import build_config, run_training
 
     encoder = [("encoder.frontend", "fbank"), ("encoder.frontend_options", {"channels": 16})]
     pre = build_config("pretrain", "tiny", None, encoder + [("normalizer_utterances", 5)], train_data=corpus, steps=2)

@@ -136,7 +136,7 @@ def test_bestrq_needs_a_frontend_with_input_features():
     ({"codebook_dim": 0}, "codebook_dim"),
     ({"mask_prob": 1.0}, "mask_prob"),
     ({"noise_std": -0.1}, "noise_std"),
-    ({"mask_lenght": 3}, "unknown objective_options for 'bestrq'"),
+    ({"mask_lenght": 3}, "objective 'bestrq' does not read option\\(s\\) \\['mask_lenght'\\]"),
 ])
 def test_bad_bestrq_options_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -156,7 +156,7 @@ def corpus(tmp_path_factory):
 
 
 def pretrain_config(objective: str, mixer: str, corpus: str, steps: int, sets=()):
-    from streamssl.commands.train import build_config
+    from streamssl.train.api import build_config
 
     return build_config("pretrain", {"wav2vec2": "tiny-fbank", "bestrq": "tiny-bestrq"}[objective], None,
                         [*TRAIN_SETTINGS, ("encoder.mixer", mixer), *sets], train_data=corpus, steps=steps)
@@ -166,7 +166,7 @@ def pretrain_config(objective: str, mixer: str, corpus: str, steps: int, sets=()
 @pytest.mark.parametrize("objective", ["wav2vec2", "bestrq"])
 @pytest.mark.parametrize("mixer", sorted(__import__("streamssl.mixers", fromlist=["MIXERS"]).MIXERS))
 def test_every_objective_pretrains_every_mixer_and_resumes(objective, mixer, corpus, tmp_path):
-    from streamssl.commands.train import run_training
+    from streamssl.train.api import run_training
     from streamssl.data import AudioDataset, collate, load_utterances
     from streamssl.masking import utterance_seed
     from streamssl.train.checkpoint import load_checkpoint
@@ -213,7 +213,7 @@ def test_health_rules_warn_near_chance_and_on_collapse_only_after_warmup():
 def test_a_run_near_chance_logs_the_warning_and_its_summary_keeps_it(corpus, tmp_path, capsys):
     import json
 
-    from streamssl.commands.train import run_training
+    from streamssl.train.api import run_training
 
     # An untrained head (lr 1e-9) predicts no better than the best constant guess, BEST-RQ's chance.
     config = pretrain_config("bestrq", "llsa", corpus, steps=4, sets=[("lr", 1e-9)])
@@ -229,7 +229,7 @@ def test_a_run_near_chance_logs_the_warning_and_its_summary_keeps_it(corpus, tmp
 def test_a_two_entry_codebook_logs_the_collapse_warning(corpus, tmp_path, capsys):
     import json
 
-    from streamssl.commands.train import run_training
+    from streamssl.train.api import run_training
 
     config = pretrain_config("bestrq", "llsa", corpus, steps=3,
                              sets=[("objective_options", {"codebook_entries": 2, "mask_length": 2})])
@@ -240,7 +240,7 @@ def test_a_two_entry_codebook_logs_the_collapse_warning(corpus, tmp_path, capsys
 
 
 def test_selective_fine_tuning_starts_from_a_bestrq_checkpoint(corpus, tmp_path):
-    from streamssl.commands.train import build_config, run_training
+    from streamssl.train.api import build_config, run_training
     from streamssl.train.checkpoint import load_checkpoint
 
     run_training("pretrain", pretrain_config("bestrq", "sa", corpus, steps=2), str(tmp_path / "pt"), progress=False)
@@ -260,7 +260,11 @@ def test_selective_fine_tuning_starts_from_a_bestrq_checkpoint(corpus, tmp_path)
 
 @pytest.mark.parametrize("bad, message", [
     ({"objective": "hubert"}, "unknown objective 'hubert'; registered objectives: \\['bestrq', 'wav2vec2'\\]"),
-    ({"objective_options": {"codebook_entries": 8}}, "must be empty for wav2vec2"),
+    ({"objective_options": {"noise_std": 0.1}}, "objective 'wav2vec2' does not read option\\(s\\) \\['noise_std'\\]"),
+    ({"objective": "bestrq", "objective_options": {"num_negatives": 5}},
+     "objective 'bestrq' does not read option\\(s\\) \\['num_negatives'\\]"),
+    ({"objective": "bestrq", "mask_prob": 0.3}, "PretrainConfig has no field\\(s\\) \\['mask_prob'\\]: the options of "
+                                                "objective 'bestrq' go in objective_options"),
     ({"objective": "bestrq", "objective_options": {"noise_std": -1.0}}, "noise_std"),
     ({"objective": "bestrq", "objective_options": "big"}, "objective_options must be a mapping"),
 ])
@@ -272,7 +276,7 @@ def test_bad_objective_configs_are_refused(bad, message):
 
 
 def test_bestrq_on_the_waveform_frontend_is_refused_when_the_model_is_built(corpus, tmp_path):
-    from streamssl.commands.train import build_config, run_training
+    from streamssl.train.api import build_config, run_training
 
     config = build_config("pretrain", "tiny", None, [("objective", "bestrq")], train_data=corpus)
     with pytest.raises(ValueError, match="frontend 'conv' has none"):

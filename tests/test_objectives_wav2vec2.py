@@ -10,8 +10,8 @@ from streamssl.objectives import GumbelQuantizer, Wav2Vec2Pretrainer
 from streamssl.train.config import PretrainConfig, preset
 
 
-def tiny_config(**overrides) -> PretrainConfig:
-    return PretrainConfig.from_dict(overrides, base=preset("pretrain", "tiny"))
+def tiny_config(**objective_options) -> PretrainConfig:
+    return PretrainConfig.from_dict({"objective_options": objective_options}, base=preset("pretrain", "tiny"))
 
 
 def pretrainer(config: PretrainConfig) -> Wav2Vec2Pretrainer:
@@ -54,8 +54,8 @@ def test_quantiser_is_hard_forward_and_soft_backward():
 
 def test_loss_pieces_are_consistent():
     torch.manual_seed(0)
-    cfg = tiny_config()
-    model = pretrainer(cfg)
+    cfg = tiny_config().parsed_objective_options()
+    model = pretrainer(tiny_config())
     wave = torch.randn(2, 12000)
     out = model(wave, torch.tensor([12000, 9000]), [1, 2], step=0)
     expected = out["contrastive"] + cfg.diversity_weight * out["diversity"] + cfg.feature_penalty_weight * out["feature_penalty"]
@@ -116,22 +116,26 @@ def test_frontend_gradient_is_scaled():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"mask_prob": 1.5}, "mask_prob"),
-    ({"final_dim": 15}, "divisible"),
-    ({"gumbel_end": 3.0}, "gumbel_end"),
+    ({"objective_options": {"mask_prob": 1.5}}, "wav2vec2 option mask_prob must be in \\(0, 1\\), got 1.5"),
+    ({"objective_options": {"final_dim": 15}}, "final_dim \\(15\\) must be divisible by codebook_groups \\(2\\)"),
+    ({"objective_options": {"gumbel_end": 3.0}}, "gumbel_end <= gumbel_start, got 3.0, 2.0"),
+    ({"objective_options": {"mask_lenght": 3}}, "objective 'wav2vec2' does not read option\\(s\\) \\['mask_lenght'\\]"),
     ({"mask_lenght": 3}, "unknown PretrainConfig keys"),
     ({"encoder": {"d_model": 30, "n_heads": 4}}, "divisible"),
     ({"steps": 0}, "steps"),
 ])
 def test_bad_pretrain_config_is_refused(bad, message):
     with pytest.raises(ValueError, match=message):
-        tiny_config(**bad)
+        PretrainConfig.from_dict(bad, base=preset("pretrain", "tiny"))
 
 
 def test_base_defaults_are_the_wav2vec2_base_values():
-    cfg = PretrainConfig()
+    config = PretrainConfig()
+    cfg = config.parsed_objective_options()
     assert (cfg.mask_prob, cfg.mask_length, cfg.num_negatives, cfg.logit_temperature) == (0.65, 10, 100, 0.1)
     assert (cfg.codebook_groups, cfg.codebook_entries, cfg.final_dim) == (2, 320, 256)
     assert (cfg.gumbel_start, cfg.gumbel_end, cfg.gumbel_decay) == (2.0, 0.5, 0.999995)
-    assert (cfg.diversity_weight, cfg.feature_penalty_weight, cfg.lr) == (0.1, 10.0, 5e-4)
-    assert cfg.encoder.n_layers == 12 and cfg.encoder.d_model == 768
+    assert (cfg.diversity_weight, cfg.feature_penalty_weight, config.lr) == (0.1, 10.0, 5e-4)
+    # Every option is spelt out in the saved configuration.
+    assert config.to_dict()["objective_options"]["num_negatives"] == 100
+    assert config.encoder.n_layers == 12 and config.encoder.d_model == 768

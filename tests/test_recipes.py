@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from streamssl import Encoder
-from streamssl.commands.train import build_config
 from streamssl.frontends import frontend_class
+from streamssl.train.api import build_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_FILES = sorted(RECIPES.glob("*/*.yaml"))

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from train_corpus import make_corpus
 
-from streamssl.commands.train import build_config
+from streamssl.train.api import build_config
 
 SETTINGS = [("max_batch_seconds", 100.0), ("encoder.dropout", 0.0), ("lr", 3e-3), ("warmup_steps", 1)]
 STEPS = 3

@@ -6,8 +6,8 @@ import pytest
 import torch
 from train_corpus import make_corpus
 
+from streamssl.train.api import build_config, run_training
 from streamssl.train.checkpoint import load_checkpoint
-from streamssl.commands.train import build_config, run_training
 
 SETTINGS = {
     "pretrain": [("encoder.dropout", 0.1), ("max_batch_seconds", 2.5), ("save_every", 100), ("log_every", 1)],

@@ -29,8 +29,8 @@ from pathlib import Path
 import yaml
 
 from streamssl.asr.evaluate import evaluate_model
-from streamssl.commands.train import build_config, run_training
 from streamssl.data import load_utterances, synthesize_corpus, write_manifest
+from streamssl.train.api import build_config, run_training
 from streamssl.train.checkpoint import load_checkpoint
 
 HERE = Path(__file__).resolve().parent

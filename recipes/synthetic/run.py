@@ -20,11 +20,11 @@ from pathlib import Path
 import yaml
 
 from streamssl.asr.evaluate import evaluate_model
-from streamssl.commands.train import build_config, run_training
 from streamssl.config import EncoderConfig
 from streamssl.data import load_utterances, synthesize_corpus
 from streamssl.encoder import declared_latency
 from streamssl.mixers import MIXERS
+from streamssl.train.api import build_config, run_training
 from streamssl.train.checkpoint import load_checkpoint
 
 HERE = Path(__file__).resolve().parent

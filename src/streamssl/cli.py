@@ -82,7 +82,7 @@ def encoder_fields_of(path: str, preset: str) -> dict[str, Any]:
     import yaml
 
     from streamssl.config import EncoderConfig
-    from streamssl.train.config import FinetuneConfig, PretrainConfig
+    from streamssl.train.config import LEGACY_WAV2VEC2_FIELDS, FinetuneConfig, PretrainConfig
 
     file = Path(path) / "encoder.yaml" if Path(path).is_dir() else Path(path)
     if not file.is_file():
@@ -97,6 +97,7 @@ def encoder_fields_of(path: str, preset: str) -> dict[str, Any]:
         raise ValueError(f"--config {file}: expected a mapping of EncoderConfig fields, got {type(data).__name__}")
     encoder_keys = {f.name for f in dataclasses.fields(EncoderConfig)}
     run_keys = {f.name for cls in (PretrainConfig, FinetuneConfig) for f in dataclasses.fields(cls)}
+    run_keys |= set(LEGACY_WAV2VEC2_FIELDS)  # run configs saved before objective_options held them
     if set(data) <= encoder_keys or not set(data) <= run_keys:
         return data  # unknown keys are named by EncoderConfig.from_dict
     if data.get("init"):
@@ -140,10 +141,11 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streamssl.demo import run_demo
+    from streamssl.demo import DEMO_THREADS, run_demo
 
-    use_threads(args.threads)
-    run_demo(args.out, progress=not args.no_progress)
+    threads = DEMO_THREADS if args.threads is None else args.threads
+    use_threads(threads)
+    run_demo(args.out, progress=not args.no_progress, threads=threads)
     return 0
 
 

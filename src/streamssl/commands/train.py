@@ -5,7 +5,7 @@ A run's configuration is built in layers: ``--preset`` (``base``: wav2vec 2.0 BA
 fields), then the named flags (``--train``, ``--steps``...). ``torchrun --nproc-per-node N -m streamssl
 pretrain ...`` trains with DDP.
 
-:func:`build_config` and :func:`run_training` are the same steps as functions, for the demo and recipes.
+The commands only parse arguments: :mod:`streamssl.train.api` builds the configuration and runs it.
 """
 
 from __future__ import annotations
@@ -14,17 +14,11 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
-
-from typing import TYPE_CHECKING
 
 import yaml
 
 from streamssl.commands.common import Subcommands, add_chunk_ms, add_quiet, add_threads, check_chunk, use_threads
-
-if TYPE_CHECKING:
-    from streamssl.train.config import RunConfig
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -32,46 +26,6 @@ def _key_value(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, yaml.safe_load(value)
-
-
-def build_config(kind: str, preset_name: str, config_path: str | None = None,
-                 sets: list[tuple[str, Any]] = (), **flags: Any) -> RunConfig:
-    """The run configuration from a preset, a YAML file, ``--set`` pairs and flags (later wins).
-
-    Fine-tuning with ``init`` drops the preset's encoder (the encoder comes from the checkpoint) unless
-    the file or ``--set`` named encoder fields explicitly, which is then an error.
-    """
-    from streamssl.train.config import PRESETS, FinetuneConfig, PretrainConfig
-
-    cls = PretrainConfig if kind == "pretrain" else FinetuneConfig
-    if preset_name not in PRESETS[kind]:
-        raise ValueError(f"unknown {kind} preset {preset_name!r}; presets: {sorted(PRESETS[kind])}")
-    values: dict[str, Any] = {k: v for k, v in PRESETS[kind][preset_name].items()}
-    explicit: dict[str, Any] = {}
-    if config_path:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of {cls.__name__} fields")
-        explicit.update(loaded)
-    for key, value in sets:
-        if key.startswith("encoder."):
-            explicit.setdefault("encoder", {})
-            explicit["encoder"] = {**explicit["encoder"], key.split(".", 1)[1]: value}
-        else:
-            explicit[key] = value
-    explicit.update({k: v for k, v in flags.items() if v is not None})
-    if isinstance(explicit.get("encoder"), dict) and isinstance(values.get("encoder"), dict):
-        explicit["encoder"] = {**values["encoder"], **explicit["encoder"]}
-    values.update(explicit)
-    if kind == "finetune" and values.get("init") is not None and "encoder" not in explicit:
-        values.pop("encoder", None)
-    try:
-        return cls.from_dict(values)
-    except TypeError as error:  # a mis-typed field the dataclass could not take
-        raise ValueError(f"{cls.__name__}: {error}") from None
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
@@ -84,7 +38,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
                              "(minutes on a CPU) or tiny (seconds, for tests); required unless --config is "
                              "given, which then starts from base")
     parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                        dest="sets", help="override one field (encoder.KEY for the encoder); repeatable")
+                        dest="sets", help="override one field (encoder.KEY for the encoder, objective_options.KEY "
+                             "for the pretraining objective's options); repeatable")
     parser.add_argument("--train", dest="train_data", help="training data: manifest, LibriSpeech or audio+txt folder")
     parser.add_argument("--dev", dest="dev_data", help="dev data, evaluated every eval_every steps and at the end")
     parser.add_argument("--steps", type=int, help="optimiser updates in the whole run")
@@ -100,51 +55,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run_training(kind: str, config: RunConfig, out: str, device: str | None = None,
-                 stop_after: int | None = None, progress: bool = True) -> dict[str, float]:
-    """Train ``config`` in ``out`` (resuming if a checkpoint is there); checks data before training."""
-    from streamssl.train.data import load_split
-    from streamssl.train.dist import close_world, init_world
-    from streamssl.train.tasks import FinetuneTask, PretrainTask
-    from streamssl.train.trainer import Trainer, seed_everything
-    from streamssl.asr.ctc import CharVocab
-
-    if config.train_data is None:
-        raise ValueError(f"{kind} needs training data: --train or train_data in the config")
-    world = init_world(device)
-    try:
-        say = print if world.is_main else (lambda *a, **k: None)
-        vocab = CharVocab() if kind == "finetune" else None
-        train = load_split(config.train_data, config.skip_bad, "training data", vocab, say)
-        dev = load_split(config.dev_data, config.skip_bad, "dev data", vocab, say) if config.dev_data else None
-        seed_everything(config.seed, world.rank)
-        task = PretrainTask(config) if kind == "pretrain" else FinetuneTask(config, say)
-        n_params = sum(p.numel() for p in task.model.parameters())
-        say(f"{kind}: {task.encoder_config.mixer} encoder, {n_params / 1e6:.2f} M parameters, "
-            f"{len(train)} training utterances ({sum(u.duration for u in train) / 3600:.2f} h), "
-            f"{world.size} process(es) on {world.device}")
-        trainer = Trainer(task, out, world, train, dev, progress=progress, log=say)
-        return trainer.fit(stop_after)
-    finally:
-        close_world(world)
-
-
-def starting_preset(kind: str, preset_name: str | None, config_path: str | None) -> str:
-    """The preset a run starts from: the one named, else ``base`` under a ``--config`` file. With neither,
-    a ``ValueError``: the BASE defaults (400 k pretraining updates) must never start by accident."""
-    from streamssl.train.config import PRESETS
-
-    if preset_name is not None:
-        return preset_name
-    if config_path is not None:
-        return "base"
-    raise ValueError(f"{kind} needs a starting point: --preset {'|'.join(sorted(PRESETS[kind]))} (base is the "
-                     "wav2vec 2.0 BASE recipe, meant for GPUs; cpu-small trains on a CPU in minutes) or "
-                     "--config FILE")
-
-
 def _cmd_train(kind: str):
     def command(args: argparse.Namespace) -> int:
+        from streamssl.train.api import build_config, run_training, starting_preset
+
         use_threads(args.threads)
         flags = dict(train_data=args.train_data, dev_data=args.dev_data, steps=args.steps, lr=args.lr,
                      seed=args.seed, skip_bad=args.skip_bad)
@@ -152,6 +66,9 @@ def _cmd_train(kind: str):
             flags.update(init=args.init, head=args.head, **_train_mode_flags(args))
         config = build_config(kind, starting_preset(kind, args.preset, args.config), args.config, args.sets,
                               **flags)
+        if kind == "finetune" and args.mixer and config.train_mode != "replace":
+            raise ValueError(f"--mixer {args.mixer} is the mixer of the layers --replace LAYERS replaces, but this "
+                             f"run replaces none (train_mode {config.train_mode!r}): add --replace or drop --mixer")
         metrics = run_training(kind, config, args.out, args.device, args.stop_after, not args.no_progress)
         if int(os.environ.get("RANK", "0")) == 0:
             shown = {k: round(v, 4) for k, v in metrics.items()}
@@ -221,7 +138,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             out.pop("hypotheses")
         print(json.dumps(out, indent=2))
         return 0
-    print(results_table([(checkpoint.encoder_config.mixer, result)]))
+    print(results_table([(checkpoint.mixer_label, result)]))
     if args.hypotheses:
         for utt_id, ref, hyp in result.hypotheses:
             print(f"{utt_id}\n  REF: {ref}\n  HYP: {hyp}")

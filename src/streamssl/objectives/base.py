@@ -1,12 +1,34 @@
-"""What every self-supervised objective shares: the cross-process reducer it normalises by, and the
-code-use statistic of its targets."""
+"""What every self-supervised objective shares: how it reads its options, the cross-process reducer it
+normalises by, and the code-use statistic of its targets."""
 
 from __future__ import annotations
 
-from typing import Protocol
+import dataclasses
+from typing import Any, ClassVar, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+
+class Objective(nn.Module):
+    """Base of the entries of :data:`streamssl.objectives.OBJECTIVES`.
+
+    ``name``: the registry name; ``Options``: the dataclass of the objective's options, every field with a
+    default, checked by its ``__post_init__``.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    @classmethod
+    def parse_options(cls, options: dict[str, Any]) -> Any:
+        """``Options`` from ``PretrainConfig.objective_options``; a key the objective does not read is a
+        ``ValueError`` naming it, so no setting is ever silently unused."""
+        known = [f.name for f in dataclasses.fields(cls.Options)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"objective {cls.name!r} does not read option(s) {unknown}; its options: {sorted(known)}")
+        return cls.Options(**options)
 
 
 class Reducer(Protocol):

@@ -16,9 +16,7 @@ per-utterance seeds, so they do not depend on batch position or process.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +25,7 @@ from torch import Tensor, nn
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder
 from streamssl.masking import span_mask
-from streamssl.objectives.base import OneProcess, Reducer, code_perplexity
+from streamssl.objectives.base import Objective, OneProcess, Reducer, code_perplexity
 
 
 @dataclass
@@ -84,7 +82,7 @@ class RandomProjectionQuantizer(nn.Module):
         return torch.einsum("ncd,ced->nce", z, self.codebook).argmax(-1)
 
 
-class BestRQPretrainer(nn.Module):
+class BestRQPretrainer(Objective):
     """An encoder, the frozen quantiser and a softmax head. After pretraining only ``self.encoder`` is kept.
 
     The encoder's frontend must expose input features before its learned layers
@@ -108,14 +106,6 @@ class BestRQPretrainer(nn.Module):
                                                    options.codebook_entries, options.codebook_dim,
                                                    options.quantizer_seed)
         self.head = nn.Linear(encoder_config.d_model, options.codebooks * options.codebook_entries)
-
-    @classmethod
-    def parse_options(cls, options: dict[str, Any]) -> BestRQOptions:
-        known = {f.name for f in dataclasses.fields(BestRQOptions)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown objective_options for 'bestrq': {unknown}; known: {sorted(known)}")
-        return BestRQOptions(**options)
 
     def chance_accuracy(self, code_counts: Tensor) -> float:
         """Accuracy of the best constant guess: the share of the most frequent label among masked

@@ -16,9 +16,7 @@ process or batch position an utterance lands in: a DDP run and a single-process 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,33 +25,58 @@ from torch import Tensor, nn
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder
 from streamssl.masking import span_mask
-from streamssl.objectives.base import OneProcess, Reducer, code_perplexity
+from streamssl.objectives.base import Objective, OneProcess, Reducer, code_perplexity
 
 
 @dataclass(frozen=True)
 class Wav2Vec2Options:
-    """The objective's hyperparameters (the training run's ``PretrainConfig`` holds their defaults).
+    """Options of the wav2vec 2.0 objective (``PretrainConfig.objective_options`` when ``objective: wav2vec2``);
+    the defaults are the BASE values.
 
-    Masking: spans of ``mask_length`` projected frames start at a fraction ``mask_prob`` of the frames.
-    Quantiser: ``codebook_groups`` groups of ``codebook_entries`` entries, projected to ``final_dim``,
-    picked with a Gumbel softmax whose temperature decays from ``gumbel_start`` by ``gumbel_decay`` per
-    step down to ``gumbel_end``. Contrastive loss: cosine similarity / ``logit_temperature`` against
-    ``num_negatives`` distractors. ``feature_grad_scale`` scales the gradient reaching the frontend.
+    Masking: spans of ``mask_length`` projected frames start at a fraction ``mask_prob`` of the frames
+    (spans may overlap), replaced by a learned embedding. Quantiser: ``codebook_groups`` groups of
+    ``codebook_entries`` entries, projected to ``final_dim``, picked with a straight-through Gumbel softmax
+    whose temperature decays from ``gumbel_start`` by ``gumbel_decay`` per step down to ``gumbel_end``.
+    Contrastive loss: cosine similarity / ``logit_temperature`` of the context vector with its quantised
+    target and with ``num_negatives`` distractors drawn from other masked frames of the same utterance.
+    ``diversity_weight`` and ``feature_penalty_weight`` weigh the two extra losses;
+    ``feature_grad_scale`` scales the gradient reaching the frontend.
     """
 
-    mask_prob: float
-    mask_length: int
-    num_negatives: int
-    logit_temperature: float
-    codebook_groups: int
-    codebook_entries: int
-    final_dim: int
-    gumbel_start: float
-    gumbel_end: float
-    gumbel_decay: float
-    diversity_weight: float
-    feature_penalty_weight: float
-    feature_grad_scale: float
+    mask_prob: float = 0.65
+    mask_length: int = 10
+    num_negatives: int = 100
+    logit_temperature: float = 0.1
+    codebook_groups: int = 2
+    codebook_entries: int = 320
+    final_dim: int = 256
+    gumbel_start: float = 2.0
+    gumbel_end: float = 0.5
+    gumbel_decay: float = 0.999995
+    diversity_weight: float = 0.1
+    feature_penalty_weight: float = 10.0
+    feature_grad_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"wav2vec2 option mask_prob must be in (0, 1), got {self.mask_prob}")
+        for name in ("mask_length", "num_negatives", "codebook_groups", "codebook_entries", "final_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"wav2vec2 option {name} must be a positive integer, got {value!r}")
+        if self.final_dim % self.codebook_groups:
+            raise ValueError(f"wav2vec2 option final_dim ({self.final_dim}) must be divisible by "
+                             f"codebook_groups ({self.codebook_groups})")
+        if self.logit_temperature <= 0:
+            raise ValueError(f"wav2vec2 option logit_temperature must be positive, got {self.logit_temperature}")
+        if not 0 < self.gumbel_end <= self.gumbel_start:
+            raise ValueError(f"wav2vec2 options need 0 < gumbel_end <= gumbel_start, got "
+                             f"{self.gumbel_end}, {self.gumbel_start}")
+        if not 0 < self.gumbel_decay <= 1:
+            raise ValueError(f"wav2vec2 option gumbel_decay must be in (0, 1], got {self.gumbel_decay}")
+        for name in ("diversity_weight", "feature_penalty_weight", "feature_grad_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"wav2vec2 option {name} must be non-negative, got {getattr(self, name)}")
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -103,7 +126,7 @@ class GumbelQuantizer(nn.Module):
         return self.out(codes.to(x.dtype)), probs
 
 
-class Wav2Vec2Pretrainer(nn.Module):
+class Wav2Vec2Pretrainer(Objective):
     """An encoder plus everything the wav2vec 2.0 objective adds (mask embedding, quantiser, projections).
 
     After pretraining only ``self.encoder`` is kept for fine-tuning.
@@ -122,15 +145,6 @@ class Wav2Vec2Pretrainer(nn.Module):
         self.quantizer = GumbelQuantizer(self.encoder.feature_dim, options.codebook_groups,
                                          options.codebook_entries, options.final_dim)
         self.final_proj = nn.Linear(encoder_config.d_model, options.final_dim)
-
-    @classmethod
-    def parse_options(cls, options: dict[str, Any]) -> Wav2Vec2Options:
-        """Every field of :class:`Wav2Vec2Options` is required (``PretrainConfig`` holds the defaults)."""
-        known = {f.name for f in dataclasses.fields(Wav2Vec2Options)}
-        if set(options) != known:
-            raise ValueError(f"wav2vec2 options need exactly {sorted(known)}; unknown: {sorted(set(options) - known)}, "
-                             f"missing: {sorted(known - set(options))}")
-        return Wav2Vec2Options(**options)
 
     def temperature(self, step: int) -> float:
         cfg = self.options

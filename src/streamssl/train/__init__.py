@@ -1,1 +1,2 @@
-"""Training: run configurations, the trainer, checkpoints, the data pipeline, encoder init sources, DDP."""
+"""Training: the training API (``api``), run configurations, the trainer, checkpoints, the data pipeline,
+encoder init sources, DDP."""

@@ -59,6 +59,48 @@ class Checkpoint:
     def finished(self) -> bool:
         return self.step >= self.config.steps
 
+    @property
+    def mixer_label(self) -> str:
+        """The encoder's mixers in one name, e.g. ``sa`` or ``sa+wsm(last:1)`` (see :func:`mixer_label`)."""
+        return mixer_label(self.config, self.encoder_config)
+
+
+def _replaces_layers(config: RunConfig) -> bool:
+    return isinstance(config, FinetuneConfig) and config.train_mode == "replace"
+
+
+def layer_mixers(config: RunConfig, encoder_config) -> list[str]:
+    """The mixer of each layer of the model ``config`` builds on ``encoder_config``, first to last: the
+    encoder's own (``hf-<model_type>`` for a Hugging Face encoder), except in the layers whose attention a
+    fine-tuning run's ``train_mode: replace`` (``--replace``) gave to fresh ``replace_mixer`` layers."""
+    from streamssl.selective import parse_layers
+
+    n_layers = (encoder_config.n_layers if isinstance(encoder_config, EncoderConfig)
+                else int(encoder_config.hf_config["num_hidden_layers"]))
+    mixers = [encoder_config.mixer] * n_layers
+    if _replaces_layers(config):
+        for index in parse_layers(config.replace_layers, n_layers):
+            mixers[index] = config.replace_mixer
+    return mixers
+
+
+def mixer_label(config: RunConfig, encoder_config) -> str:
+    """A name for logs and result tables: the encoder's mixer (``sa``), or after ``--replace`` the encoder's
+    mixer, ``+``, the new one and the replaced layers as ``--replace`` named them (``sa+wsm(last:1)``)."""
+    if _replaces_layers(config):
+        return f"{encoder_config.mixer}+{config.replace_mixer}({config.replace_layers})"
+    return encoder_config.mixer
+
+
+def encoder_record(config: RunConfig, encoder_config) -> dict[str, Any]:
+    """What a run folder's ``encoder.yaml`` holds: the fields of ``encoder_config`` (the configuration the
+    encoder was built from) and, when ``--replace`` gave some layers another mixer, ``layer_mixers``: the
+    real mixer of each layer, first to last (:func:`layer_mixers`)."""
+    record = encoder_config.to_dict()
+    if _replaces_layers(config):
+        record["layer_mixers"] = layer_mixers(config, encoder_config)
+    return record
+
 
 def build_model(kind: str, config: RunConfig, encoder_config: EncoderConfig,
                 vocab: list[str] | None = None) -> nn.Module:

@@ -99,20 +99,24 @@ class RunConfig:
         return out
 
     @classmethod
+    def layered(cls, lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+        """The fields of ``upper`` over those of ``lower`` (a ``--config`` file over a preset, say); the
+        ``encoder`` mappings merge key by key."""
+        values = {**lower, **upper}
+        if isinstance(lower.get("encoder"), dict) and isinstance(upper.get("encoder"), dict):
+            values["encoder"] = {**lower["encoder"], **upper["encoder"]}
+        return values
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any], base: "RunConfig | None" = None):
         """Build from ``data``; fields it lacks come from ``base`` (or the defaults)."""
         if not isinstance(data, dict):
             raise ValueError(f"expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+        values = cls.layered(base.to_dict() if base is not None else {}, data)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys: {unknown}; known keys: {sorted(known)}")
-        values = base.to_dict() if base is not None else {}
-        if "encoder" in data and isinstance(values.get("encoder"), dict) and isinstance(data["encoder"], dict):
-            merged = dict(values["encoder"])
-            merged.update(data["encoder"])
-            data = {**data, "encoder": merged}
-        values.update(data)
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
@@ -130,51 +134,83 @@ class RunConfig:
             raise ValueError(f"{path}: {error}") from None
 
 
+DEFAULT_OBJECTIVE = "wav2vec2"
+# Before objective_options held every objective's options, wav2vec 2.0's were top-level PretrainConfig fields.
+LEGACY_WAV2VEC2_FIELDS = tuple(f.name for f in dataclasses.fields(Wav2Vec2Options))
+
+
+def _options_in_their_home(data: dict[str, Any], objective: Any) -> dict[str, Any]:
+    """``data`` (one layer of PretrainConfig fields) with the top-level wav2vec 2.0 fields of the older
+    layout moved into ``objective_options``.
+
+    Under another ``objective`` those fields were never read: a whole configuration saved in the older
+    layout (it holds every one of them) loads without them; a layer that sets only some is a ``ValueError``
+    naming them, so that ``--set mask_prob=0.3`` under ``bestrq`` is never silently unused.
+    """
+    legacy = {k: data[k] for k in LEGACY_WAV2VEC2_FIELDS if k in data}
+    if not legacy:
+        return data
+    rest = {k: v for k, v in data.items() if k not in legacy}
+    if objective != "wav2vec2":
+        if len(legacy) == len(LEGACY_WAV2VEC2_FIELDS):
+            return rest
+        raise ValueError(f"PretrainConfig has no field(s) {sorted(legacy)}: the options of objective {objective!r} "
+                         f"go in objective_options (e.g. --set objective_options.{sorted(legacy)[0]}=...)")
+    options = data.get("objective_options") or {}
+    if not isinstance(options, dict):
+        return rest  # validate() names the bad mapping
+    clash = sorted(k for k in legacy if k in options and options[k] != legacy[k])
+    if clash:
+        raise ValueError(f"PretrainConfig: {clash} given both as top-level fields and in objective_options, "
+                         "with different values; give them in objective_options only")
+    return {**rest, "objective_options": {**legacy, **options}}
+
+
 @dataclass
 class PretrainConfig(RunConfig):
     """Self-supervised pretraining of an encoder (docs/methods.md sections 1-2 give the encoder).
 
     ``objective``: a name in :data:`streamssl.objectives.OBJECTIVES`: ``wav2vec2`` (the default) or
-    ``bestrq``. ``objective_options``: the options of that objective (validated by it; for ``bestrq``
-    see :class:`~streamssl.objectives.BestRQOptions`). The wav2vec 2.0 options are the fields below
-    (their historical home, BASE defaults), so for ``wav2vec2`` ``objective_options`` stays empty;
-    other objectives do not read those fields.
+    ``bestrq``. ``objective_options``: that objective's options, the one place for them whatever the
+    objective (fields of :class:`~streamssl.objectives.Wav2Vec2Options` or
+    :class:`~streamssl.objectives.BestRQOptions`); the objective validates them, an option it does not read
+    is an error, and after construction the mapping holds every option, defaults included.
 
-    wav2vec 2.0 masking: spans of ``mask_length`` projected frames start at a fraction ``mask_prob`` of the frames
-    (spans may overlap), replaced by a learned embedding. Quantiser: ``codebook_groups`` groups of
-    ``codebook_entries`` entries, picked with a straight-through Gumbel softmax whose temperature decays
-    from ``gumbel_start`` by ``gumbel_decay`` per step down to ``gumbel_end``. Contrastive loss: cosine
-    similarity / ``logit_temperature`` of the context vector with its quantised target and with
-    ``num_negatives`` distractors drawn from other masked frames of the same utterance.
+    Configurations of the older layout, whose wav2vec 2.0 options were top-level fields (``mask_prob``,
+    ``num_negatives``, ...), still load: :meth:`from_dict` moves those fields into ``objective_options``.
+    A layer on top of another (:meth:`layered`: a file over a preset, ``--set`` over a file) merges its
+    ``objective_options`` into the lower one's when both name the same objective, and replaces them when it
+    changes the objective.
     """
 
     encoder: EncoderConfig | None = None   # None: EncoderConfig.base()
-    objective: str = "wav2vec2"
+    objective: str = DEFAULT_OBJECTIVE
     objective_options: dict[str, Any] = field(default_factory=dict)
-    mask_prob: float = 0.65
-    mask_length: int = 10
-    num_negatives: int = 100
-    logit_temperature: float = 0.1
-    codebook_groups: int = 2
-    codebook_entries: int = 320
-    final_dim: int = 256
-    gumbel_start: float = 2.0
-    gumbel_end: float = 0.5
-    gumbel_decay: float = 0.999995
-    diversity_weight: float = 0.1
-    feature_penalty_weight: float = 10.0
-    feature_grad_scale: float = 0.1     # gradient reaching the frontend is scaled by this
 
     def __post_init__(self) -> None:
         self.encoder = _encoder_from(self.encoder) or EncoderConfig.base()
-        if isinstance(self.objective_options, dict) or self.objective_options is None:
-            self.objective_options = dict(self.objective_options or {})
+        if self.objective_options is None:
+            self.objective_options = {}
         self.validate()
+        # Every option spelt out: config.yaml shows what the run used, and a resumed run compares equal.
+        self.objective_options = dataclasses.asdict(self.parsed_objective_options())
+
+    @classmethod
+    def layered(cls, lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+        below = lower.get("objective", DEFAULT_OBJECTIVE)
+        objective = upper.get("objective", below)
+        lower = _options_in_their_home(lower, below)
+        upper = _options_in_their_home(upper, objective)
+        values = super().layered(lower, upper)
+        if objective != below:
+            # The lower layer's options were another objective's.
+            values["objective_options"] = upper.get("objective_options", {})
+        elif isinstance(lower.get("objective_options"), dict) and isinstance(upper.get("objective_options"), dict):
+            values["objective_options"] = {**lower["objective_options"], **upper["objective_options"]}
+        return values
 
     def parsed_objective_options(self) -> Any:
-        """The options dataclass of ``objective`` (``Wav2Vec2Options`` from the fields for wav2vec2)."""
-        if self.objective == "wav2vec2":
-            return Wav2Vec2Options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Wav2Vec2Options)})
+        """The options dataclass of ``objective`` built from ``objective_options``."""
         return OBJECTIVES[self.objective].parse_options(self.objective_options)
 
     def validate(self) -> None:
@@ -185,29 +221,10 @@ class PretrainConfig(RunConfig):
         if not isinstance(self.objective_options, dict):
             raise ValueError(f"PretrainConfig.objective_options must be a mapping, got "
                              f"{type(self.objective_options).__name__}")
-        if self.objective == "wav2vec2" and self.objective_options:
-            raise ValueError(f"PretrainConfig.objective_options must be empty for wav2vec2 (its options are the "
-                             f"fields mask_prob, num_negatives, ...), got {sorted(self.objective_options)}")
-        self.parsed_objective_options()
-        if not 0.0 < self.mask_prob < 1.0:
-            raise ValueError(f"PretrainConfig.mask_prob must be in (0, 1), got {self.mask_prob}")
-        for name in ("mask_length", "num_negatives", "codebook_groups", "codebook_entries", "final_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"PretrainConfig.{name} must be a positive integer, got {value!r}")
-        if self.final_dim % self.codebook_groups:
-            raise ValueError(f"PretrainConfig.final_dim ({self.final_dim}) must be divisible by "
-                             f"codebook_groups ({self.codebook_groups})")
-        if self.logit_temperature <= 0:
-            raise ValueError(f"PretrainConfig.logit_temperature must be positive, got {self.logit_temperature}")
-        if not 0 < self.gumbel_end <= self.gumbel_start:
-            raise ValueError(f"PretrainConfig needs 0 < gumbel_end <= gumbel_start, got "
-                             f"{self.gumbel_end}, {self.gumbel_start}")
-        if not 0 < self.gumbel_decay <= 1:
-            raise ValueError(f"PretrainConfig.gumbel_decay must be in (0, 1], got {self.gumbel_decay}")
-        for name in ("diversity_weight", "feature_penalty_weight", "feature_grad_scale"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"PretrainConfig.{name} must be non-negative, got {getattr(self, name)}")
+        try:
+            self.parsed_objective_options()
+        except ValueError as error:
+            raise ValueError(f"PretrainConfig.objective_options: {error}") from None
         if self.augment_options().spec_augment:
             raise ValueError("PretrainConfig.augment: SpecAugment (spec_freq_masks, spec_time_masks) is for "
                              "fine-tuning; the wav2vec 2.0 objective masks spans itself and quantises the "
@@ -321,31 +338,21 @@ def _cpu_schedule(steps: int, lr: float, max_batch_seconds: float = 8.0) -> dict
                 log_every=10, save_every=100, eval_every=0, weight_decay=0.01, grad_clip=5.0)
 
 
-# Named starting points for ``--preset``; a ``--config`` file and ``--set`` flags override them.
-# cpu-small (ours) is what ``streamssl demo`` trains, sized by measurement for its 15-minute budget on two CPU
-# cores: an LLSA encoder on the fbank frontend (40 ms frames; declared look-ahead 15 ms + 2 frames = 95 ms).
-# Measured on 1.6 h of noisy synthetic speech, 1500 fine-tuning steps of 20 s (0.26 s a step with the machine
-# to itself): dev CER 42 % at lr 2e-3, 44 % at 4e-3 (lr is not what limits it); with 4 h of audio and speed
-# perturbation 38 %. The waveform frontend of the earlier preset reached 46 % at twice the compute. Training CER
-# was 27 % against 42 % on unseen voices, hence speed perturbation and a larger, more varied corpus. 1800
-# fine-tuning steps took 592 s in the demo of a full clean run (20.4 min in all, streaming evaluation at one
-# stream 5.5 min); with batched streaming evaluation, 1500 steps are what fits the 15 minutes.
-# Pretraining on log-mel (helper runs of 300 steps, docs/training.md): wav2vec 2.0 with spans of 2 frames
-# (limited look-ahead: long spans leave masked frames with no unmasked frame ahead), diversity weight 0.1,
-# frontend gradient scale 0.1 and 50 distractors.
+# Named starting points for ``--preset``; a ``--config`` file and ``--set`` flags override them. Each setting's
+# measurements are in docs/results.md ("Presets: how the CPU settings were chosen").
+# cpu-small (ours) is what ``streamssl demo`` trains in its 15-minute budget on two CPU cores: an LLSA encoder
+# on the fbank frontend (40 ms frames; declared look-ahead 15 ms + 2 frames = 95 ms).
 _DEMO_ENCODER = dict(frontend="fbank", frontend_options={"subsampling": 4, "channels": 144}, d_model=144,
                      n_layers=4, n_heads=4, ffn_dim=576, dropout=0.0, pos_conv_kernel=16, pos_conv_groups=8,
                      mixer="llsa", left_frames=32, right_frames=2)
 _DEMO_SCHEDULE = dict(lr=2e-3, max_batch_seconds=20.0, log_every=25, save_every=250, eval_every=0,
                       weight_decay=0.01, grad_clip=5.0, hold_steps=0, final_lr_ratio=0.05)
-# cpu-fbank-* (ours): a 3 x 96 LLSA encoder on the fbank frontend (20 ms frames), pretraining settings
-# measured in 300-step runs on 0.4 h of synthetic speech (docs/training.md, "Small-scale pretraining"):
-# spans of 2 frames (dev accuracy 16.9 % at 4.9 % chance; spans of 3: 11.9 %, of 5: 7.8 %, because with
-# 4 frames of look-ahead most frames of a long span see no unmasked frame ahead), frontend gradient
-# scale 0.1 (16.9 % against 14.6 % at 1.0), diversity weight 0.1 (23.6 %; on log-mel the quantiser kept
-# 17 of 64 codes per group instead of collapsing), 50 distractors (chance 2.0 %: 6.4x chance against
-# 3.5x with 20). BEST-RQ: spans of 2 (22.0 % at 14.3 % chance; spans of 4: 16.7 % at 15.1 %) and 1024
-# codewords (8192 ran 1.6x slower per step with a label perplexity of only 52).
+# wav2vec 2.0 on log-mel at CPU scale: spans of 2 frames, 50 distractors, a small quantiser.
+_CPU_WAV2VEC2 = dict(mask_prob=0.5, mask_length=2, num_negatives=50, codebook_groups=2, codebook_entries=64,
+                     final_dim=64, gumbel_decay=0.995, diversity_weight=0.1, feature_grad_scale=0.1)
+_TINY_WAV2VEC2 = dict(mask_prob=0.5, mask_length=2, num_negatives=5, codebook_entries=8, final_dim=16,
+                      feature_grad_scale=1.0)
+# cpu-fbank-* (ours): a 3 x 96 LLSA encoder on the fbank frontend (20 ms frames).
 _FBANK_ENCODER = _cpu_encoder(frontend="fbank", frontend_options={"channels": 96, "subsampling": 2})
 _FBANK_PRETRAIN = dict(encoder=_FBANK_ENCODER, **_cpu_schedule(3000, 2e-3), crop_seconds=2.0,
                        normalizer_utterances=300)
@@ -354,21 +361,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "pretrain": {
         "base": {},
         "cpu-small": dict(encoder=_DEMO_ENCODER, **_DEMO_SCHEDULE, steps=300, warmup_steps=30, crop_seconds=4.0,
-                          mask_prob=0.5, mask_length=2, num_negatives=50, codebook_groups=2,
-                          codebook_entries=64, final_dim=64, gumbel_decay=0.995, diversity_weight=0.1,
-                          feature_grad_scale=0.1),
+                          objective_options=_CPU_WAV2VEC2),
         "tiny": dict(encoder=EncoderConfig.tiny(mixer="llsa").to_dict(), **_cpu_schedule(4, 1e-3, 4.0),
-                     crop_seconds=2.0, mask_prob=0.5, mask_length=2,
-                     num_negatives=5, codebook_entries=8, final_dim=16, feature_grad_scale=1.0),
-        "cpu-fbank-wav2vec2": dict(**_FBANK_PRETRAIN, mask_prob=0.5, mask_length=2, num_negatives=50,
-                                   codebook_groups=2, codebook_entries=64, final_dim=64, gumbel_decay=0.995,
-                                   diversity_weight=0.1, feature_grad_scale=0.1),
+                     crop_seconds=2.0, objective_options=_TINY_WAV2VEC2),
+        "cpu-fbank-wav2vec2": dict(**_FBANK_PRETRAIN, objective_options=_CPU_WAV2VEC2),
         "cpu-fbank-bestrq": dict(**_FBANK_PRETRAIN, objective="bestrq",
                                  objective_options=dict(codebook_entries=1024, codebook_dim=16, mask_prob=0.5,
                                                         mask_length=2, noise_std=0.1)),
         "tiny-fbank": dict(encoder=EncoderConfig.tiny(frontend="fbank", mixer="llsa").to_dict(),
-                           **_cpu_schedule(4, 1e-3, 4.0), crop_seconds=2.0, mask_prob=0.5, mask_length=2,
-                           num_negatives=5, codebook_entries=8, final_dim=16, feature_grad_scale=1.0,
+                           **_cpu_schedule(4, 1e-3, 4.0), crop_seconds=2.0, objective_options=_TINY_WAV2VEC2,
                            normalizer_utterances=8),
         "tiny-bestrq": dict(encoder=EncoderConfig.tiny(frontend="fbank", mixer="llsa").to_dict(),
                             **_cpu_schedule(4, 1e-3, 4.0), crop_seconds=2.0, objective="bestrq",

@@ -14,7 +14,7 @@ from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder
 from streamssl.masking import utterance_seed
 from streamssl.objectives import code_perplexity
-from streamssl.train.checkpoint import build_model
+from streamssl.train.checkpoint import build_model, mixer_label
 from streamssl.train.augment import SpecAugment
 from streamssl.train.config import FinetuneConfig, PretrainConfig, RunConfig
 from streamssl.train.data import crop_batch
@@ -58,6 +58,7 @@ class PretrainTask:
     def __init__(self, config: PretrainConfig):
         self.config = config
         self.encoder_config: EncoderConfig = config.encoder
+        self.mixer_label = mixer_label(config, config.encoder)
         self.vocab: CharVocab | None = None
         self.model: nn.Module = build_model("pretrain", config, config.encoder)
         self.codebook_entries: int = self.model.codebook_entries
@@ -119,6 +120,7 @@ class FinetuneTask:
         self.vocab = CharVocab()
         init = resolve_init(config.init) if config.init is not None else None
         self.encoder_config = init.encoder_config if init is not None else config.encoder
+        self.mixer_label = mixer_label(config, self.encoder_config)
         self.model: CTCModel = build_model("finetune", config, self.encoder_config)
         if init is not None:
             init.load_into(self.model)

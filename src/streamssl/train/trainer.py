@@ -3,12 +3,14 @@
 A run lives in one folder::
 
     config.yaml      the task configuration (PretrainConfig / FinetuneConfig), encoder included
-    encoder.yaml     the EncoderConfig alone
+    encoder.yaml     the EncoderConfig alone; after --replace also ``layer_mixers``, each layer's real mixer
     checkpoint.pt    the latest checkpoint (see streamssl.train.checkpoint); resumes the run exactly
     train.csv        one row per ``log_every`` steps: step, epoch, lr, averaged metrics, elapsed time
     eval.csv         one row per dev evaluation
     tb/              the same scalars for TensorBoard
-    summary.json     written when the run reaches ``steps``; a pretraining run's has a ``health`` block
+    summary.json     written when the run reaches ``steps``: the encoder's mixers (``mixer``, e.g.
+                     ``sa+wsm(last:1)``), the torch threads and the latest metrics; a pretraining run's has
+                     a ``health`` block
 
 Pretraining runs also log their health (streamssl.train.health): accuracy against its chance level,
 code perplexity and masked fraction, with a ``WARNING`` line when, after the learning-rate warm-up,
@@ -26,16 +28,18 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from streamssl.train.checkpoint import naming, read_payload, rng_state, save_checkpoint, set_rng_state
+from streamssl.train.checkpoint import (encoder_record, naming, read_payload, rng_state, save_checkpoint,
+                                        set_rng_state)
 from streamssl.train.data import EpochBatches
 from streamssl.train.dist import World
 from streamssl.train.health import health_summary, health_warnings
@@ -49,6 +53,31 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed + rank)
     random.seed(seed + rank)
     np.random.seed(seed + rank)
+
+
+@contextlib.contextmanager
+def reproducible(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels while a CPU run trains, so that two runs with the same configuration and the
+    same torch thread count are bit-identical (weights, losses, logs but for the times).
+
+    Some CPU kernels otherwise add into one tensor from several threads in whatever order the threads
+    finish: the backward of indexing (``index_put_`` with ``accumulate=True``), which the wav2vec 2.0 loss
+    uses to gather its targets and distractors, made two 2-thread runs of the demo's pretraining drift
+    apart in the last bits from the first step. The thread count itself stays the caller's choice: a
+    sum split over 2 threads rounds differently from one over 1. CUDA runs are left as they are
+    (deterministic CUDA kernels need ``CUBLAS_WORKSPACE_CONFIG`` before CUDA starts, and CTC's backward
+    has none).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def lr_factor(step: int, warmup: int, hold: int, total: int, final_ratio: float) -> float:
@@ -137,7 +166,8 @@ class Trainer:
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
-            task.encoder_config.save(self.run_dir / "encoder.yaml")
+            (self.run_dir / "encoder.yaml").write_text(
+                yaml.safe_dump(encoder_record(cfg, task.encoder_config), sort_keys=False))
         dataset = cfg.augment_options().dataset(train_utterances, task.sample_rate, cfg.seed)
         self.batches = EpochBatches(train_utterances, cfg.max_batch_seconds, cfg.seed, world, cfg.num_workers,
                                     cfg.crop_seconds, dataset)
@@ -303,7 +333,8 @@ class Trainer:
             self.metrics.update(self.evaluate())
             holding = self.check_health()
             self.save()
-            summary: dict[str, Any] = {"kind": self.task.kind, "step": self.step, "epoch": self.epoch, **self.metrics}
+            summary: dict[str, Any] = {"kind": self.task.kind, "mixer": self.task.mixer_label, "step": self.step,
+                                       "epoch": self.epoch, "threads": torch.get_num_threads(), **self.metrics}
             health = self.health()
             if health is not None:
                 summary["health"] = {**health, "warnings": holding}
