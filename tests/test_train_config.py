@@ -130,6 +130,13 @@ def test_a_replace_run_names_each_layers_mixer(corpus, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "ft"), "--data", corpus, "--decoder", "greedy"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[2].startswith("sa+wsm(last:1)  offline")
+    # The latency command measures the replaced run as built, not the encoder it started from.
+    assert main(["latency", "--config", str(tmp_path / "ft"), "--json"]) == 0
+    latency = json.loads(capsys.readouterr().out)
+    assert latency["mixer"] == "sa+wsm(last:1)"
+    assert latency["encoder_lookahead_frames"] == checkpoint.model.encoder.stack.lookahead_frames()
+    assert main(["latency", "--config", str(tmp_path / "ft" / "encoder.yaml")]) == 2
+    assert "give its run folder, with its checkpoint.pt" in capsys.readouterr().err
     # A run that replaces nothing keeps the one name and writes no layer list.
     pretrained = yaml.safe_load((tmp_path / "pt" / "encoder.yaml").read_text())
     assert pretrained["mixer"] == "sa" and "layer_mixers" not in pretrained

@@ -14,6 +14,7 @@ from streamssl.commands.common import Parser, UsageError, add_subcommands, add_t
 
 if TYPE_CHECKING:
     from streamssl.config import EncoderConfig
+    from streamssl.latency import Latency
 
 # Each provides ``add_commands(subparsers)`` and registers its own subcommands. Only the parser of the
 # command being run gets its flags, and torch is imported by the commands themselves, so ``--help`` is fast.
@@ -127,12 +128,40 @@ def encoder_config_from_args(args: argparse.Namespace) -> "EncoderConfig":
     return EncoderConfig.from_dict(data)
 
 
+def replaced_run_latency(args: argparse.Namespace) -> "Latency | None":
+    """The latency of a ``--replace`` run folder given as ``--config``: its encoder.yaml names each layer's
+    mixer (``layer_mixers``), which no EncoderConfig can hold, so the run's checkpoint is built and asked;
+    ``None`` for any other ``--config``."""
+    import yaml
+
+    folder = Path(args.config)
+    file = folder / "encoder.yaml" if folder.is_dir() else folder
+    if file.suffix not in (".yaml", ".yml") or not file.is_file():
+        return None
+    data = yaml.safe_load(file.read_text())
+    if not isinstance(data, dict) or "layer_mixers" not in data:
+        return None
+    if not folder.is_dir() or not (folder / "checkpoint.pt").is_file():
+        raise ValueError(f"--config {file}: a --replace run's encoder ({'+'.join(data['layer_mixers'])}); give "
+                         "its run folder, with its checkpoint.pt, so the replaced layers are measured too")
+    flags = [f"--{key.replace('_', '-')}" for key in ("mixer", "n_layers", "d_model", "n_heads", "right_frames")
+             if getattr(args, key, None) is not None] + (["--left-frames"] if hasattr(args, "left_frames") else [])
+    if flags or args.mixer_option:
+        raise ValueError(f"--config {folder} is a trained --replace run: its layers cannot be changed by "
+                         f"{', '.join(flags + ['--mixer-option'] * bool(args.mixer_option))}")
+    from streamssl.train.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(folder, kind="finetune")
+    return dataclasses.replace(checkpoint.model.latency(), mixer=checkpoint.mixer_label)
+
+
 def cmd_latency(args: argparse.Namespace) -> int:
     from streamssl.encoder import declared_latency
     from streamssl.tables import latency_table
 
-    config = encoder_config_from_args(args)
-    latency = declared_latency(config)
+    latency = replaced_run_latency(args) if args.config else None
+    if latency is None:
+        latency = declared_latency(encoder_config_from_args(args))
     if args.json:
         print(json.dumps(latency.to_dict(), indent=2))
     else:

@@ -132,6 +132,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_model(model.to(device), utterances, streaming=args.streaming, chunk_ms=args.chunk_ms,
                             device=device, progress=not args.quiet, max_offline_s=args.max_offline_s, beam=beam,
                             batch_size=args.batch_size)
+    result.latency["mixer"] = checkpoint.mixer_label  # the model as built: replaced layers included
     if args.json:
         out = result.to_dict()
         if not args.hypotheses:
