@@ -27,6 +27,9 @@ import json, sys
 sys.path.insert(0, {benchmarks!r})
 from common import peak_rss_mb, reset_peak_rss
 from streamssl.cli import main
+# The command imports torch and the model code itself (lazily, for a fast --help): import them first, so
+# the baseline holds what any run holds and the growth is streaming's.
+import streamssl.commands.stream, streamssl.streaming.recognizer, streamssl.train.checkpoint
 before = reset_peak_rss()
 code = main({argv!r})
 with open({result!r}, "w") as out:

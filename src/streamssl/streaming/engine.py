@@ -103,19 +103,39 @@ class StreamDecoder(Protocol):
 
 
 class GreedyStreamDecoder:
-    """Greedy CTC over one stream: each frame's token is final when the frame is."""
+    """Greedy CTC over one stream: each frame's token is final when the frame is.
+
+    The text grows as tokens come (what ``vocab.decode`` gives for all of them: single boundaries, none
+    at the ends), so reading it after every call costs only the new tokens, however long the stream.
+    """
 
     def __init__(self, vocab):
         self._decoder = GreedyDecoder(vocab, 1)
+        self._symbols, self._boundary = vocab.symbols, vocab.word_boundary
+        self._text = ""
+        self._boundary_pending = False
 
     def push(self, log_probs: Tensor) -> list[tuple[int, int]]:
-        return self._decoder.push(log_probs[None])[0]
+        new = self._decoder.push(log_probs[None])[0]
+        pieces = []
+        for _, token_id in new:
+            symbol = self._symbols[token_id]
+            if symbol == self._boundary:
+                self._boundary_pending = bool(self._text or pieces)
+                continue
+            if self._boundary_pending:
+                pieces.append(self._boundary)
+                self._boundary_pending = False
+            pieces.append(symbol)
+        if pieces:
+            self._text += "".join(pieces)
+        return new
 
     def finish(self) -> list[tuple[int, int]]:
         return []
 
     def text(self) -> str:
-        return self._decoder.texts()[0]
+        return self._text
 
 
 class LexiconStreamDecoder:
