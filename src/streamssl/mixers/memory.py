@@ -87,23 +87,13 @@ def _fold(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
-def _memory_source(k: Tensor, v: Tensor, valid: Tensor) -> KeySource:
-    """The memory each segment of a call reads, as one key source.
-
-    Args:
-        k, v: ``(B, H, M + S - 1, dh)``: keys/values of the ``M`` memory vectors made before the call's
-            first segment, newest last, then of those made by its segments but the last.
-        valid: ``(B, S, M)``: which of the ``M`` vectors before each segment exist.
-    Returns:
-        keys/values ``(B * S, H, M, dh)``, for segment ``s`` the ``M`` vectors made before it.
-    """
-    batch, heads, _, dh = k.shape
-    n_segments, m = valid.shape[1:]
-
-    def per_segment(t: Tensor) -> Tensor:
-        return t.unfold(2, m, 1).permute(0, 2, 1, 4, 3).reshape(batch * n_segments, heads, m, dh)
-
-    return KeySource(per_segment(k), per_segment(v), None, None, 0, _fold(valid))
+def _per_segment(t: Tensor, slots: Tensor) -> Tensor:
+    """What each segment reads of ``t`` ``(B, H, N, x)``: ``(B * S, H, W, x)``, segment ``s`` reading the
+    entries ``slots[s]`` of ``slots`` ``(S, W)``."""
+    batch, heads, _, width = t.shape
+    n_segments, n = slots.shape
+    picked = t.index_select(2, slots.reshape(-1)).view(batch, heads, n_segments, n, width)
+    return picked.transpose(1, 2).reshape(batch * n_segments, heads, n, width)
 
 
 class MemoryStack(MixerStack):
@@ -156,15 +146,21 @@ class MemoryStack(MixerStack):
         pos = next_segment.view(-1, 1) * c + offset
         return (offset < (ready * c).view(-1, 1)) & (pos < chunk.valid_end.view(-1, 1))
 
-    def _memory_valid(self, segments: Tensor) -> Tensor:
-        """``(B, S, M)``: which of the ``M`` memory vectors before each segment ``segments`` ``(B, S)`` were
-        made by a segment of the stream (the others are the fresh state's zeros)."""
-        return segments.unsqueeze(2) - self.memory_size + torch.arange(self.memory_size, device=segments.device) >= 0
+    def _memory_layout(self, segments: Tensor) -> tuple[Tensor, Tensor]:
+        """Where the memory of each segment ``segments`` ``(B, S)`` lies among a layer's bank (``M`` vectors,
+        newest last) followed by the vectors the call's segments make: slots ``(S, M)``, and which of them a
+        segment of the stream made ``(B * S, M)`` (the others are the fresh state's zeros)."""
+        m, device = self.memory_size, segments.device
+        n_segments = segments.shape[1]
+        slots = torch.arange(n_segments, device=device).view(-1, 1) + torch.arange(m, device=device)
+        valid = segments.unsqueeze(2) - m + torch.arange(m, device=device) >= 0
+        return slots, _fold(valid)
 
     def _empty(self, batch_size: int, frames: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         return torch.zeros(batch_size, frames, self.blocks[0].norm1.normalized_shape[0], device=device, dtype=dtype)
 
-    def _window(self, x: Tensor, chunk: Chunk, frames: Tensor, next_segment: Tensor) -> tuple[Tensor, Tensor, int, Tensor]:
+    def _window(self, x: Tensor, chunk: Chunk, frames: Tensor,
+                next_segment: Tensor) -> tuple[Tensor, Tensor, int, Tensor]:
         """A step's input window ``(B, W, D)`` (the kept ``frames`` then ``x``), the absolute frame of its
         first slot ``(B,)``, the segment slots of the step and how many of them are ready ``(B,)``."""
         window = push(frames, x, chunk.count)
@@ -201,7 +197,8 @@ class AMTRFStack(MemoryStack):
         valid = (pos >= 0) & (pos < ends)
         in_centre = valid & (pos >= centres.unsqueeze(2)) & (pos < centres.unsqueeze(2) + c)
         h = _gather(window, pos - window_start.view(-1, 1, 1))
-        block_valid, memory_valid = _fold(valid), self._memory_valid(segments)
+        block_valid = _fold(valid)
+        memory_slots, memory_valid = self._memory_layout(segments)
         new_banks = []
         for block, bank in zip(self.blocks, banks):
             att: SelfAttention = block.mixer
@@ -209,53 +206,56 @@ class AMTRFStack(MemoryStack):
             q, k, v = att.heads(_fold(u))
             sources = [KeySource(k, v, None, None, 0, block_valid)]
             if self.memory_size > 0:
-                bank, memory = self._memory(att, u, k, v, valid, in_centre, bank, memory_valid)
-                sources.insert(0, memory)
-            h = block.residual_feed_forward(h, att.merge(dense_band_attention(q, sources)).view(h.shape))
+                summary_q, _, _ = att.heads(_masked_mean(u, in_centre))
+                memory_k, memory_v, bank = self._memory(att, summary_q, k, v, valid, bank, memory_valid)
+                sources.insert(0, KeySource(_per_segment(memory_k, memory_slots), _per_segment(memory_v, memory_slots),
+                                            None, None, 0, memory_valid))
+                # A summary reads what its block's frames read, so it joins them as the block's last query;
+                # the last segment's, which the recurrence leaves out, is taken from there.
+                q = torch.cat([q, _fold(summary_q.transpose(1, 2)).unsqueeze(2)], dim=2)
+            mixed = att.merge(dense_band_attention(q, sources)).view(batch, n_segments, -1, h.shape[3])
+            if self.memory_size > 0:
+                bank = torch.cat([bank, torch.tanh(mixed[:, -1:, width])], dim=1)
+            h = block.residual_feed_forward(h, mixed[:, :, :width])
             new_banks.append(bank)
         # Only the centre frames' outputs are kept.
         centre = (torch.arange(n_segments, device=device) * width + centres - starts).unsqueeze(2)
         return _gather(h.reshape(batch, n_segments * width, -1), centre + torch.arange(c, device=device)).view(
             batch, n_segments * c, -1), new_banks
 
-    def _memory(self, att: SelfAttention, u: Tensor, k: Tensor, v: Tensor, valid: Tensor, in_centre: Tensor,
-                bank: Tensor, memory_valid: Tensor) -> tuple[Tensor, KeySource]:
+    def _memory(self, att: SelfAttention, summary_q: Tensor, k: Tensor, v: Tensor, valid: Tensor, bank: Tensor,
+                memory_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The recurrence over segments: segment ``s``'s summary query attends to the memory made before it
         and to its block; ``tanh`` of the output joins the memory.
 
         Args:
-            u: normalised blocks ``(B, S, W, D)``; ``k``, ``v``: their keys/values ``(B * S, H, W, dh)``.
-            valid, in_centre: ``(B, S, W)`` the blocks' existing frames and their centre frames.
-            bank: ``(B, M, D)`` the memory before the first segment; ``memory_valid``: ``(B, S, M)`` which
-                of the ``M`` vectors before each segment exist.
+            summary_q: ``(B, H, S, dh)`` the segments' summary queries.
+            k, v: ``(B * S, H, W, dh)`` the blocks' keys/values; ``valid``: ``(B, S, W)`` the frames that exist.
+            bank: ``(B, M, D)`` the memory before the first segment, newest last.
+            memory_valid: ``(B * S, M)`` which of the ``M`` vectors before each segment exist.
         Returns:
-            The bank followed by one new memory vector per segment ``(B, M + S, D)``, and the keys and
-            values of the ``M`` vectors each segment read, as the key source of the blocks' attention.
+            The keys and values ``(B, H, M + S - 1, dh)`` of the bank and of the vectors of every segment
+            but the last, and those vectors after the bank ``(B, M + S - 1, D)``.
         """
-        batch, n_segments = u.shape[:2]
-        summary_q, _, _ = att.heads(_masked_mean(u, in_centre))
+        batch, n_segments = valid.shape[:2]
+        m = self.memory_size
         # unbind, not indexing in the loop: the backward of k[:, s] would write a zero tensor of k's full
         # size for every segment.
         queries = summary_q.unbind(2)
         block_k = k.view(batch, n_segments, *k.shape[1:]).unbind(1)
         block_v = v.view(batch, n_segments, *v.shape[1:]).unbind(1)
-        block_valid, seen_valid = valid.unbind(1), memory_valid.unbind(1)
-        _, memory_k, memory_v = att.heads(bank)
-        made, seen_k, seen_v = [bank], [], []
-        for s in range(n_segments):
-            if s > 0:  # the previous segment's vector joins the memory
-                _, new_k, new_v = att.heads(made[-1])
-                memory_k = torch.cat([memory_k[:, :, 1:], new_k], dim=2)
-                memory_v = torch.cat([memory_v[:, :, 1:], new_v], dim=2)
-            seen_k.append(memory_k)
-            seen_v.append(memory_v)
-            out = dense_band_attention(queries[s].unsqueeze(2), [
-                KeySource(memory_k, memory_v, None, None, 0, seen_valid[s]),
-                KeySource(block_k[s], block_v[s], None, None, 0, block_valid[s])])
+        seen_valid = torch.cat([memory_valid.view(batch, n_segments, m), valid], dim=2).unbind(1)
+        _, bank_k, bank_v = att.heads(bank)
+        made, made_k, made_v = [bank], list(bank_k.split(1, dim=2)), list(bank_v.split(1, dim=2))
+        for s in range(n_segments - 1):
+            keys = torch.cat(made_k[-m:] + [block_k[s]], dim=2)
+            values = torch.cat(made_v[-m:] + [block_v[s]], dim=2)
+            out = dense_band_attention(queries[s].unsqueeze(2), [KeySource(keys, values, None, None, 0, seen_valid[s])])
             made.append(torch.tanh(att.merge(out)))
-        memory = KeySource(_fold(torch.stack(seen_k, dim=1)), _fold(torch.stack(seen_v, dim=1)), None, None, 0,
-                           _fold(memory_valid))
-        return torch.cat(made, dim=1), memory
+            _, new_k, new_v = att.heads(made[-1])
+            made_k.append(new_k)
+            made_v.append(new_v)
+        return torch.cat(made_k, dim=2), torch.cat(made_v, dim=2), torch.cat(made, dim=1)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """``x`` ``(B, T, D)``, ``lengths`` ``(B,)`` -> ``(B, T, D)``."""
@@ -328,7 +328,8 @@ class EmformerStack(MemoryStack):
         right_valid = _fold(right_pos < valid_end.view(-1, 1, 1))
         # Layer 0 reads the mean of each segment's input frames as its memory.
         memory = _masked_mean(main.view(batch, n_segments, c, d_model), centre_valid)
-        memory_valid = self._memory_valid(segments)
+        context_slots, context_valid = self._context_layout(first, n_segments, kv[0].shape[2], valid_end)
+        memory_slots, memory_valid = self._memory_layout(segments)
         new_kv, new_banks = [], []
         for layer, (block, kv_cached, bank) in enumerate(zip(self.blocks, kv, banks)):
             att: SelfAttention = block.mixer
@@ -338,14 +339,15 @@ class EmformerStack(MemoryStack):
             q_right, k_right, v_right = att.heads(_fold(u_right))
             heads, dh = q_main.shape[1], q_main.shape[3]
             kv_layer = torch.cat([kv_cached, torch.cat([k_main, v_main], dim=-1)], dim=2)
-            window_kv, window_valid = self._context(kv_layer, first, n_segments, valid_end)
-            context = [KeySource(window_kv[..., :dh], window_kv[..., dh:], None, None, 0, window_valid),
+            window_kv = _per_segment(kv_layer, context_slots)
+            context = [KeySource(window_kv[..., :dh], window_kv[..., dh:], None, None, 0, context_valid),
                        KeySource(k_right, v_right, None, None, 0, right_valid)]
             sources = list(context)
             if m > 0:
                 bank = torch.cat([bank, memory], dim=1)
                 _, memory_k, memory_v = att.heads(bank[:, :-1])  # the newest vector is read only by later calls
-                sources.insert(0, _memory_source(memory_k, memory_v, memory_valid))
+                sources.insert(0, KeySource(_per_segment(memory_k, memory_slots), _per_segment(memory_v, memory_slots),
+                                            None, None, 0, memory_valid))
                 if not last:
                     summary = _masked_mean(u_main.view(batch, n_segments, c, d_model), centre_valid)
                     q_summary, _, _ = att.heads(_fold(summary).unsqueeze(1))
@@ -362,27 +364,19 @@ class EmformerStack(MemoryStack):
             new_banks.append(bank)
         return main, new_kv, new_banks
 
-    def _context(self, kv: Tensor, first: Tensor, n_segments: int, valid_end: Tensor) -> tuple[Tensor, Tensor]:
-        """Left context and centre of each segment: keys and values ``(B * S, H, W, 2 dh)`` and which of
-        them exist ``(B * S, W)``.
-
-        ``kv`` ``(B, H, K + S * C, 2 dh)``: main-sequence keys, slot ``j`` at frame ``first * C - K + j``.
-        """
-        c, left = self.segment_frames, self.left_frames
-        batch, heads, total, width2 = kv.shape
-        device = kv.device
-        cached = total - n_segments * c
-        if left is None:
-            offsets = torch.arange(total, device=device).expand(n_segments, total)
-            windows = kv.unsqueeze(1).expand(batch, n_segments, heads, total, width2)
+    def _context_layout(self, first: Tensor, n_segments: int, cached: int, valid_end: Tensor) -> tuple[Tensor, Tensor]:
+        """Where each segment's left context and centre lie among a layer's main-sequence keys (the ``cached``
+        ones before segment ``first``, then the call's ``S * C``): slots ``(S, W)``, and which of them hold
+        frames that exist ``(B * S, W)``."""
+        c, left, device = self.segment_frames, self.left_frames, first.device
+        if left is None:  # every key so far
+            total = cached + n_segments * c
+            slots = torch.arange(total, device=device).expand(n_segments, total)
         else:  # the cache holds exactly the L frames before the first segment
-            offsets = torch.arange(n_segments, device=device).view(-1, 1) * c + torch.arange(left + c, device=device)
-            windows = kv.index_select(2, offsets.reshape(-1)).view(batch, heads, n_segments, left + c, width2)
-            windows = windows.transpose(1, 2)
-        pos = (first * c - cached).view(-1, 1, 1) + offsets                          # (B, S, W)
+            slots = torch.arange(n_segments, device=device).view(-1, 1) * c + torch.arange(left + c, device=device)
+        pos = (first * c - cached).view(-1, 1, 1) + slots                              # (B, S, W)
         ends = (first.view(-1, 1) + torch.arange(1, n_segments + 1, device=device)) * c
-        valid = (pos >= 0) & (pos < torch.minimum(ends, valid_end.view(-1, 1)).unsqueeze(2))
-        return _fold(windows), _fold(valid)
+        return slots, _fold((pos >= 0) & (pos < torch.minimum(ends, valid_end.view(-1, 1)).unsqueeze(2)))
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """``x`` ``(B, T, D)``, ``lengths`` ``(B,)`` -> ``(B, T, D)``."""
