@@ -23,9 +23,9 @@ are known, so a frame at position ``k`` of its segment waits ``C - 1 - k + R`` f
 Offline and streaming run the same segment code, one ``_segments`` per family: it computes segments
 ``first .. first + S - 1`` of every stream (``first`` per stream) from a window of input frames and the
 caches left by earlier segments (memory banks; Emformer's left-context keys), and returns the caches
-extended by these segments. There is one masking scheme: every key is hidden by its absolute position
-(before the stream's start, outside its segment's context, at or past the frames that exist), and every
-memory vector by the segment that made it (before the stream's first). ``forward`` calls it once for all
+extended by these segments. There is one masking scheme: a key is hidden by its absolute position
+(before the stream's start, outside its segment's context, at or past the frames that exist), a memory
+slot when no segment of the stream filled it (a fresh state's zeros). ``forward`` calls it once for all
 segments from a fresh state, with the lengths as the frames that exist, so a short last segment sees
 exactly what the streaming form sees at the end of a stream; ``step`` calls it on the segments a chunk
 can complete and keeps from the extended caches what the next step needs.
@@ -90,10 +90,10 @@ def _fold(t: Tensor) -> Tensor:
 def _per_segment(t: Tensor, slots: Tensor) -> Tensor:
     """What each segment reads of ``t`` ``(B, H, N, x)``: ``(B * S, H, W, x)``, segment ``s`` reading the
     entries ``slots[s]`` of ``slots`` ``(S, W)``."""
-    batch, heads, _, width = t.shape
-    n_segments, n = slots.shape
-    picked = t.index_select(2, slots.reshape(-1)).view(batch, heads, n_segments, n, width)
-    return picked.transpose(1, 2).reshape(batch * n_segments, heads, n, width)
+    batch, heads, _, features = t.shape
+    n_segments, width = slots.shape
+    picked = t.index_select(2, slots.reshape(-1)).view(batch, heads, n_segments, width, features)
+    return picked.transpose(1, 2).reshape(batch * n_segments, heads, width, features)
 
 
 class MemoryStack(MixerStack):
@@ -130,15 +130,6 @@ class MemoryStack(MixerStack):
         arrived, after the segment's left context where the family recomputes it (``None``: all)."""
         return self.segment_frames - 1 + self.right_frames
 
-    def _slots(self, n: int) -> int:
-        """Segments that can complete in one step of ``n`` frames, whatever the stream's position."""
-        return (n + self.segment_frames - 1) // self.segment_frames
-
-    def _n_ready(self, chunk: Chunk, next_segment: Tensor, slots: int) -> Tensor:
-        """``(B,)`` segments from ``next_segment`` on whose frames and right context are all known."""
-        done = torch.div(chunk.end - self.right_frames, self.segment_frames, rounding_mode="floor")
-        return (done - next_segment).clamp(0, slots)
-
     def _output_valid(self, chunk: Chunk, next_segment: Tensor, ready: Tensor, slots: int) -> Tensor:
         """``(B, S * C)``: the centre frames of the ready segments that exist."""
         c = self.segment_frames
@@ -156,16 +147,27 @@ class MemoryStack(MixerStack):
         valid = segments.unsqueeze(2) - m + torch.arange(m, device=device) >= 0
         return slots, _fold(valid)
 
+    def _kept_banks(self, banks: list[Tensor], ready: Tensor) -> list[Tensor]:
+        """Per layer the ``M`` vectors ``(B, M, D)`` of its extended bank ``(B, M + S, D)`` that the segment
+        after the ``ready`` ``(B,)`` ones reads."""
+        if self.memory_size == 0:  # empty banks: ONNX cannot export a gather of nothing
+            return banks
+        kept = take_index(banks[0], ready, self.memory_size)
+        return [bank.gather(1, kept) for bank in banks]
+
     def _empty(self, batch_size: int, frames: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         return torch.zeros(batch_size, frames, self.blocks[0].norm1.normalized_shape[0], device=device, dtype=dtype)
 
     def _window(self, x: Tensor, chunk: Chunk, frames: Tensor,
                 next_segment: Tensor) -> tuple[Tensor, Tensor, int, Tensor]:
-        """A step's input window ``(B, W, D)`` (the kept ``frames`` then ``x``), the absolute frame of its
-        first slot ``(B,)``, the segment slots of the step and how many of them are ready ``(B,)``."""
+        """A step's input window ``(B, W, D)`` (the kept ``frames`` then ``x``) and the absolute frame of its
+        first slot ``(B,)``; the step's segment slots ``S``, as many as ``n`` frames can complete whatever
+        the stream's position; and how many of them are ready ``(B,)``: frames and right context all known."""
+        c = self.segment_frames
         window = push(frames, x, chunk.count)
-        slots = self._slots(x.shape[1])
-        return window, chunk.end - window.shape[1], slots, self._n_ready(chunk, next_segment, slots)
+        slots = (x.shape[1] + c - 1) // c
+        done = torch.div(chunk.end - self.right_frames, c, rounding_mode="floor")
+        return window, chunk.end - window.shape[1], slots, (done - next_segment).clamp(0, slots)
 
 
 class AMTRFStack(MemoryStack):
@@ -182,10 +184,11 @@ class AMTRFStack(MemoryStack):
             valid_end: ``(B,)`` frames that exist; frames at or past it are masked.
             banks: per layer the ``M`` memory vectors ``(B, M, D)`` made before segment ``first``, newest last.
         Returns:
-            The outputs and per layer its bank followed by the vectors the segments made ``(B, M + S, D)``.
+            The outputs and per layer its bank followed by the vectors the segments made ``(B, M + S, D)``
+            (with ``M = 0``, the empty bank).
         """
         c, r, left = self.segment_frames, self.right_frames, self.left_frames
-        batch, device = window.shape[0], window.device
+        batch, d_model, device = window.shape[0], window.shape[2], window.device
         segments = first.view(-1, 1) + torch.arange(n_segments, device=device)      # (B, S)
         centres = segments * c
         if left is None:  # every block starts at the stream's first frame that the window holds
@@ -207,21 +210,21 @@ class AMTRFStack(MemoryStack):
             sources = [KeySource(k, v, None, None, 0, block_valid)]
             if self.memory_size > 0:
                 summary_q, _, _ = att.heads(_masked_mean(u, in_centre))
-                memory_k, memory_v, bank = self._memory(att, summary_q, k, v, valid, bank, memory_valid)
+                bank, memory_k, memory_v = self._memory(att, summary_q, k, v, valid, bank, memory_valid)
                 sources.insert(0, KeySource(_per_segment(memory_k, memory_slots), _per_segment(memory_v, memory_slots),
                                             None, None, 0, memory_valid))
                 # A summary reads what its block's frames read, so it joins them as the block's last query;
                 # the last segment's, which the recurrence leaves out, is taken from there.
                 q = torch.cat([q, _fold(summary_q.transpose(1, 2)).unsqueeze(2)], dim=2)
-            mixed = att.merge(dense_band_attention(q, sources)).view(batch, n_segments, -1, h.shape[3])
+            mixed = att.merge(dense_band_attention(q, sources)).view(batch, n_segments, -1, d_model)
             if self.memory_size > 0:
                 bank = torch.cat([bank, torch.tanh(mixed[:, -1:, width])], dim=1)
             h = block.residual_feed_forward(h, mixed[:, :, :width])
             new_banks.append(bank)
         # Only the centre frames' outputs are kept.
         centre = (torch.arange(n_segments, device=device) * width + centres - starts).unsqueeze(2)
-        return _gather(h.reshape(batch, n_segments * width, -1), centre + torch.arange(c, device=device)).view(
-            batch, n_segments * c, -1), new_banks
+        return _gather(h.reshape(batch, n_segments * width, d_model), centre + torch.arange(c, device=device)).view(
+            batch, n_segments * c, d_model), new_banks
 
     def _memory(self, att: SelfAttention, summary_q: Tensor, k: Tensor, v: Tensor, valid: Tensor, bank: Tensor,
                 memory_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -234,8 +237,8 @@ class AMTRFStack(MemoryStack):
             bank: ``(B, M, D)`` the memory before the first segment, newest last.
             memory_valid: ``(B * S, M)`` which of the ``M`` vectors before each segment exist.
         Returns:
-            The keys and values ``(B, H, M + S - 1, dh)`` of the bank and of the vectors of every segment
-            but the last, and those vectors after the bank ``(B, M + S - 1, D)``.
+            The bank followed by the vectors of every segment but the last ``(B, M + S - 1, D)``, and their
+            keys and values ``(B, H, M + S - 1, dh)``.
         """
         batch, n_segments = valid.shape[:2]
         m = self.memory_size
@@ -255,7 +258,7 @@ class AMTRFStack(MemoryStack):
             _, new_k, new_v = att.heads(made[-1])
             made_k.append(new_k)
             made_v.append(new_v)
-        return torch.cat(made_k, dim=2), torch.cat(made_v, dim=2), torch.cat(made, dim=1)
+        return torch.cat(made, dim=1), torch.cat(made_k, dim=2), torch.cat(made_v, dim=2)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """``x`` ``(B, T, D)``, ``lengths`` ``(B,)`` -> ``(B, T, D)``."""
@@ -280,9 +283,8 @@ class AMTRFStack(MemoryStack):
             return x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device), state
         window, window_start, slots, ready = self._window(x, chunk, state.frames, state.next_segment)
         y, banks = self._segments(window, window_start, state.next_segment, slots, chunk.valid_end, state.banks)
-        kept = take_index(banks[0], ready, self.memory_size)
         new_state = AMTRFState(keep_last(window, self._frames_kept()), state.next_segment + ready,
-                               [bank.gather(1, kept) for bank in banks])
+                               self._kept_banks(banks, ready))
         return y, self._output_valid(chunk, state.next_segment, ready, slots), new_state
 
 
@@ -314,7 +316,8 @@ class EmformerStack(MemoryStack):
             banks: per layer the ``M`` memory vectors ``(B, M, D)`` it reads before segment ``first``, newest last.
         Returns:
             The outputs; per layer ``kv`` followed by the segments' centre frames ``(B, H, K + S * C, 2 dh)``;
-            per layer its bank followed by the vectors the segments made for it ``(B, M + S, D)``.
+            per layer its bank followed by the vectors the segments made for it ``(B, M + S, D)`` (with
+            ``M = 0``, the empty bank).
         """
         c, r, m = self.segment_frames, self.right_frames, self.memory_size
         batch, d_model, device = window.shape[0], window.shape[2], window.device
@@ -397,7 +400,7 @@ class EmformerStack(MemoryStack):
 
     def step(self, x: Tensor, chunk: Chunk, state: "EmformerState") -> tuple[Tensor, Tensor, "EmformerState"]:
         """Every segment the chunk can complete at once, as in the offline form; the ready ones are kept."""
-        c, m = self.segment_frames, self.memory_size
+        c = self.segment_frames
         if x.shape[1] == 0:
             return x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device), state
         window, window_start, slots, ready = self._window(x, chunk, state.frames, state.next_segment)
@@ -407,9 +410,9 @@ class EmformerStack(MemoryStack):
         # whose oldest then hold positions before the stream's start).
         cached = state.kv[0].shape[2]
         keep = cached if self.left_frames is not None else cached + slots * c
-        kept_kv, kept_bank = take_index(kv[0], ready * c + cached - keep, keep, dim=2), take_index(banks[0], ready, m)
+        kept = take_index(kv[0], ready * c + cached - keep, keep, dim=2)
         new_state = EmformerState(keep_last(window, self._frames_kept()), state.next_segment + ready,
-                                  [t.gather(2, kept_kv) for t in kv], [bank.gather(1, kept_bank) for bank in banks])
+                                  [t.gather(2, kept) for t in kv], self._kept_banks(banks, ready))
         return y, self._output_valid(chunk, state.next_segment, ready, slots), new_state
 
 
