@@ -6,6 +6,7 @@ section 3 (plain softmax attention, Python loops), and the streaming forms again
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +16,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 import streamssl.mixers.attention_core as attention_core
 from conftest import stream_in_chunks
 from streamssl import Encoder, EncoderConfig, measure_lookahead
+from streamssl.asr.ctc import CTCModel
+from streamssl.export import OnnxModel, export_model
 
 torch.set_num_threads(1)
 FAMILIES = ["amtrf", "emformer"]
@@ -284,6 +287,33 @@ def test_step_exports_and_the_export_keeps_streaming(mixer):
             assert torch.equal(exported_emitted, emitted)
             assert torch.allclose(exported_y, y, atol=1e-12, rtol=0)
         assert emitted.tolist() == [segment, segment]
+
+
+@pytest.mark.parametrize("mixer", FAMILIES)
+@pytest.mark.parametrize("segment, memory", [(2, 0), (1, 3)])
+def test_onnx_step_without_memory_and_with_several_segments_per_chunk(mixer, segment, memory):
+    """The ONNX export where the shared export tests do not go: no memory (empty banks), and 4-frame
+    chunks completing several segments per step; ONNX Runtime streaming equals the offline form."""
+    torch.manual_seed(0)
+    model = CTCModel(EncoderConfig.tiny(mixer=mixer, frontend="none", input_dim=INPUT_DIM, left_frames=6,
+                                        right_frames=2,
+                                        mixer_options={"segment_frames": segment, "memory_size": memory})).eval()
+    data, info = export_model(model, 80)
+    assert info.chunk_samples == 4
+    runtime = OnnxModel(data)
+    x = frames(1, 31, seed=4, dtype=torch.float32)
+    with torch.no_grad():
+        offline, _ = model.encoder(x)
+        reference = model.output(offline).log_softmax(-1)[0].numpy()
+    state, out = runtime.init_state(1), []
+    for start in range(0, 31, 4):
+        piece = x[:, start:start + 4].numpy()
+        y, emitted, state = runtime.step_window(piece, state, np.array([piece.shape[1]]))
+        out.append(y[0, :emitted[0]].numpy())
+    y, _ = runtime.flush(state)
+    streamed = np.concatenate(out + [y[0].numpy()])
+    assert streamed.shape == reference.shape
+    assert np.abs(streamed - reference).max() < 1e-4
 
 
 @pytest.mark.parametrize("mixer", FAMILIES)

@@ -86,12 +86,17 @@ def key_mask(end: Tensor, width: int, n: int, chunk: Chunk) -> Tensor:
 
 def take(window: Tensor, start: Tensor, width: int, dim: int = 1) -> Tensor:
     """``width`` slots of ``window`` along ``dim`` from per-stream slot ``start`` ``(B,)`` (clamped)."""
+    return torch.gather(window, dim, take_index(window, start, width, dim))
+
+
+def take_index(window: Tensor, start: Tensor, width: int, dim: int = 1) -> Tensor:
+    """The ``torch.gather`` index of :func:`take`: one index serves every tensor shaped like ``window``."""
     index = (start.view(-1, 1) + torch.arange(width, device=window.device)).clamp(0, window.shape[dim] - 1)
     shape = [1] * window.dim()
     shape[0], shape[dim] = index.shape[0], width
     target = list(window.shape)
     target[dim] = width
-    return torch.gather(window, dim, index.view(shape).expand(target))
+    return index.view(shape).expand(target)
 
 
 def keep_last(window: Tensor, frames: int | None, dim: int = 1) -> Tensor:
