@@ -3,6 +3,7 @@
     python benchmarks/streaming_eval.py --checkpoint RUN --data SPLIT.jsonl [--limit N]
         [--batch-sizes 1,16] [--decoders greedy,lexicon] [--int8-data SPLIT.jsonl] [--int8-limit N]
     python benchmarks/streaming_eval.py --smoke     # seconds: a tiny model trained 2 steps, 2 tone utterances
+        [--serve-clients 16]
 
 Part 1 runs ``evaluate_model(..., streaming=True, chunk_ms=40, batch_size=b)`` for every batch size and
 decoder on the first ``--limit`` utterances of ``--data`` and reports wall and process CPU seconds
@@ -10,7 +11,12 @@ decoder on the first ``--limit`` utterances of ``--data`` and reports wall and p
 the speed-up over batch 1, and how many transcripts equal batch 1's. The lexicon decoder's search
 graph is built once before the timing.
 
-Part 2 (with ``--int8-data``) exports the checkpoint's streaming step at 40 ms chunks in float32 and in
+Part 2 runs the same utterances through the commands a user runs, and counts the transcripts equal to
+``evaluate --streaming`` at batch 1 (greedy): ``streamssl stream --json`` on the files, and ``streamssl
+serve`` with ``--serve-clients`` websocket clients at once (float32 at 16 kHz, as fast as they can send,
+each client taking the next utterance when its last one is done). All of them run the one streaming core.
+
+Part 3 (with ``--int8-data``) exports the checkpoint's streaming step at 40 ms chunks in float32 and in
 int8 (``streamssl export --int8``: ONNX Runtime's dynamic weight quantisation), and scores the PyTorch
 model and both exports streaming (greedy, batch 16) on that split: WER, CER, and transcripts equal
 to PyTorch's. Prints markdown tables; writes ``streaming_eval.json`` under ``--out``.
@@ -19,17 +25,27 @@ to PyTorch's. Prints markdown tables; writes ``streaming_eval.json`` under ``--o
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import io
+import json
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import soundfile
 import torch
+from websockets.asyncio.client import connect
 
 from common import add_common_options, markdown_table, parse_args, trained_tiny_checkpoint, write_json
 from streamssl.asr.evaluate import evaluate_model
 from streamssl.asr.lexicon import BeamSearchConfig
+from streamssl.cli import main as cli
 from streamssl.data import load_utterances
 from streamssl.export import OnnxModel, export_model
+from streamssl.serve import ServeConfig, StreamingServer
+from streamssl.streaming import Recognizer
 from streamssl.train.checkpoint import load_checkpoint
 
 CHUNK_MS = 40.0
@@ -63,6 +79,60 @@ def batching(model, utterances, batch_sizes: list[int], decoders: list[str]) -> 
     return rows
 
 
+def stream_command(checkpoint: str, utterances) -> list[str]:
+    """Transcripts of ``streamssl stream --json`` over the utterances' files."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli(["stream", "--checkpoint", str(checkpoint), "--chunk-ms", f"{CHUNK_MS:g}", "--json", "--quiet",
+                    *[str(u.audio) for u in utterances]])
+    if code != 0:
+        raise SystemExit(f"streamssl stream failed with exit status {code}")
+    return [f["transcript"] for f in json.loads(out.getvalue())["files"]]
+
+
+def serve_command(model, utterances, clients: int) -> list[str]:
+    """Transcripts from ``streamssl serve``'s server with ``clients`` websocket clients at once."""
+    recognizer = Recognizer(model, chunk_ms=CHUNK_MS)
+    texts: list[str] = [""] * len(utterances)
+    queue = iter(range(len(utterances)))
+
+    async def client(port: int) -> None:
+        for index in queue:
+            audio, rate = soundfile.read(utterances[index].audio, dtype="float32")
+            async with connect(f"ws://127.0.0.1:{port}/asr", max_size=None) as ws:
+                await ws.send(json.dumps({"type": "start", "sample_rate": rate, "format": "float32"}))
+                for start in range(0, audio.size, rate // 50):
+                    await ws.send(np.ascontiguousarray(audio[start:start + rate // 50]).astype("<f4").tobytes())
+                await ws.send(json.dumps({"type": "stop"}))
+                async for message in ws:
+                    data = json.loads(message)
+                    if data["type"] == "done":
+                        texts[index] = data["text"]
+                    elif data["type"] == "error":
+                        raise SystemExit(f"server error on {utterances[index].id}: {data['message']}")
+
+    async def run() -> None:
+        async with StreamingServer(recognizer, ServeConfig(max_streams=clients, max_batch=clients), port=0) as server:
+            await asyncio.gather(*(client(server.port) for _ in range(clients)))
+
+    asyncio.run(run())
+    return texts
+
+
+def paths(checkpoint: str, model, utterances, clients: int) -> list[dict]:
+    """Part 2: every command's transcripts against ``evaluate --streaming`` at batch 1."""
+    reference, _ = timed(model, utterances, None, 1)
+    runs = {"evaluate --streaming, batch 1": reference,
+            f"evaluate --streaming, batch {clients}": timed(model, utterances, None, clients)[0],
+            "stream": stream_command(checkpoint, utterances),
+            f"serve, {clients} clients": serve_command(model, utterances, clients)}
+    rows = [{"path": name, "utterances": len(hyps), "same_as_evaluate_batch_1": sum(a == b for a, b in zip(reference, hyps))}
+            for name, hyps in runs.items()]
+    for row in rows:
+        print(row, flush=True)
+    return rows
+
+
 def int8_change(model, utterances) -> list[dict]:
     runs = {"pytorch": model}
     for int8 in (False, True):
@@ -88,10 +158,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N utterances of --data")
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--decoders", default="greedy,lexicon")
+    parser.add_argument("--serve-clients", type=int, default=16, help="websocket clients at once in part 2")
     parser.add_argument("--int8-data", help="manifest for the int8 WER comparison (skipped without)")
     parser.add_argument("--int8-limit", type=int, default=None, help="first N utterances of --int8-data")
     add_common_options(parser)
-    args = parse_args(parser, smoke=dict(limit=2, batch_sizes="1,2", int8_limit=1))
+    args = parse_args(parser, smoke=dict(limit=2, batch_sizes="1,2", int8_limit=1, serve_clients=2))
     if args.smoke and not (args.checkpoint or args.data):
         scratch = tempfile.TemporaryDirectory(prefix="streamssl-bench-")  # the tiny model and its corpus
         args.checkpoint = trained_tiny_checkpoint(Path(scratch.name), steps=2)
@@ -108,6 +179,8 @@ def main() -> None:
                         "rows": batching(model, utterances, [int(b) for b in args.batch_sizes.split(",")],
                                          args.decoders.split(","))}}
     print(table(out["batching"]["rows"]))
+    out["paths"] = {"rows": paths(args.checkpoint, model, utterances, args.serve_clients)}
+    print(table(out["paths"]["rows"]))
     if args.int8_data:
         split = load_utterances(args.int8_data)[:args.int8_limit]
         split_s = sum(u.duration for u in split)

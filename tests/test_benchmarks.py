@@ -126,3 +126,4 @@ def test_smoke_run(script, tmp_path):
     if script == "streaming_eval":
         result = json.loads((tmp_path / "streaming_eval.json").read_text())
         assert [row["same_as_first"] for row in result["batching"]["rows"]] == [2, 2, 2, 2]
+        assert [row["same_as_evaluate_batch_1"] for row in result["paths"]["rows"]] == [2, 2, 2, 2]
