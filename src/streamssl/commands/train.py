@@ -85,7 +85,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
                              "given, which then starts from base")
     parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                         dest="sets", help="override one field (encoder.KEY for the encoder); repeatable")
-    parser.add_argument("--train", dest="train_data", help="training data: manifest, LibriSpeech or audio+txt folder")
+    parser.add_argument("--train", dest="train_data", help="training data: manifest, LibriSpeech or audio+txt folder, "
+                                                           "Lhotse cut manifest (.jsonl.gz) or Shar folder")
     parser.add_argument("--dev", dest="dev_data", help="dev data, evaluated every eval_every steps and at the end")
     parser.add_argument("--steps", type=int, help="optimiser updates in the whole run")
     parser.add_argument("--lr", type=float, help="peak learning rate")
@@ -103,7 +104,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
 def run_training(kind: str, config: RunConfig, out: str, device: str | None = None,
                  stop_after: int | None = None, progress: bool = True) -> dict[str, float]:
     """Train ``config`` in ``out`` (resuming if a checkpoint is there); checks data before training."""
-    from streamssl.train.data import load_split
+    from streamssl.train.data import CutSplit, load_split
     from streamssl.train.dist import close_world, init_world
     from streamssl.train.tasks import FinetuneTask, PretrainTask
     from streamssl.train.trainer import Trainer, seed_everything
@@ -115,14 +116,16 @@ def run_training(kind: str, config: RunConfig, out: str, device: str | None = No
     try:
         say = print if world.is_main else (lambda *a, **k: None)
         vocab = CharVocab() if kind == "finetune" else None
-        train = load_split(config.train_data, config.skip_bad, "training data", vocab, say)
+        train = load_split(config.train_data, config.skip_bad, "training data", vocab, say, lazy=True,
+                           sample_size=config.normalizer_utterances, seed=config.seed)
         dev = load_split(config.dev_data, config.skip_bad, "dev data", vocab, say) if config.dev_data else None
         seed_everything(config.seed, world.rank)
         task = PretrainTask(config) if kind == "pretrain" else FinetuneTask(config, say)
         n_params = sum(p.numel() for p in task.model.parameters())
+        count, seconds = (train.utterances, train.seconds) if isinstance(train, CutSplit) else \
+            (len(train), sum(u.duration for u in train))
         say(f"{kind}: {task.encoder_config.mixer} encoder, {n_params / 1e6:.2f} M parameters, "
-            f"{len(train)} training utterances ({sum(u.duration for u in train) / 3600:.2f} h), "
-            f"{world.size} process(es) on {world.device}")
+            f"{count} training utterances ({seconds / 3600:.2f} h), {world.size} process(es) on {world.device}")
         trainer = Trainer(task, out, world, train, dev, progress=progress, log=say)
         return trainer.fit(stop_after)
     finally:
@@ -253,7 +256,8 @@ def _evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
     from streamssl.asr.lexicon import BeamSearchConfig
 
     evaluate.add_argument("--checkpoint", required=True, help="a finetune checkpoint or its run folder")
-    evaluate.add_argument("--data", required=True, help="manifest, LibriSpeech or audio+txt folder")
+    evaluate.add_argument("--data", required=True, help="manifest, LibriSpeech or audio+txt folder, Lhotse cut "
+                                                        "manifest (.jsonl.gz) or Shar folder")
     evaluate.add_argument("--streaming", action="store_true", help="decode chunk by chunk through step/flush")
     add_chunk_ms(evaluate, "streaming chunk length")
     evaluate.add_argument("--batch-size", type=int, default=STREAMING_BATCH_SIZE, metavar="STREAMS",
