@@ -143,8 +143,8 @@ class CutSplit:
 
     ``skipped``: ids of the cuts with a problem (left out); ``repeated``: ids that occur more than once
     (only the first occurrence is used); ``sample``: up to ``sample_size`` usable utterances that can load
-    their audio (the frontend statistics' sample); ``shards``: the Shar folder's shard count (0 for a
-    cut manifest).
+    their audio (the frontend statistics' sample); ``shard_utterances``: usable utterances per shard of a
+    Shar folder (empty for a cut manifest).
     """
 
     src: str
@@ -154,8 +154,12 @@ class CutSplit:
     skipped: frozenset[str]
     repeated: frozenset[str]
     sample: list[CutUtterance]
-    shards: int
+    shard_utterances: list[int]
     skip_bad: bool
+
+    @property
+    def shards(self) -> int:
+        return len(self.shard_utterances)
 
 
 def load_cut_split(src: str, skip_bad: bool, what: str, vocab=None, log=print, sample_size: int = 0,
@@ -178,6 +182,8 @@ def load_cut_split(src: str, skip_bad: bool, what: str, vocab=None, log=print, s
     count, seconds = 0, 0.0
     draw = random.Random(seed)
     sample: list[CutUtterance] = []
+    shard_index = {cuts_path: i for i, (cuts_path, _) in enumerate(shar_shards(src))} if layout == "shar" else {}
+    per_shard = [0] * len(shard_index)
     for cut, utt, found in checked_cuts(cuts, src):
         if utt is not None and vocab is not None:
             try:
@@ -194,6 +200,8 @@ def load_cut_split(src: str, skip_bad: bool, what: str, vocab=None, log=print, s
             continue
         count += 1
         seconds += utt.duration
+        if shard_index:
+            per_shard[shard_index[cut.custom["shard_origin"]]] += 1
         # Reservoir sampling: every usable cut of the manifest is equally likely to be in the sample.
         if layout == "lhotse" and len(sample) < sample_size:
             sample.append(utt)
@@ -205,10 +213,10 @@ def load_cut_split(src: str, skip_bad: bool, what: str, vocab=None, log=print, s
         log(f"skipped ({what}): {problem}")
     if not count:
         raise ValueError(f"{what} {src} holds no usable utterances")
-    shards = len(shar_shards(src)) if layout == "shar" else 0
-    split = CutSplit(src, layout, count, seconds, frozenset(skipped), frozenset(repeated), sample, shards, skip_bad)
+    split = CutSplit(src, layout, count, seconds, frozenset(skipped), frozenset(repeated), sample, per_shard,
+                     skip_bad)
     if layout == "shar" and sample_size:
-        order = np.random.default_rng(seed).permutation(shards).tolist()
+        order = np.random.default_rng(seed).permutation(split.shards).tolist()
         picked = itertools.islice(_usable(open_cuts(src, shards=order), split), sample_size)
         split.sample = [cut_utterance(cut, src, []) for cut in picked]
     return split
@@ -334,16 +342,20 @@ class CutBatches:
         """This rank's ``DynamicBucketingSampler`` for ``epoch``; it yields ``CutSet`` batches."""
         from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
 
-        cuts = _usable(open_cuts(self.split.src, shards=self.shards(epoch)), self.split)
+        shards = self.shards(epoch)
+        cuts = _usable(open_cuts(self.split.src, shards=shards), self.split)
         if self.crop_seconds:
             cuts = cuts.map(_Crop(self.crop_seconds, self.seed, epoch))
-        by_shard = self.split.layout == "shar"
+        by_shard = shards is not None
+        cuts_read = self.split.utterances if shards is None else sum(self.split.shard_utterances[i] for i in shards)
+        # Lhotse estimates the bucket edges from the cuts and needs at least one per bucket.
+        buckets = min(self.num_buckets, cuts_read)
         common = dict(max_duration=self.max_batch_seconds, shuffle=True, seed=self.seed, drop_last=False,
                       world_size=1 if by_shard else self.world.size, rank=0 if by_shard else self.world.rank)
-        if self.num_buckets == 1:
+        if buckets <= 1:
             sampler = DynamicCutSampler(cuts, **common)
         else:
-            sampler = DynamicBucketingSampler(cuts, num_buckets=self.num_buckets, **common)
+            sampler = DynamicBucketingSampler(cuts, num_buckets=buckets, **common)
         sampler.set_epoch(epoch)
         return sampler
 
