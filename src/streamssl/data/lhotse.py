@@ -12,6 +12,7 @@ read lazily, line by line, and a Shar folder shard by shard, so neither is ever 
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ SHAR_CUTS = "cuts.{index}.jsonl.gz"
 SHAR_RECORDING = "recording.{index}.tar"
 # Lhotse's own default; a few hundred to a few thousand utterances per shard keep reads sequential.
 SHARD_SIZE = 1000
+_FIRST_BACKEND_ERROR = re.compile(r"Exception #0 \([^)]*\): <class '[^']*'>: (.*?)(?= Exception #1| Set LHOTSE|$)")
 
 
 def require_lhotse() -> Any:
@@ -117,6 +119,10 @@ def _load(cut: Any, where: str) -> np.ndarray:
         return np.atleast_2d(cut.load_audio())
     except (AudioLoadingError, OSError, RuntimeError, ValueError, AssertionError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
+        # Lhotse lists every audio backend it tried, with the call's arguments; the first one's reason is
+        # the file's problem.
+        first = _FIRST_BACKEND_ERROR.search(message)
+        message = first.group(1) if first else message[:300]
         raise ValueError(f"{where}: cannot decode audio: {message}") from None
 
 
