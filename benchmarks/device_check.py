@@ -20,7 +20,9 @@ Five sections, each a table on stdout and a block of ``device_check_<device>.jso
    frames (80 s and 320 s at 20 ms). A point that does not fit says ``out_of_memory``.
 5. ``pretrain``: ``--pretrain-seconds`` (120) of wav2vec 2.0 pretraining with the LibriSpeech recipe
    (recipes/librispeech/pretrain.yaml: BASE LLSA, 87.5 s of audio per step) on generated audio, through
-   the trainer's own step: steps per second after ``--warmup-steps``, audio seconds per second, peak memory.
+   the trainer's own step: steps per second after ``--warmup-steps``, audio seconds per second, peak memory,
+   and the FLOPs of one step (``torch.utils.flop_counter``: matrix products and convolutions) per second
+   of audio, so achieved TFLOP/s too.
 
 The exit status is 1 if any check of sections 1-3 fails. CUDA times are wall clock after a synchronise;
 CPU times are process CPU time and peak memory is not measured there: on CPU the numbers mean nothing.
@@ -44,6 +46,7 @@ import soundfile
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from common import ROOT, add_common_options, markdown_table, parse_args, write_json
 
@@ -276,11 +279,15 @@ def pretrain_throughput(device: torch.device, utterances: list[Utterance], secon
                       log=lambda *a, **k: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    steps, timed, audio_s, started, epoch = 0, 0, 0.0, None, 0
+    steps, timed, audio_s, started, epoch, flops, first_audio_s = 0, 0, 0.0, None, 0, 0, 0.0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         for batch in trainer.batches.iterate(epoch, 0):
-            trainer._train_step(batch)
+            # The first step (never timed) also counts the FLOPs of matrix products and convolutions.
+            with FlopCounterMode(display=False) if steps == 0 else contextlib.nullcontext() as counter:
+                trainer._train_step(batch)
+            if steps == 0:
+                flops, first_audio_s = counter.get_total_flops(), float(batch["lengths"].sum()) / task.sample_rate
             trainer.step += 1
             steps += 1
             if steps == warmup_steps:
@@ -300,7 +307,9 @@ def pretrain_throughput(device: torch.device, utterances: list[Utterance], secon
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {"mixer": task.encoder_config.mixer, "parameters_m": sum(p.numel() for p in task.model.parameters()) / 1e6,
             "max_batch_seconds": config.max_batch_seconds, "steps": steps, "timed_steps": timed,
-            "steps_per_s": timed / elapsed, "audio_s_per_s": audio_s / elapsed, "peak_mb": peak}
+            "steps_per_s": timed / elapsed, "audio_s_per_s": audio_s / elapsed, "peak_mb": peak,
+            "gflop_per_audio_s": flops / first_audio_s / 1e9,
+            "achieved_tflop_per_s": flops / first_audio_s * audio_s / elapsed / 1e12}
 
 
 # ------------------------------------------------------------------ main
@@ -368,7 +377,8 @@ def main() -> None:
     p = result["pretrain"]
     print(f"\n5. wav2vec 2.0 pretraining ({p['mixer']}, {p['parameters_m']:.1f} M parameters, "
           f"{p['max_batch_seconds']:g} s of audio per step): {p['steps_per_s']:.3f} steps/s over {p['timed_steps']} "
-          f"steps, {p['audio_s_per_s']:.1f} s of audio per s"
+          f"steps, {p['audio_s_per_s']:.1f} s of audio per s, {p['gflop_per_audio_s']:.1f} GFLOP per s of audio "
+          f"(products and convolutions, forward+backward): {p['achieved_tflop_per_s']:.2f} TFLOP/s"
           + ("" if p["peak_mb"] is None else f", peak {p['peak_mb']:.0f} MB"))
     sys.exit(0 if result["ok"] else 1)
 
