@@ -65,12 +65,14 @@ def final_row(run: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, metric", [("finetune", "ctc_per_char"), ("pretrain", "objective")])
-def test_every_format_trains_to_the_same_loss(kind, metric, formats, tmp_path):
+@pytest.mark.parametrize("kind, preset, metric", [("finetune", "tiny", "ctc_per_char"),
+                                                  ("pretrain", "tiny", "objective"),
+                                                  ("pretrain", "tiny-fbank", "objective")])  # + frontend statistics
+def test_every_format_trains_to_the_same_loss(kind, preset, metric, formats, tmp_path):
     rows = {}
     for name, src in formats.items():
         out = tmp_path / name
-        assert main([kind, "--preset", "tiny", "--train", src, "--out", str(out), "--steps", "3", "--no-progress",
+        assert main([kind, "--preset", preset, "--train", src, "--out", str(out), "--steps", "3", "--no-progress",
                      "--device", "cpu", "--set", "log_every=1", *ONE_BATCH]) == 0
         rows[name] = final_row(out)
     assert rows["jsonl"][metric] > 0

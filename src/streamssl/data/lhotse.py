@@ -280,12 +280,13 @@ def write_shar(utterances: Sequence[Utterance], out_dir: str | Path, shard_size:
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    cut_set = require_lhotse().CutSet
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty; shards go into a new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     order = list(utterances)
     random.Random(seed).shuffle(order)
-    cuts = require_lhotse().CutSet.from_cuts(cut_of(utt) for utt in order)
+    cuts = cut_set.from_cuts(cut_of(utt) for utt in order)
     written = cuts.to_shar(out_dir, fields={"recording": "flac"}, shard_size=shard_size)
     return list(written["cuts"])
