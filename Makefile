@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench,hf]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench,hf,lhotse]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -40,6 +40,8 @@ bench: $(STAMP) $(DEMO_MODEL)
 		--batch-sizes 16 --decoders greedy --int8-data $(DEMO_TEST)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/serve_load.py --chunks-ms 40 160
+	$(BIN)/python benchmarks/checkpoint_memory.py
+	$(BIN)/python benchmarks/device_check.py --smoke  # CPU, tiny; on a CUDA machine run it without --smoke
 
 # Removes the environment and caches; runs/ (your models and the demo's) stays.
 clean:

@@ -80,14 +80,19 @@ def peak_rss_mb() -> float:
     return _status_mb("VmHWM")
 
 
-def fwd_bwd_point(config: dict, frames: int, batch: int, device: str, repeats: int) -> dict:
-    """Time and peak memory of one forward+backward of an encoder on random frames (this process)."""
+def fwd_bwd_point(config: dict, frames: int, batch: int, device: str, repeats: int, checkpoint: bool = False
+                  ) -> dict:
+    """Time and peak memory of one forward+backward of an encoder on random frames (this process); with
+    ``checkpoint``, activation checkpointing per block (:func:`streamssl.mixers.checkpoint_blocks`)."""
     import torch
 
     from streamssl import Encoder, EncoderConfig
+    from streamssl.mixers import checkpoint_blocks
 
     torch.manual_seed(0)
     encoder = Encoder(EncoderConfig.from_dict(config)).to(device).train()
+    if checkpoint:
+        checkpoint_blocks(encoder)
     dim = encoder.frontend.input_dim
 
     def run(n_frames: int) -> None:
@@ -118,10 +123,11 @@ def fwd_bwd_point(config: dict, frames: int, batch: int, device: str, repeats: i
 
 
 def measure_in_subprocess(config: dict, frames: int, batch: int = 1, device: str = "cpu",
-                          repeats: int = 1, threads: int | None = 1, timeout_s: float = 1800) -> dict:
+                          repeats: int = 1, threads: int | None = 1, timeout_s: float = 1800,
+                          checkpoint: bool = False) -> dict:
     """Run :func:`fwd_bwd_point` in a fresh interpreter so that peak RSS belongs to this point alone."""
     request = json.dumps(dict(config=config, frames=frames, batch=batch, device=device, repeats=repeats,
-                              threads=threads))
+                              threads=threads, checkpoint=checkpoint))
     code = ("import json, sys, torch; sys.path.insert(0, %r); from common import fwd_bwd_point; "
             "r = json.loads(sys.argv[1]); t = r.pop('threads'); t and torch.set_num_threads(t); "
             "print(json.dumps(fwd_bwd_point(**r)))") % str(Path(__file__).parent)

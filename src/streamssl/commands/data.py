@@ -1,4 +1,5 @@
-"""``streamssl corpus``: write a manifest, check a corpus, synthesise a spoken corpus."""
+"""``streamssl corpus``: write a manifest (JSONL or a Lhotse cut manifest), write Lhotse Shar shards, check a
+corpus, synthesise a spoken corpus."""
 
 from __future__ import annotations
 
@@ -10,13 +11,35 @@ from streamssl.commands.common import Subcommands
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
+    from streamssl.data.lhotse import CUTS_SUFFIX, audio_file, write_cuts
     from streamssl.data.manifest import write_manifest
     from streamssl.data.readers import load_utterances
 
+    suffix = CUTS_SUFFIX if args.format == "lhotse" else ".jsonl"
+    if not args.out.endswith(suffix) or args.format == "jsonl" and args.out.endswith(CUTS_SUFFIX):
+        raise ValueError(f"--out {args.out}: a {args.format} manifest is a {suffix} file")
     utterances = load_utterances(args.src, skip_bad=args.skip_bad, decode=not args.headers_only)
-    write_manifest(utterances, args.out)
+    if args.format == "lhotse":
+        write_cuts(utterances, args.out)
+    else:
+        for utt in utterances:
+            audio_file(utt)
+        write_manifest(utterances, args.out)
     hours = sum(utt.duration for utt in utterances) / 3600
     print(f"wrote {len(utterances)} utterance(s), {hours:.3f} h, to {args.out}")
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from streamssl.data.lhotse import write_shar
+    from streamssl.data.readers import load_utterances
+
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {args.shard_size}")
+    utterances = load_utterances(args.src, skip_bad=args.skip_bad, decode=not args.headers_only)
+    shards = write_shar(utterances, args.out, shard_size=args.shard_size, seed=args.seed)
+    hours = sum(utt.duration for utt in utterances) / 3600
+    print(f"wrote {len(utterances)} utterance(s), {hours:.3f} h, in {len(shards)} Lhotse Shar shard(s) to {args.out}")
     return 0
 
 
@@ -42,27 +65,44 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: Subcommands) -> None:
-    """Register ``corpus manifest``, ``corpus check`` and ``corpus synth``."""
+    """Register ``corpus manifest``, ``corpus shard``, ``corpus check`` and ``corpus synth``."""
     subparsers.add_parser("corpus", arguments=_corpus_arguments,
-                          help="speech corpora: manifests, checks, a synthetic corpus")
+                          help="speech corpora: manifests, shards, checks, a synthetic corpus")
 
 
 def _corpus_arguments(corpus: argparse.ArgumentParser) -> None:
     sub = corpus.add_subparsers(dest="corpus_command", required=True)
 
-    manifest = sub.add_parser("manifest", help="write a JSONL manifest of a LibriSpeech-layout or audio+.txt folder")
-    manifest.add_argument("src", help="corpus folder (or a .jsonl manifest to rewrite)")
-    manifest.add_argument("--out", required=True, help="manifest to write (FILE.jsonl)")
-    manifest.add_argument("--skip-bad", action="store_true",
-                          help="leave out utterances with problems (listed as warnings) instead of failing")
-    manifest.add_argument("--headers-only", action="store_true",
-                          help="read audio headers only instead of decoding every file (faster; truncated "
-                               "audio behind a valid header then goes unnoticed)")
+    def source_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--skip-bad", action="store_true",
+                            help="leave out utterances with problems (listed as warnings) instead of failing")
+        parser.add_argument("--headers-only", action="store_true",
+                            help="read audio headers only instead of decoding every file (faster; truncated "
+                                 "audio behind a valid header then goes unnoticed)")
+
+    manifest = sub.add_parser("manifest", help="write a JSONL or Lhotse manifest of a corpus (LibriSpeech-layout "
+                                               "or audio+.txt folder, or another manifest)")
+    manifest.add_argument("src", help="corpus folder, .jsonl manifest, Lhotse .jsonl.gz cut manifest or Shar folder")
+    manifest.add_argument("--out", required=True, help="manifest to write (FILE.jsonl, or FILE.jsonl.gz with "
+                                                       "--format lhotse)")
+    manifest.add_argument("--format", choices=("jsonl", "lhotse"), default="jsonl",
+                          help="jsonl: this toolkit's manifest (default); lhotse: a Lhotse CutSet (needs the "
+                               "lhotse extra)")
+    source_arguments(manifest)
     manifest.set_defaults(func=cmd_manifest)
+
+    shard = sub.add_parser("shard", help="write a corpus as Lhotse Shar tar shards (FLAC audio), shuffled, for "
+                                         "sequential reads at scale (needs the lhotse extra)")
+    shard.add_argument("src", help="corpus folder, .jsonl manifest, Lhotse .jsonl.gz cut manifest or Shar folder")
+    shard.add_argument("--out", required=True, help="new folder for the shards")
+    shard.add_argument("--shard-size", type=int, default=1000, metavar="N", help="utterances per shard (default 1000)")
+    shard.add_argument("--seed", type=int, default=0, help="seed of the shuffle before sharding (default 0)")
+    source_arguments(shard)
+    shard.set_defaults(func=cmd_shard)
 
     check = sub.add_parser("check", help="list every problem of a corpus; exit status 1 if there is any, or if "
                                          "the corpus holds no utterances")
-    check.add_argument("src", help="corpus folder or .jsonl manifest")
+    check.add_argument("src", help="corpus folder, .jsonl manifest, Lhotse .jsonl.gz cut manifest or Shar folder")
     check.add_argument("--headers-only", action="store_true",
                        help="read audio headers only instead of decoding every file (faster, finds less)")
     check.set_defaults(func=cmd_check)

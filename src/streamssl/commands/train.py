@@ -40,7 +40,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                         dest="sets", help="override one field (encoder.KEY for the encoder, objective_options.KEY "
                              "for the pretraining objective's options); repeatable")
-    parser.add_argument("--train", dest="train_data", help="training data: manifest, LibriSpeech or audio+txt folder")
+    parser.add_argument("--train", dest="train_data", help="training data: manifest, LibriSpeech or audio+txt folder, "
+                                                           "Lhotse cut manifest (.jsonl.gz) or Shar folder")
     parser.add_argument("--dev", dest="dev_data", help="dev data, evaluated every eval_every steps and at the end")
     parser.add_argument("--steps", type=int, help="optimiser updates in the whole run")
     parser.add_argument("--lr", type=float, help="peak learning rate")
@@ -171,7 +172,8 @@ def _evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
     from streamssl.asr.lexicon import BeamSearchConfig
 
     evaluate.add_argument("--checkpoint", required=True, help="a finetune checkpoint or its run folder")
-    evaluate.add_argument("--data", required=True, help="manifest, LibriSpeech or audio+txt folder")
+    evaluate.add_argument("--data", required=True, help="manifest, LibriSpeech or audio+txt folder, Lhotse cut "
+                                                        "manifest (.jsonl.gz) or Shar folder")
     evaluate.add_argument("--streaming", action="store_true", help="decode chunk by chunk through step/flush")
     add_chunk_ms(evaluate, "streaming chunk length")
     evaluate.add_argument("--batch-size", type=int, default=STREAMING_BATCH_SIZE, metavar="STREAMS",

@@ -102,13 +102,17 @@ class AudioDataset(torch.utils.data.Dataset):
         return len(self.utterances)
 
     def __getitem__(self, index: int) -> dict:
-        utt = self.utterances[index]
+        return self.item(self.utterances[index], index)
+
+    def item(self, utt: Utterance, key: int) -> dict:
+        """``utt`` loaded and augmented as item ``key`` would be (``__getitem__`` uses its index; a lazily
+        read corpus, which has no indices, a stable number derived from the id)."""
         try:
-            audio = load_audio(utt.audio, self.sample_rate)
+            audio = utt.read_audio(self.sample_rate)
         except ValueError as error:
             raise ValueError(f"utterance {utt.id}: {error}") from None
         if self.speed_perturb is not None or self.noise is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = np.random.default_rng([self.seed, self.epoch, key])
             if self.speed_perturb is not None:
                 factor = self.speed_perturb[int(rng.integers(len(self.speed_perturb)))]
                 # Reading samples recorded at rate*factor as if at rate changes speed (and pitch) by factor.

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from streamssl.data.audio import SAMPLE_RATE, load_audio
 
 MANIFEST_FIELDS = ("id", "audio", "duration", "text", "speaker")
 
@@ -27,6 +31,11 @@ class Utterance:
     duration: float
     text: str
     speaker: str
+
+    def read_audio(self, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        """The utterance's samples, float32 mono of shape (S,) at ``sample_rate`` Hz (see
+        :func:`streamssl.data.load_audio`); ``ValueError`` naming the file if it cannot be decoded."""
+        return load_audio(self.audio, sample_rate)
 
 
 class ManifestError(ValueError):
@@ -86,6 +95,6 @@ def write_manifest(utterances: list[Utterance], path: str | Path) -> None:
     with path.open("w", encoding="utf-8") as out:
         for utt in utterances:
             audio = Path(utt.audio).resolve()
-            record = asdict(utt)
+            record = {name: getattr(utt, name) for name in MANIFEST_FIELDS}
             record["audio"] = (os.path.relpath(audio, base) if audio.is_relative_to(base) else str(audio))
             out.write(json.dumps(record, ensure_ascii=False) + "\n")

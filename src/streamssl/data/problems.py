@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from streamssl.data.text import describe_characters, normalize_text, unsupported_characters
+
 logger = logging.getLogger("streamssl.data")
 
 # The kinds of problem, with what each means.
@@ -47,3 +49,16 @@ def report_skipped(problems: list[Problem], source: str) -> None:
     if problems:
         logger.warning("%s: skipping %d problem(s):\n%s", source, len(problems),
                        "\n".join(f"  {problem}" for problem in problems))
+
+
+def check_transcript(raw: str, where: str, problems: list[Problem]) -> str | None:
+    """Normalise a transcript; return it, or None after appending a problem against ``where`` to ``problems``."""
+    bad = unsupported_characters(raw)
+    if bad:
+        problems.append(Problem(where, "unsupported-characters", describe_characters(bad)))
+        return None
+    text = normalize_text(raw)
+    if not text:
+        problems.append(Problem(where, "empty-transcript", f"transcript {raw!r} is empty once normalised"))
+        return None
+    return text

@@ -1,4 +1,5 @@
-"""Readers for the three corpus layouts: LibriSpeech, a folder of audio with ``.txt`` transcripts, a manifest.
+"""Readers for the corpus layouts: LibriSpeech, a folder of audio with ``.txt`` transcripts, a manifest, and
+(through :mod:`streamssl.data.lhotse`) a Lhotse cut manifest or Lhotse Shar shards.
 
 Each reader returns the good utterances and every problem it found; :func:`load_utterances` refuses a corpus
 with problems unless told to skip them, and then logs what it skipped.
@@ -17,9 +18,9 @@ import soundfile
 from tqdm import tqdm
 
 from streamssl.data.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, audio_info
+from streamssl.data.lhotse import CUTS_SUFFIX, cut_layout, scan_cuts
 from streamssl.data.manifest import ManifestError, Utterance, parse_manifest_line
-from streamssl.data.problems import CorpusError, Problem, report_skipped
-from streamssl.data.text import describe_characters, normalize_text, unsupported_characters
+from streamssl.data.problems import CorpusError, Problem, check_transcript, report_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ TRANSCRIPT_SUFFIX = ".trans.txt"
 _LIBRISPEECH_ID = re.compile(r"^(\d+)-(\d+)-(\d+)$")
 # Frames read per block when fully decoding a file to look for corruption.
 _DECODE_BLOCK_FRAMES = 1 << 18
+# Layouts whose utterances keep the order of their file(s); the folder layouts are sorted by id.
+MANIFEST_LAYOUTS = ("manifest", "lhotse", "shar")
 
 
 @dataclass
@@ -39,8 +42,8 @@ class Scan:
     layout: str = "folder"
 
     def ordered(self) -> list[Utterance]:
-        """The good utterances in loading order: sorted by id for the folder layouts, file order for a manifest."""
-        return self.utterances if self.layout == "manifest" else sorted(self.utterances, key=lambda utt: utt.id)
+        """The good utterances in loading order: sorted by id for the folder layouts, file order for manifests."""
+        return self.utterances if self.layout in MANIFEST_LAYOUTS else sorted(self.utterances, key=lambda utt: utt.id)
 
     def resample_note(self, sample_rate: int = SAMPLE_RATE) -> str | None:
         """A sentence about files not at ``sample_rate`` (they are resampled on load), or None if there are none."""
@@ -52,16 +55,20 @@ class Scan:
 
 
 def corpus_layout(src: str | Path) -> str:
-    """``"manifest"`` for a ``.jsonl`` file, ``"librispeech"`` for a folder with ``*.trans.txt``, else ``"folder"``.
+    """``"manifest"`` for a ``.jsonl`` file, ``"lhotse"`` for a ``.jsonl.gz`` Lhotse cut manifest, ``"shar"``
+    for a folder of Lhotse Shar shards, ``"librispeech"`` for a folder with ``*.trans.txt``, else ``"folder"``.
 
     Raises:
-        ValueError: ``src`` does not exist, or is a file that is not a ``.jsonl`` manifest.
+        ValueError: ``src`` does not exist, or is a file that is not a manifest.
     """
     src = Path(src)
+    lhotse = cut_layout(src)
+    if lhotse is not None:
+        return lhotse
     if src.is_file():
         if src.suffix == ".jsonl":
             return "manifest"
-        raise ValueError(f"{src}: expected a folder or a .jsonl manifest")
+        raise ValueError(f"{src}: expected a folder, a .jsonl manifest or a Lhotse {CUTS_SUFFIX} cut manifest")
     if not src.is_dir():
         raise ValueError(f"{src}: no such file or folder")
     return "librispeech" if next(src.rglob(f"*{TRANSCRIPT_SUFFIX}"), None) is not None else "folder"
@@ -104,19 +111,6 @@ def _check_audio(path: Path, scan: Scan, decode: bool) -> float | None:
             scan.problems.append(Problem(str(path), "unreadable", message))
             return None
     return info.duration_s
-
-
-def _check_text(raw: str, where: str, scan: Scan) -> str | None:
-    """Normalise a transcript; return it, or None after recording a problem against ``where``."""
-    bad = unsupported_characters(raw)
-    if bad:
-        scan.problems.append(Problem(where, "unsupported-characters", describe_characters(bad)))
-        return None
-    text = normalize_text(raw)
-    if not text:
-        scan.problems.append(Problem(where, "empty-transcript", f"transcript {raw!r} is empty once normalised"))
-        return None
-    return text
 
 
 def _audio_files(root: Path) -> list[Path]:
@@ -176,7 +170,7 @@ def scan_librispeech(root: str | Path, decode: bool = False, progress: bool = Fa
                                          f"no line for {audio.stem} in {audio.parent}/*{TRANSCRIPT_SUFFIX}"))
     for utt_id, audio, raw, where in _progress(entries, "checking audio", progress):
         duration_s = _check_audio(audio, scan, decode)
-        text = _check_text(raw, where, scan)
+        text = check_transcript(raw, where, scan.problems)
         if duration_s is not None and text is not None:
             speaker = _LIBRISPEECH_ID.match(utt_id).group(1)
             scan.utterances.append(Utterance(utt_id, str(audio.resolve()), duration_s, text, speaker))
@@ -213,7 +207,7 @@ def scan_folder(root: str | Path, decode: bool = False, progress: bool = False) 
             scan.problems.append(Problem(str(transcript), "malformed", f"cannot read transcript: {error}"))
             continue
         duration_s = _check_audio(audio, scan, decode)
-        text = _check_text(raw, str(transcript), scan)
+        text = check_transcript(raw, str(transcript), scan.problems)
         if duration_s is not None and text is not None:
             relative = stem.relative_to(root)
             speaker = relative.parts[0] if len(relative.parts) > 1 else "unknown"
@@ -260,28 +254,34 @@ def scan_manifest(path: str | Path, decode: bool = False, progress: bool = False
             duration_s = None
         else:
             duration_s = utt.duration
-        text = _check_text(utt.text, where, scan)
+        text = check_transcript(utt.text, where, scan.problems)
         if duration_s is not None and text is not None:
             scan.utterances.append(Utterance(utt.id, utt.audio, duration_s, text, utt.speaker))
     return scan
 
 
-def scan_corpus(src: str | Path, decode: bool = False, progress: bool = False) -> Scan:
-    """Read ``src`` with the reader for its layout (see :func:`corpus_layout`)."""
+def scan_corpus(src: str | Path, decode: bool = False, progress: bool = False, keep_audio: bool = True) -> Scan:
+    """Read ``src`` with the reader for its layout (see :func:`corpus_layout`). ``keep_audio``: a Lhotse Shar
+    folder's utterances hold their audio (see :func:`streamssl.data.lhotse.scan_cuts`); a check that only
+    counts them passes False."""
     layout = corpus_layout(src)
-    reader = {"manifest": scan_manifest, "librispeech": scan_librispeech, "folder": scan_folder}[layout]
-    scan = reader(src, decode=decode, progress=progress)
+    if layout in ("lhotse", "shar"):
+        scan = Scan(*scan_cuts(src, decode=decode, progress=progress, keep_audio=keep_audio))
+    else:
+        reader = {"manifest": scan_manifest, "librispeech": scan_librispeech, "folder": scan_folder}[layout]
+        scan = reader(src, decode=decode, progress=progress)
     scan.layout = layout
     return scan
 
 
 def load_utterances(src: str | Path, skip_bad: bool = False, decode: bool = False) -> list[Utterance]:
-    """Load the utterances of a LibriSpeech-layout folder, a folder of audio + ``.txt``, or a ``.jsonl`` manifest.
+    """Load the utterances of a LibriSpeech-layout folder, a folder of audio + ``.txt``, a ``.jsonl`` manifest,
+    or a Lhotse cut manifest or Shar folder (whose utterances load their audio through Lhotse).
 
     Without ``decode``, audio headers are read (not decoded) for the folder layouts and a manifest's
     durations are trusted; with it every file is decoded in full, so the result leaves out exactly what
     ``check_corpus`` reports (truncated audio behind a valid header too).
-    Utterances come sorted by id for the folder layouts, in file order for a manifest.
+    Utterances come sorted by id for the folder layouts, in file order for manifests.
 
     Args:
         skip_bad: if True, return the good utterances and log a warning listing every skipped problem.

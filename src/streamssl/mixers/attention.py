@@ -147,20 +147,26 @@ class LLSAStack(MixerStack):
     def _lo(self) -> int | None:
         return None if self.left_frames is None else -self.left_frames
 
+    supports_checkpointing = True
+
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         c = a = x
-        last = len(self.blocks) - 1
-        for layer, (block, right) in enumerate(zip(self.blocks, self.right)):
-            att: SelfAttention = block.mixer
-            qc, kc, vc = att.heads(block.norm1(c))
-            qa, ka, va = att.heads(block.norm1(a))
-            sources = [KeySource(ka, va, self._lo(), 0), KeySource(kc, vc, 1, right)]
-            a_next = block.residual_feed_forward(a, att.merge(blocked_band_attention(qa, sources, lengths, att.block_frames)))
-            if layer < last:
-                oc = blocked_band_attention(qc, [KeySource(kc, vc, self._lo(), 0)], lengths, att.block_frames)
-                c = block.residual_feed_forward(c, att.merge(oc))
-            a = a_next
+        for layer in range(len(self.blocks)):
+            c, a = self.run_block(self._layer, layer, c, a, lengths)
         return a
+
+    def _layer(self, layer: int, c: Tensor, a: Tensor, lengths: Tensor) -> tuple[Tensor | None, Tensor]:
+        """One layer of the training form: ``(c^l, a^l)`` -> ``(c^{l+1}, a^{l+1})``, no ``c`` after the last."""
+        block, right = self.blocks[layer], self.right[layer]
+        att: SelfAttention = block.mixer
+        qc, kc, vc = att.heads(block.norm1(c))
+        qa, ka, va = att.heads(block.norm1(a))
+        sources = [KeySource(ka, va, self._lo(), 0), KeySource(kc, vc, 1, right)]
+        a_next = block.residual_feed_forward(a, att.merge(blocked_band_attention(qa, sources, lengths, att.block_frames)))
+        if layer == len(self.blocks) - 1:
+            return None, a_next
+        oc = blocked_band_attention(qc, [KeySource(kc, vc, self._lo(), 0)], lengths, att.block_frames)
+        return block.residual_feed_forward(c, att.merge(oc)), a_next
 
     def lookahead_frames(self) -> int | None:
         return max(self.right)

@@ -27,12 +27,27 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from streamssl.mixers.window import Chunk, keep_last, output_mask, push, streaming_state
 
 
 class MixerStack(nn.Module):
-    """A stack of blocks mapping frames ``(B, T, D)`` to frames ``(B, T, D)``."""
+    """A stack of blocks mapping frames ``(B, T, D)`` to frames ``(B, T, D)``.
+
+    A family that runs its training form block by block through :meth:`run_block` sets
+    ``supports_checkpointing``; :func:`checkpoint_blocks` then turns on activation checkpointing.
+    """
+
+    supports_checkpointing = False
+    checkpointing = False
+
+    def run_block(self, block: Callable[..., Any], *inputs: Any) -> Any:
+        """``block(*inputs)``; with ``checkpointing`` (and gradients on) its activations are not kept but
+        recomputed in backward (``torch.utils.checkpoint``, which replays dropout's random draws)."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """Offline form. ``x`` (B, T, D); ``lengths`` (B,) valid frames. Returns (B, T, D)."""
@@ -139,13 +154,15 @@ class LayerStackState:
 class LayerStack(MixerStack):
     """Independent blocks in sequence; look-ahead adds up over layers."""
 
+    supports_checkpointing = True
+
     def __init__(self, blocks: list[Block]):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         for block in self.blocks:
-            x = block(x, lengths)
+            x = self.run_block(block, x, lengths)
         return x
 
     def lookahead_frames(self) -> int | None:
@@ -217,3 +234,26 @@ def register_mixer(name: str, options: type | None = None) -> Callable:
 
 def build_stack(config: Any) -> MixerStack:
     return MIXERS[config.mixer].build(config)
+
+
+def checkpoint_blocks(module: nn.Module) -> int:
+    """Activation checkpointing for every mixer stack in ``module`` (an encoder, or a model holding one):
+    in the training form each block keeps only its input, and its activations are recomputed in backward
+    (about one more forward pass of compute for memory that no longer grows with depth). Gradients are
+    unchanged; streaming (``step``) is untouched. Returns the number of stacks.
+
+    Raises:
+        ValueError: ``module`` holds no mixer stack (e.g. a Hugging Face encoder), or a stack whose family
+            runs its blocks otherwise (the segment-based ``amtrf`` and ``emformer``).
+    """
+    stacks = [m for m in module.modules() if isinstance(m, MixerStack)]
+    if not stacks:
+        raise ValueError(f"activation_checkpointing needs a streamssl encoder; {type(module).__name__} holds no "
+                         "mixer stack")
+    for stack in stacks:
+        if not stack.supports_checkpointing:
+            raise ValueError(f"activation_checkpointing: {type(stack).__name__} runs all its layers per segment "
+                             "and does not support it; use grad_accum_steps to save memory")
+    for stack in stacks:
+        stack.checkpointing = True
+    return len(stacks)

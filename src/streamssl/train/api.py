@@ -84,7 +84,7 @@ def run_training(kind: str, config: RunConfig, out: str, device: str | None = No
     of a CPU run depend on.
     """
     from streamssl.asr.ctc import CharVocab
-    from streamssl.train.data import load_split
+    from streamssl.train.data import CutSplit, load_split
     from streamssl.train.dist import close_world, init_world
     from streamssl.train.tasks import FinetuneTask, PretrainTask
     from streamssl.train.trainer import Trainer, reproducible, seed_everything
@@ -95,14 +95,18 @@ def run_training(kind: str, config: RunConfig, out: str, device: str | None = No
     try:
         say = print if world.is_main else (lambda *a, **k: None)
         vocab = CharVocab() if kind == "finetune" else None
-        train = load_split(config.train_data, config.skip_bad, "training data", vocab, say)
+        # Lhotse data stays lazy (a CutSplit): a large corpus is never read into one list.
+        train = load_split(config.train_data, config.skip_bad, "training data", vocab, say, lazy=True,
+                           sample_size=config.normalizer_utterances, seed=config.seed)
         dev = load_split(config.dev_data, config.skip_bad, "dev data", vocab, say) if config.dev_data else None
         with reproducible(world.device):
             seed_everything(config.seed, world.rank)
             task = PretrainTask(config) if kind == "pretrain" else FinetuneTask(config, say)
             n_params = sum(p.numel() for p in task.model.parameters())
+            count, seconds = ((train.utterances, train.seconds) if isinstance(train, CutSplit)
+                              else (len(train), sum(u.duration for u in train)))
             say(f"{kind}: {task.mixer_label} encoder, {n_params / 1e6:.2f} M parameters, "
-                f"{len(train)} training utterances ({sum(u.duration for u in train) / 3600:.2f} h), "
+                f"{count} training utterances ({seconds / 3600:.2f} h), "
                 f"{world.size} process(es) on {world.device}, {torch.get_num_threads()} thread(s) each")
             trainer = Trainer(task, out, world, train, dev, progress=progress, log=say)
             return trainer.fit(stop_after)

@@ -36,7 +36,7 @@ def _encoder_from(value: Any) -> EncoderConfig | None:
 class RunConfig:
     """Fields shared by every training task: data, optimisation, schedule, bookkeeping."""
 
-    train_data: str | None = None      # manifest (.jsonl), LibriSpeech folder, or audio+txt folder
+    train_data: str | None = None      # manifest (.jsonl), LibriSpeech or audio+txt folder, Lhotse cuts or Shar
     dev_data: str | None = None        # evaluated every ``eval_every`` steps (skipped if unset)
     skip_bad: bool = False             # skip (and report) utterances that fail ``corpus check``
     steps: int = 400_000               # optimiser updates in the whole run
@@ -58,13 +58,19 @@ class RunConfig:
     eval_every: int = 0                # steps between dev evaluations (0: only at the end)
     augment: dict[str, Any] = field(default_factory=dict)  # AugmentOptions fields (streamssl.train.augment)
     normalizer_utterances: int = 300   # training utterances a fresh frontend's global statistics come from
+    # Memory options (ours). grad_accum_steps: batches per optimiser update (each of max_batch_seconds), the
+    # same update as one batch of all of them; activation_checkpointing: recompute each block's activations
+    # in backward instead of keeping them (streamssl.mixers.checkpoint_blocks).
+    grad_accum_steps: int = 1
+    activation_checkpointing: bool = False
+    num_buckets: int = 30              # duration buckets of Lhotse's sampler (Lhotse data only; 1: none)
 
     def validate(self) -> None:
         def check(ok: bool, what: str) -> None:
             if not ok:
                 raise ValueError(f"{type(self).__name__}.{what}")
 
-        for name in ("steps", "log_every", "save_every", "normalizer_utterances"):
+        for name in ("steps", "log_every", "save_every", "normalizer_utterances", "grad_accum_steps", "num_buckets"):
             value = getattr(self, name)
             check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
         for name in ("warmup_steps", "hold_steps", "eval_every", "num_workers"):
@@ -79,6 +85,8 @@ class RunConfig:
         check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam betas must be in [0, 1)")
         check(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps}")
         check(self.grad_clip >= 0, f"grad_clip must be non-negative, got {self.grad_clip}")
+        check(isinstance(self.activation_checkpointing, bool),
+              f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         if not isinstance(self.augment, dict):
             raise ValueError(f"{type(self).__name__}.augment must be a mapping of augmentation settings, "
                              f"got {type(self.augment).__name__}")

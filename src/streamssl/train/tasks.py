@@ -77,7 +77,10 @@ class PretrainTask:
         if self.config.crop_seconds:
             crop = int(self.config.crop_seconds * self.encoder_config.sample_rate)
             audio, lengths = crop_batch(audio, lengths, crop, [s ^ 0x5EED for s in seeds])
-        return module(audio.to(world.device), lengths.to(world.device), seeds, step, world)
+        out = module(audio.to(world.device), lengths.to(world.device), seeds, step, world)
+        # Both objectives divide their main term by the masked frames of every rank.
+        out["loss_count"] = out["masked"]
+        return out
 
     @torch.no_grad()
     def evaluate(self, utterances: list, world: World) -> dict[str, float]:
@@ -161,7 +164,7 @@ class FinetuneTask:
                            zero_infinity=True)
         n_chars = world.sum(target_lengths.sum().float().to(world.device))
         loss = world.size * total / n_chars
-        return {"loss": loss, "ctc_per_char": world.sum(total.detach() / n_chars)}
+        return {"loss": loss, "ctc_per_char": world.sum(total.detach() / n_chars), "loss_count": n_chars}
 
     @torch.no_grad()
     def evaluate(self, utterances: list, world: World) -> dict[str, float]:

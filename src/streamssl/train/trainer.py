@@ -18,12 +18,19 @@ accuracy stays within 1.5x chance or the codes collapse.
 
 Starting a run in a folder that holds a checkpoint of the same configuration resumes it (an already
 finished run returns at once); a different configuration is an error. Only rank 0 writes.
+
+Memory options: with ``grad_accum_steps`` k, an update takes k batches, each backpropagated as it comes
+(gradients summed, DDP synchronising only at the last), weighted by the count its loss is normalised
+by (characters, masked frames) and divided by the total, so the update is that of one batch of all k;
+with ``activation_checkpointing`` every block's activations are recomputed in backward
+(:func:`streamssl.mixers.checkpoint_blocks`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import random
 import time
@@ -38,14 +45,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from streamssl.mixers import checkpoint_blocks
 from streamssl.train.checkpoint import (encoder_record, naming, read_payload, rng_state, save_checkpoint,
                                         set_rng_state)
-from streamssl.train.data import EpochBatches
+from streamssl.train.data import CutSplit, training_batches
 from streamssl.train.dist import World
 from streamssl.train.health import health_summary, health_warnings
 
 # Configuration fields that change bookkeeping, not the numbers a run computes: they may differ on resume.
-BOOKKEEPING = {"log_every", "save_every", "eval_every", "num_workers", "train_data", "dev_data", "skip_bad"}
+BOOKKEEPING = {"log_every", "save_every", "eval_every", "num_workers", "train_data", "dev_data", "skip_bad",
+               "activation_checkpointing"}
+# The key of a task's loss output that holds the count its loss was divided by (summed over ranks).
+LOSS_COUNT = "loss_count"
+
+
+def groups(batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive runs of ``size`` batches (the last one of an epoch may be shorter)."""
+    while group := list(itertools.islice(batches, size)):
+        yield group
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -143,7 +160,7 @@ class Trainer:
     Build the task after :func:`seed_everything` so weight initialisation is seeded.
     """
 
-    def __init__(self, task, run_dir: str | Path, world: World, train_utterances: list,
+    def __init__(self, task, run_dir: str | Path, world: World, train_utterances: list | CutSplit,
                  dev_utterances: list | None = None, progress: bool = True, tensorboard: bool = True,
                  log=print):
         self.task, self.config, self.world = task, task.config, world
@@ -160,17 +177,19 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = 0
         self.metrics: dict[str, float] = {}
         self.warned: dict[str, str] = {}  # health warning kind -> its first message
+        lazy = isinstance(train_utterances, CutSplit)
         if not self.checkpoint_path.exists():
-            task.prepare(train_utterances, self.log)
+            task.prepare(train_utterances.sample if lazy else train_utterances, self.log)
         self._resume()
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
             (self.run_dir / "encoder.yaml").write_text(
                 yaml.safe_dump(encoder_record(cfg, task.encoder_config), sort_keys=False))
-        dataset = cfg.augment_options().dataset(train_utterances, task.sample_rate, cfg.seed)
-        self.batches = EpochBatches(train_utterances, cfg.max_batch_seconds, cfg.seed, world, cfg.num_workers,
-                                    cfg.crop_seconds, dataset)
+        dataset = cfg.augment_options().dataset([] if lazy else train_utterances, task.sample_rate, cfg.seed)
+        self.batches = training_batches(train_utterances, cfg, world, dataset)
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(self.model)
         self.module = self.model
         if world.distributed:
             ids = [world.device.index] if world.device.type == "cuda" else None
@@ -236,11 +255,36 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _train_step(self, batch: dict) -> dict[str, float]:
+        """One update from one batch."""
+        return self._train_group([batch])
+
+    def _train_group(self, batches: list[dict]) -> dict[str, float]:
+        """One update from ``batches`` (``grad_accum_steps`` of them, fewer at the end of an epoch); returns
+        the training metrics averaged over them."""
         encoder_trains = self.task.before_step(self.step)
-        with self._autocast():
-            out = self.task.loss(self.module, batch, self.step, self.world)
         self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        accumulate = len(batches) > 1
+        total_count = 0.0
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            # DDP reduces gradients in backward; before the last batch they only need summing here.
+            sync = self.module.no_sync() if self.world.distributed and not last else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    out = self.task.loss(self.module, batch, self.step, self.world)
+                count = out.pop(LOSS_COUNT)
+                # Undo the batch's own normalisation; the sum is divided by every batch's count below.
+                (out["loss"] * count if accumulate else out["loss"]).backward()
+            total_count += float(count)
+            # Per-batch tensors (code histograms) are for dev aggregation, not for the training log.
+            for k, v in out.items():
+                if k != "loss" and v.numel() == 1:
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        if accumulate:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(total_count)
         if not encoder_trains:
             for p in self.model.encoder.parameters():
                 p.grad = None
@@ -248,8 +292,7 @@ class Trainer:
             nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        # Per-batch tensors (code histograms) are for dev aggregation, not for the training log.
-        return {k: float(v) for k, v in out.items() if k != "loss" and v.numel() == 1}
+        return {k: v / len(batches) for k, v in sums.items()}
 
     def health(self) -> dict[str, Any] | None:
         """Pretraining health of the latest metrics (see :mod:`streamssl.train.health`); ``None`` for a
@@ -295,11 +338,11 @@ class Trainer:
         sums: dict[str, float] = {}
         count, started = 0, time.perf_counter()
         while self.step < stop:
-            batches = self.batches.iterate(self.epoch, self.batch_in_epoch)
-            for batch in batches:
-                values = self._train_step(batch)
+            batches = groups(self.batches.iterate(self.epoch, self.batch_in_epoch), cfg.grad_accum_steps)
+            for group in batches:
+                values = self._train_group(group)
                 self.step += 1
-                self.batch_in_epoch += 1
+                self.batch_in_epoch += len(group)
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
