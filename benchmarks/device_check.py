@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import ROOT, add_common_options, markdown_table, parse_args, write_json
 
 from streamssl import MIXERS, Encoder, EncoderConfig, measure_lookahead
-from streamssl.commands.train import build_config
+from streamssl.train.api import build_config
 from streamssl.data import Utterance
 from streamssl.train.dist import World
 from streamssl.train.tasks import PretrainTask

@@ -7,7 +7,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from train_corpus import make_corpus
 
 from streamssl import MIXERS, Encoder, EncoderConfig
-from streamssl.commands.train import build_config
+from streamssl.train.api import build_config
 from streamssl.data import AudioDataset, collate, load_utterances
 from streamssl.mixers import checkpoint_blocks
 from streamssl.train.dist import World
