@@ -87,6 +87,19 @@ def stream_joining_batch(encoder: Encoder, audio: list[torch.Tensor], starts: li
     return [streams_done[i] for i in range(len(audio))]
 
 
+def stream_frames(model, x: torch.Tensor, piece: int) -> torch.Tensor:
+    """Stream one input ``x`` ``(1, S[, F])`` through the streaming core in pieces of ``piece``, flush, and
+    return every output frame in order: the model's outputs, undecoded. An ONNX export steps at most its
+    own chunk per call."""
+    info = getattr(model, "info", None)
+    engine = StreamingEngine(model, decoder=FrameCollector, max_tick_samples=getattr(info, "chunk_samples", None))
+    stream = engine.stream()
+    for start in range(0, x.shape[1], piece):
+        stream.accept(x[0, start:start + piece])
+    stream.finish()
+    return torch.cat(stream.decoder.frames)
+
+
 class LargestOutput(TorchDispatchMode):
     """Records the largest number of elements of any tensor an operator returns."""
 

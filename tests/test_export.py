@@ -10,6 +10,8 @@ import onnx
 import pytest
 import torch
 
+from conftest import stream_frames
+
 from streamssl.asr.ctc import CTCModel
 from streamssl.config import EncoderConfig
 from streamssl.data.audio import resample
@@ -267,13 +269,7 @@ def test_frame_input_export_equals_pytorch():
     with torch.no_grad():
         offline, _ = m.encoder(x)
         reference = m.output(offline).log_softmax(-1)[0].numpy()
-    state, out = runtime.init_state(1), []
-    for start in range(0, 31, 2):
-        piece = x[:, start:start + 2].numpy()
-        y, emitted, state = runtime.step_window(piece, state, np.array([piece.shape[1]]))
-        out.append(y[0, :emitted[0]].numpy())
-    y, _ = runtime.flush(state)
-    streamed = np.concatenate(out + [y[0].numpy()])
+    streamed = stream_frames(runtime, x, 2).numpy()
     assert streamed.shape == reference.shape
     assert np.abs(streamed - reference).max() < 1e-4
 

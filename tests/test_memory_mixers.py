@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import streamssl.mixers.attention_core as attention_core
-from conftest import stream_in_chunks
+from conftest import stream_frames, stream_in_chunks
 from streamssl import Encoder, EncoderConfig, measure_lookahead
 from streamssl.asr.ctc import CTCModel
 from streamssl.export import OnnxModel, export_model
@@ -305,13 +305,7 @@ def test_onnx_step_without_memory_and_with_several_segments_per_chunk(mixer, seg
     with torch.no_grad():
         offline, _ = model.encoder(x)
         reference = model.output(offline).log_softmax(-1)[0].numpy()
-    state, out = runtime.init_state(1), []
-    for start in range(0, 31, 4):
-        piece = x[:, start:start + 4].numpy()
-        y, emitted, state = runtime.step_window(piece, state, np.array([piece.shape[1]]))
-        out.append(y[0, :emitted[0]].numpy())
-    y, _ = runtime.flush(state)
-    streamed = np.concatenate(out + [y[0].numpy()])
+    streamed = stream_frames(runtime, x, 4).numpy()
     assert streamed.shape == reference.shape
     assert np.abs(streamed - reference).max() < 1e-4
 
