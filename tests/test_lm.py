@@ -76,7 +76,8 @@ def test_kenlm_reads_the_arpa_file_back(tmp_path):
     model = estimate(sentences_of(TEXT), order=3)
     path = tmp_path / "lm.arpa"
     write_arpa(model, path)
-    words, log10_probs = arpa_words(path)
+    order, words, log10_probs, unknown = arpa_words(path)
+    assert order == 3 and unknown == pytest.approx(model.log10_prob("<unk>"), abs=1e-6)
     assert set(words) == set(model.vocabulary) - {"</s>", "<unk>"}
     assert log10_probs[words.index("THE")] == pytest.approx(model.log10_prob("THE"), abs=1e-6)
     kenlm = KenLM(str(path), Dictionary(list(words)))

@@ -207,14 +207,15 @@ def write_arpa(model: NgramModel, path: str | Path) -> None:
     Path(path).write_text("\n".join(lines), encoding="utf-8")
 
 
-def arpa_words(path: str | Path) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """The words of an ARPA file's unigrams (``<s>``, ``</s>`` and ``<unk>`` left out) and their
-    ``log10`` probabilities, in file order."""
+def arpa_words(path: str | Path) -> tuple[int, tuple[str, ...], tuple[float, ...], float]:
+    """An ARPA file's order, the words of its unigrams (``<s>``, ``</s>`` and ``<unk>`` left out) with their
+    ``log10`` probabilities in file order, and ``<unk>``'s (-99: none)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such language model file")
     words: list[str] = []
     log10_probs: list[float] = []
+    order, unknown = 0, -99.0
     section = None
     with path.open(encoding="utf-8") as lines:
         for line in lines:
@@ -224,15 +225,19 @@ def arpa_words(path: str | Path) -> tuple[tuple[str, ...], tuple[float, ...]]:
                 if line == "\\2-grams:" or line == "\\end\\":
                     break
                 continue
-            if section == "\\1-grams:" and line:
+            if section == "\\data\\" and line.startswith("ngram "):
+                order = max(order, int(line[6:].partition("=")[0]))
+            elif section == "\\1-grams:" and line:
                 fields = line.split("\t") if "\t" in line else line.split()
                 if len(fields) < 2:
                     raise ValueError(f"{path}: bad unigram line {line[:80]!r}")
-                if fields[1] not in (SENTENCE_START, SENTENCE_END, UNKNOWN):
+                if fields[1] == UNKNOWN:
+                    unknown = float(fields[0])
+                elif fields[1] not in (SENTENCE_START, SENTENCE_END):
                     words.append(fields[1])
                     log10_probs.append(float(fields[0]))
     if section is None:
         raise ValueError(f"{path}: not an ARPA language model (no \\data\\ section)")
     if not words:
         raise ValueError(f"{path}: the language model has no words")
-    return tuple(words), tuple(log10_probs)
+    return order, tuple(words), tuple(log10_probs), unknown
