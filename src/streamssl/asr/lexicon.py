@@ -345,6 +345,7 @@ class LexiconDecoder:
         self._committed: list[list[DecodedWord]] = [[] for _ in range(batch_size)]
         self._open: list[list[DecodedWord]] = [[] for _ in range(batch_size)]
         self._open_stable = [0] * batch_size
+        self._spelling = [""] * batch_size
         self._rows: list[list[Tensor]] = [[] for _ in range(batch_size)]
         self._rows_from = [0] * batch_size
 
@@ -373,11 +374,28 @@ class LexiconDecoder:
                 decoder.decode_end()
                 self._finished[b] = True
                 self._open[b] = self._words_of(b, self._paths(b)[0])
-                self._open_stable[b] = len(self._open[b])
+                self._open_stable[b], self._spelling[b] = len(self._open[b]), ""
+
+    def end_segment(self, b: int) -> None:
+        """End stream ``b``'s segment here (an endpoint): its words are closed, scored and final, and the
+        search starts afresh (a new sentence for the LM) with the next frame."""
+        if self._finished[b]:
+            raise ValueError(f"stream {b} was finished")
+        decoder = self._decoders[b]
+        decoder.decode_end()
+        self._committed[b] += self._words_of(b, self._paths(b)[0])
+        self._open[b], self._open_stable[b], self._spelling[b] = [], 0, ""
+        decoder.decode_begin()
+        self._origin[b] = self._rows_from[b] = self.frames[b]
+        self._rows[b] = []
 
     def hypothesis(self, b: int) -> tuple[list[DecodedWord], int]:
         """Stream ``b``'s best hypothesis so far and how many of its first words are stable (final)."""
         return self._committed[b] + self._open[b], len(self._committed[b]) + self._open_stable[b]
+
+    def spelling(self, b: int) -> str:
+        """The letters the best hypothesis has written of the word it is in (not yet a word)."""
+        return self._spelling[b]
 
     def texts(self) -> list[str]:
         """Transcripts: final for finished streams, the best hypothesis so far for the others."""
@@ -409,6 +427,11 @@ class LexiconDecoder:
             stable = min(stable, common)
         self._open[b] = self._words_of(b, best)
         self._open_stable[b] = stable
+        space = self.vocab.index[" "]
+        start = best.emitted_at[-1] + 1 if best.emitted_at else 0
+        letters = [t for i, t in enumerate(best.tokens[start:], start=start)
+                   if t not in (self.vocab.blank, space) and t != (best.tokens[i - 1] if i else space)]
+        self._spelling[b] = "".join(self.vocab.symbols[t] for t in letters)
         # Prune after the last stable word that no hypothesis wrote later than the best one did (flashlight
         # prunes back to the frame after a word of the best path), if frames follow it.
         buffer_end = len(best.tokens) - 1
