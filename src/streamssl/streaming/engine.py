@@ -31,6 +31,7 @@ import bisect
 import math
 import time
 from array import array
+from time import thread_time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
@@ -120,13 +121,18 @@ class StreamDecoder(Protocol):
 
 
 class GreedyStreamDecoder:
-    """Greedy CTC over one stream: each frame's token is final when the frame is."""
+    """Greedy CTC over one stream: each frame's token is final when the frame is. ``cpu_s``: the CPU time
+    of the calling thread spent decoding."""
 
     def __init__(self, vocab):
         self._decoder = GreedyDecoder(vocab, 1)
+        self.cpu_s = 0.0
 
     def push(self, log_probs: Tensor) -> list[tuple[int, int]]:
-        return self._decoder.push(log_probs[None])[0]
+        started = thread_time()
+        new = self._decoder.push(log_probs[None])[0]
+        self.cpu_s += thread_time() - started
+        return new
 
     def finish(self) -> list[tuple[int, int]]:
         return []
@@ -138,19 +144,26 @@ class GreedyStreamDecoder:
 class LexiconStreamDecoder:
     """The lexicon beam search over one stream (frame-synchronous), with ``hotwords`` phrases. Its tokens
     are greedy CTC's (what endpointing reads); its words are the beam's (``hypothesis``), and ``text``
-    is its best hypothesis (the final transcript once finished)."""
+    is its best hypothesis (the final transcript once finished). ``cpu_s``: the CPU time of the calling
+    thread spent decoding (the beam search, its stable words, the greedy tokens)."""
 
     def __init__(self, vocab, config: BeamSearchConfig, hotwords: Sequence[Sequence[str]] = ()):
         self._decoder = LexiconDecoder(vocab, 1, config, hotwords)
         self._greedy = GreedyDecoder(vocab, 1)
+        self.cpu_s = 0.0
 
     def push(self, log_probs: Tensor) -> list[tuple[int, int]]:
+        started = thread_time()
         if log_probs.shape[0]:
             self._decoder.push(log_probs[None])
-        return self._greedy.push(log_probs[None])[0]
+        new = self._greedy.push(log_probs[None])[0]
+        self.cpu_s += thread_time() - started
+        return new
 
     def finish(self) -> list[tuple[int, int]]:
+        started = thread_time()
         self._decoder.finish()
+        self.cpu_s += thread_time() - started
         return []
 
     def text(self) -> str:
@@ -163,7 +176,9 @@ class LexiconStreamDecoder:
         return self._decoder.spelling(0)
 
     def end_segment(self) -> None:
+        started = thread_time()
         self._decoder.end_segment(0)
+        self.cpu_s += thread_time() - started
 
 
 def decoder_factory(vocab, beam: BeamSearchConfig | None = None) -> Callable[..., StreamDecoder]:
@@ -266,7 +281,7 @@ class Stream:
         self._pending_parts: list[Tensor] = []
         self.decoder = engine.decoder(hotwords) if hotwords else engine.decoder()
         # A beam search finds the words itself; greedy CTC's come from its tokens.
-        self._word_level = hasattr(self.decoder, "hypothesis")
+        self.decoder_finds_words = hasattr(self.decoder, "hypothesis")
         self._words = WordBuilder(engine.word_boundary)
         self.arrivals = ArrivalLog(arrival_units_per_sample or 1.0)
         # The caller records arrivals itself, in the source's units (see ArrivalLog), when it gave their scale.
@@ -288,6 +303,11 @@ class Stream:
         return self.decoder.text()
 
     @property
+    def decoder_cpu_s(self) -> float | None:
+        """CPU seconds its decoder spent (``None``: the decoder does not say), within :attr:`cpu_s`."""
+        return getattr(self.decoder, "cpu_s", None)
+
+    @property
     def stable_text(self) -> str:
         """The final words so far (:attr:`words`), separated by single spaces."""
         return " ".join(word.text for word in self.words)
@@ -296,7 +316,7 @@ class Stream:
     def unstable_text(self) -> str:
         """What follows :attr:`stable_text` in the partial transcript and may still change: greedy CTC's
         word in progress; a beam search's unstable words and the letters of the word it is in."""
-        if not self._word_level:
+        if not self.decoder_finds_words:
             return "".join(token.text for token in self._words.open_tokens)
         words, _ = self.decoder.hypothesis()
         return " ".join([w.text for w in words[len(self.words):]] + [self.decoder.spelling()]).strip()
@@ -305,7 +325,7 @@ class Stream:
         """An endpoint: a beam search closes every word so far, and they become final (returned, with their
         emission delays from now); the next word starts a new sentence for its LM. Greedy CTC's words
         are final as they come, so it returns nothing."""
-        if not self._word_level:
+        if not self.decoder_finds_words:
             return []
         self.decoder.end_segment()
         return self._final_words(self.engine.clock())
@@ -354,11 +374,11 @@ class Stream:
                           delays[frame - first] if first <= frame < first + count else 0.0)
             self.tokens.append(token)
             update.tokens.append(token)
-            word = None if self._word_level else self._words.push(token)
+            word = None if self.decoder_finds_words else self._words.push(token)
             if word is not None:
                 self.words.append(word)
                 update.words.append(word)
-        if self._word_level:
+        if self.decoder_finds_words:
             update.words += self._final_words(emitted_at)
 
     def _final_words(self, emitted_at: float) -> list[Word]:
