@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench,hf]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench,hf,lm]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -40,6 +40,8 @@ bench: $(STAMP) $(DEMO_MODEL)
 		--batch-sizes 16 --decoders greedy --int8-data $(DEMO_TEST)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/serve_load.py --chunks-ms 40 160
+	test -f runs/lm/sotu3.arpa || $(BIN)/python -m streamssl lm build --english --order 3 --out runs/lm/sotu3.arpa
+	$(BIN)/python benchmarks/decoding.py --checkpoint runs/demo/finetune --data $(DEMO_TEST) --lm runs/lm/sotu3.arpa
 
 # Removes the environment and caches; runs/ (your models and the demo's) stays.
 clean:

@@ -20,6 +20,7 @@ SCRIPTS = sorted(path.stem for path in BENCHMARKS.glob("*.py") if path.stem != "
 # What each smoke run writes into --out.
 OUTPUTS = {
     "attention_memory": {"attention_memory_cpu.json", "attention_memory_cpu.png"},
+    "decoding": {"decoding.json"},
     "emission_delay": {"emission_delay.json", "emission_delay.png"},
     "memory_mixers": {"memory_mixers.json", "memory_mixers.png"},
     "selective_memory": {"selective_memory_cpu.json"},
