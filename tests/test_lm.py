@@ -99,3 +99,14 @@ def test_lm_build_command(tmp_path, capsys):
     assert out.read_text().startswith("\n\\data\\\nngram 1=")
     assert main(["lm", "build", "--out", str(out)]) == 2
     assert "--text FILE" in capsys.readouterr().err
+
+
+def test_a_base_distribution_replaces_the_uniform_one():
+    # base weights A 2, B 1, Z 1; C, </s> and <unk> weigh as the lightest (1): the floor sums to 7
+    model = estimate(TINY, order=2, base={"A": 2.0, "B": 1.0, "Z": 1.0})
+    assert model.vocabulary == ("</s>", "<unk>", "A", "B", "C", "Z")
+    # continuation counts as before (sum 6, gamma 0.5), now over the base instead of 1/5
+    assert 10 ** model.log10_prob("A") == pytest.approx(0.5 / 6 + 0.5 * 2 / 7)
+    assert 10 ** model.log10_prob("Z") == pytest.approx(0.5 * 1 / 7)
+    assert 10 ** model.log10_prob("Z", ("A",)) == pytest.approx(0.5 * 0.5 * 1 / 7)
+    assert sum(10 ** model.log10_prob(w) for w in model.vocabulary) == pytest.approx(1.0)

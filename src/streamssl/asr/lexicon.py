@@ -43,12 +43,11 @@ from functools import lru_cache
 from typing import Iterable, Sequence
 
 import torch
-import wordfreq
 from flashlight.lib.text import decoder as fl
 from torch import Tensor
 
 from streamssl.asr.ctc import CharVocab
-from streamssl.asr.lm import UNKNOWN, arpa_words
+from streamssl.asr.lm import UNKNOWN, arpa_words, english_words
 from streamssl.data.text import normalize_text
 
 LN10 = math.log(10)
@@ -123,22 +122,6 @@ def parse_hotwords(lines: Iterable[str]) -> Hotwords:
         if words and words not in phrases:
             phrases.append(words)
     return tuple(phrases)
-
-
-def english_lexicon(n_words: int, letters: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """The ``n_words`` most frequent English words spelt only with ``letters`` (upper case), and their
-    unigram log-probabilities (natural log, renormalised over these words)."""
-    allowed = set(letters.lower())
-    words: list[str] = []
-    # top_n_list also holds numbers, abbreviations and accented words; ask for enough to keep n_words.
-    for word in wordfreq.top_n_list("en", 3 * n_words):
-        if set(word) <= allowed and any(c.isalpha() for c in word):
-            words.append(word)
-            if len(words) == n_words:
-                break
-    frequencies = [wordfreq.word_frequency(w, "en") for w in words]
-    total = sum(frequencies)
-    return tuple(w.upper() for w in words), tuple(math.log(f / total) for f in frequencies)
 
 
 class _Unigram:
@@ -257,7 +240,7 @@ def _base_graph(lm: str | None, n_words: int, letters: str) -> tuple[tuple[str, 
     """The lexicon's words, their unigram log-probabilities (natural log) and the inner LM; loaded once
     per process (about a second) and shared by every decoder, which only reads them."""
     if lm is None:
-        words, log_probs = english_lexicon(n_words, letters)
+        words, log_probs = english_words(n_words, letters)
         return words, log_probs, _Unigram(log_probs)
     order, all_words, log10_probs, unknown_log10 = arpa_words(lm)
     allowed = set(letters)

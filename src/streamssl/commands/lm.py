@@ -9,7 +9,9 @@ from streamssl.commands.common import Subcommands
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from streamssl.asr.lm import english_prose_files, estimate, read_sentences, write_arpa
+    import math
+
+    from streamssl.asr.lm import english_prose_files, english_words, estimate, read_sentences, write_arpa
 
     if not args.text and not args.english:
         raise ValueError("give the text to learn from: --text FILE... and/or --english")
@@ -21,7 +23,11 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise ValueError(f"--vocab {path}: no such word list")
         vocabulary = path.read_text(encoding="utf-8").split()
     sentences = list(read_sentences(files))
-    model = estimate(sentences, args.order, args.max_words, vocabulary)
+    base = None
+    if args.wordfreq:
+        words, log_probs = english_words(args.wordfreq)
+        base = {w: math.exp(p) for w, p in zip(words, log_probs)}
+    model = estimate(sentences, args.order, args.max_words, vocabulary, base)
     write_arpa(model, args.out)
     counts = ", ".join(f"{len(level)} {n}-grams" for n, level in enumerate(model.log10_probs, start=1))
     words = sum(len(s) for s in sentences)
@@ -53,6 +59,9 @@ def _lm_arguments(lm: argparse.ArgumentParser) -> None:
                        help="keep the N most frequent words; the rest count as <unk> (default: all)")
     build.add_argument("--vocab", metavar="FILE", help="a word list (whitespace-separated): only its words are "
                                                        "kept, the rest count as <unk>")
+    build.add_argument("--wordfreq", type=_positive, metavar="N",
+                       help="add the N most frequent English words (wordfreq) to the vocabulary; the unigrams "
+                            "interpolate with their frequencies instead of a uniform distribution")
     build.add_argument("--out", required=True, help="ARPA file to write")
     build.set_defaults(func=cmd_build)
 
