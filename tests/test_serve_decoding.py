@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_recognizer import tiny_model, wave
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedError
 
 from streamssl.asr.lexicon import BeamSearchConfig
 from streamssl.serve import ServeConfig, StreamingServer
@@ -79,12 +80,22 @@ def test_lexicon_server_partials_finals_and_hotwords():
     partials = [m for m in messages if m["type"] == "partial"]
     assert any(p["unstable"] for p in partials)
     for partial in partials:
-        final = next(f for f in finals if f["segment"] == partial["segment"])
+        final = next((f for f in finals if f["segment"] == partial["segment"]), {"text": ""})
         assert final["text"].split()[:len(partial["stable"].split())] == partial["stable"].split()
         assert partial["text"] == " ".join(filter(None, (partial["stable"], partial["unstable"])))
 
 
 def test_greedy_server_refuses_hotwords_with_a_reason():
-    messages = run_server(Recognizer(tiny_model("llsa"), chunk_ms=40.0), speech_with_pauses()[:3200],
-                          {"hotwords": ["Zorblax"]})
-    assert messages[0]["type"] == "error" and "hotwords need the lexicon decoder" in messages[0]["message"]
+    async def main() -> tuple[list[dict], int]:
+        async with StreamingServer(Recognizer(tiny_model("llsa"), chunk_ms=40.0), port=0) as server:
+            async with connect(f"ws://127.0.0.1:{server.port}/asr") as ws:
+                await ws.send(json.dumps({"type": "start", "sample_rate": 16000, "hotwords": ["Zorblax"]}))
+                messages = []
+                with pytest.raises(ConnectionClosedError):
+                    while True:
+                        messages.append(json.loads(await ws.recv()))
+            return messages, ws.close_code
+
+    messages, code = asyncio.run(main())
+    assert code == 1008 and [m["type"] for m in messages] == ["error"]
+    assert "hotwords need the lexicon decoder" in messages[0]["message"]

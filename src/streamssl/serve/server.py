@@ -219,7 +219,8 @@ class Session:
         out = [self._final_json(segment) for segment in segments]
         open_tokens = [t for t in endpointer.open_tokens if new and t.frame >= new[0].frame]
         stable, unstable = self._open_parts()
-        if not ended and (open_tokens or (stream.decoder_finds_words and (stable, unstable) != self._last_partial)):
+        changed = stream.decoder_finds_words and (stable or unstable) and (stable, unstable) != self._last_partial
+        if not ended and (open_tokens or changed):
             self._last_partial = (stable, unstable)
             out.append(json.dumps({"type": "partial", "segment": endpointer.segments_done,
                                    "text": " ".join(filter(None, (stable, unstable))),
