@@ -40,8 +40,8 @@ bench: $(STAMP) $(DEMO_MODEL)
 		--batch-sizes 16 --decoders greedy --int8-data $(DEMO_TEST)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/serve_load.py --chunks-ms 40 160
-	test -f runs/lm/sotu3.arpa || $(BIN)/python -m streamssl lm build --english --order 3 --out runs/lm/sotu3.arpa
-	$(BIN)/python benchmarks/decoding.py --checkpoint runs/demo/finetune --data $(DEMO_TEST) --lm runs/lm/sotu3.arpa
+	test -f runs/lm/sotu3wf.arpa || $(BIN)/python -m streamssl lm build --english --wordfreq 50000 --order 3 --out runs/lm/sotu3wf.arpa
+	$(BIN)/python benchmarks/decoding.py --checkpoint runs/demo/finetune --data $(DEMO_TEST) --lm runs/lm/sotu3wf.arpa
 
 # Removes the environment and caches; runs/ (your models and the demo's) stays.
 clean:

