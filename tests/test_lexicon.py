@@ -136,13 +136,13 @@ def test_hotwords_bring_a_rare_word_and_a_name_and_change_nothing_else():
 def test_hotword_phrases_gain_only_when_whole():
     from streamssl.asr.lexicon import _Phrases
 
-    phrases = _Phrases([(1, 2, 3), (1,)], letters={1: 3, 2: 5, 3: 4})
-    assert phrases.step((), 1) == (3, (1,))          # starts a phrase (and completes the one-word phrase)
-    assert phrases.step((1,), 2) == (5, (1, 2))      # a boost per letter
-    assert phrases.step((1, 2), 3) == (4, ())        # complete: the boosts are kept
-    assert phrases.step((1, 2), 9) == (-5, ())       # broken after "1 2": the boost of 2 is given back
-    assert phrases.step((1, 2), 1) == (-5 + 3, (1,))  # broken, and a new phrase starts
-    assert phrases.unfinished((1, 2)) == 5
+    phrases = _Phrases([(1, 2, 3), (1,)])
+    assert phrases.step((), 1) == (1, (1,))          # starts a phrase (and completes the one-word phrase)
+    assert phrases.step((1,), 2) == (1, (1, 2))
+    assert phrases.step((1, 2), 3) == (1, ())        # complete: the boosts are kept
+    assert phrases.step((1, 2), 9) == (-1, ())       # broken after "1 2": the boost of 2 is given back
+    assert phrases.step((1, 2), 1) == (0, (1,))      # broken, and a new phrase starts
+    assert phrases.unfinished((1, 2)) == 1
     with pytest.raises(ValueError, match="hotword line 2"):
         parse_hotwords(["ok", "Жук"])
 

@@ -16,10 +16,9 @@ cannot be written, except hotwords.
 
 **Hotwords** (context biasing): phrases of one or more words given per stream. Words of a phrase that are
 not in the lexicon are added to it (with the language model's ``<unk>`` probability); every word that
-continues a phrase earns ``hotword_boost`` per letter (added to its LM log-probability, so weighed by
-``lm_weight``; per letter, because a long rare word lacks acoustic evidence letter by letter), also in the
-spelling trie's look-ahead so that a boosted word is not pruned before it ends; a phrase left unfinished
-gives its earned boost back, so only whole phrases gain.
+continues a phrase earns ``hotword_boost`` (added to its LM log-probability, so weighed by ``lm_weight``),
+also in the spelling trie's look-ahead so that a boosted word is not pruned before it ends; a phrase left
+unfinished gives its earned boost back, so only whole phrases gain.
 
 **Streaming.** The decoder is frame-synchronous: fed chunk by chunk (:meth:`LexiconDecoder.push`) it keeps
 the same beam as when fed a whole utterance, so streamed transcripts equal offline ones. After each push
@@ -41,7 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from flashlight.lib.text import decoder as fl
@@ -64,8 +63,7 @@ class BeamSearchConfig:
     ``word_score``: added per written word (negative: fewer, longer words).
     ``beam_size``: hypotheses kept per frame; ``beam_size_token``: tokens tried per hypothesis and frame;
     ``beam_threshold``: hypotheses scoring this far below the best are dropped.
-    ``hotword_boost``: added per letter to the LM log-probability of each word that continues a hotword
-    phrase.
+    ``hotword_boost``: added to the LM log-probability of each word that continues a hotword phrase.
     The defaults were chosen on the demo's dev split (``docs/results.md``, ``docs/decoding.md``).
     """
 
@@ -76,7 +74,7 @@ class BeamSearchConfig:
     beam_size: int = 64
     beam_size_token: int = 12
     beam_threshold: float = 20.0
-    hotword_boost: float = 3.0
+    hotword_boost: float = 40.0
 
     def __post_init__(self):
         for name in ("lexicon_words", "beam_size", "beam_size_token"):
@@ -170,29 +168,27 @@ class _Ngram:
 
 
 class _Phrases:
-    """Hotword phrases as word-id tuples: which word sequences continue one, and what is owed when one
-    breaks. Boosts count letters (``letters[label]``), as the acoustic evidence a misheard word lacks does."""
+    """Hotword phrases as word-id tuples: which word sequences continue one, and what is owed when one breaks."""
 
-    def __init__(self, phrases: Iterable[tuple[int, ...]], letters: Mapping[int, int]):
+    def __init__(self, phrases: Iterable[tuple[int, ...]]):
         phrases = set(phrases)
-        self.letters = letters
         self.complete = phrases
         self.prefixes = {p[:i] for p in phrases for i in range(1, len(p) + 1)}
         self.proper = {p[:i] for p in phrases for i in range(1, len(p))}
 
     def unfinished(self, prefix: tuple[int, ...]) -> int:
-        """Letters of ``prefix`` past its longest complete phrase: boosts to give back if it breaks here."""
+        """Words of ``prefix`` past its longest complete phrase: boosts to give back if it breaks here."""
         banked = max((i for i in range(1, len(prefix) + 1) if prefix[:i] in self.complete), default=0)
-        return sum(self.letters[w] for w in prefix[banked:])
+        return len(prefix) - banked
 
     def step(self, prefix: tuple[int, ...], word: int) -> tuple[int, tuple[int, ...]]:
         """``(boosts earned, new prefix)`` when ``word`` follows the matched ``prefix``."""
         extended = prefix + (word,)
         if extended in self.prefixes:
-            return self.letters[word], extended if extended in self.proper else ()
+            return 1, extended if extended in self.proper else ()
         owed = -self.unfinished(prefix)
         if (word,) in self.prefixes:
-            return owed + self.letters[word], (word,) if (word,) in self.proper else ()
+            return owed + 1, (word,) if (word,) in self.proper else ()
         return owed, ()
 
 
@@ -278,10 +274,9 @@ def _search_graph(lm: str | None, n_words: int, symbols: tuple[str, ...], hotwor
     trie = fl.Trie(len(vocab), space)
     for word, label in label_of.items():
         trie.insert([vocab.index[c] for c in word] + [space], label,
-                    log_prob_of[word] + (boost * len(word) if word in boosted else 0.0))
+                    log_prob_of[word] + (boost if word in boosted else 0.0))
     trie.smear(fl.SmearingMode.MAX)
-    phrases = _Phrases((tuple(label_of[w] for w in phrase) for phrase in hotwords),
-                       {label_of[w]: len(w) for w in boosted})
+    phrases = _Phrases(tuple(label_of[w] for w in phrase) for phrase in hotwords)
     return {label: w for w, label in label_of.items()}, unknown, inner, phrases, trie
 
 

@@ -139,8 +139,8 @@ def add_decoder_arguments(parser: argparse.ArgumentParser, default: str) -> None
     group.add_argument("--lm-weight", type=float, default=0.5, help="weight of the word LM log-probability (default 0.5)")
     group.add_argument("--word-score", type=float, default=-1.0, help="score added per word (default -1)")
     group.add_argument("--beam-size", type=int, default=64, help="hypotheses kept per frame (default 64)")
-    group.add_argument("--hotword-boost", type=float, default=3.0,
-                       help="LM log-probability added per letter of each word of a hotword phrase (default 3)")
+    group.add_argument("--hotword-boost", type=float, default=40.0,
+                       help="LM log-probability added per word of a hotword phrase (default 40)")
 
 
 def beam_config(args: argparse.Namespace) -> "BeamSearchConfig | None":
