@@ -85,9 +85,14 @@ def test_words_carry_times_confidence_and_the_delay_of_becoming_stable():
         assert word.confidence == pytest.approx(decoded.confidence) and 0 < word.confidence <= 1
         assert word.delay_s >= 0
     emitted = [w for u in updates for w in u.words]
-    assert emitted == transcript.words[:len(emitted)]
-    # a word emitted before the end waited at least for its own last frame's window to arrive
-    assert all(w.delay_s >= 0 for w in emitted)
+    assert emitted == transcript.words[:len(emitted)] and emitted
+    # a word's delay runs from the accept call that brought its last frame's window to the one in which
+    # it became stable (the clock reads 40 ms after each 640-sample piece's end)
+    for i, update in enumerate(updates):
+        for word in update.words:
+            end = round(word.end_s * 16000)
+            arrived = (-(-end // 640) - 1) * 640 / 16000 + 0.04
+            assert word.delay_s == pytest.approx((i * 640) / 16000 + 0.04 - arrived)
     assert any(u.unstable for u in updates)
 
 

@@ -280,8 +280,12 @@ class Stream:
         self._pending: Tensor | None = None
         self._pending_parts: list[Tensor] = []
         self.decoder = engine.decoder(hotwords) if hotwords else engine.decoder()
-        # A beam search finds the words itself; greedy CTC's come from its tokens.
+        # A beam search finds the words itself; greedy CTC's come from its tokens. Its words become final
+        # later than their frames, so the arrival times of the frames from the last final word on are kept
+        # (the arrival log forgets what is behind its latest lookup).
         self.decoder_finds_words = hasattr(self.decoder, "hypothesis")
+        self._frame_arrivals = array("d")
+        self._arrivals_from = 0
         self._words = WordBuilder(engine.word_boundary)
         self.arrivals = ArrivalLog(arrival_units_per_sample or 1.0)
         # The caller records arrivals itself, in the source's units (see ArrivalLog), when it gave their scale.
@@ -364,8 +368,11 @@ class Stream:
     def _emit(self, new: list[tuple[int, int]], first: int, count: int, emitted_at: float, update: Update) -> None:
         """Record ``count`` newly final frames from frame ``first`` on, and the tokens ``new`` among them."""
         engine = self.engine
-        delays = [emitted_at - self.arrivals.time_of(frame * engine.hop_samples + engine.window_samples)
-                  for frame in range(first, first + count)]
+        arrived = [self.arrivals.time_of(frame * engine.hop_samples + engine.window_samples)
+                   for frame in range(first, first + count)]
+        delays = [emitted_at - at for at in arrived]
+        if self.decoder_finds_words:
+            self._frame_arrivals.extend(arrived)
         self.frame_delays_s.extend(delays)
         for frame, token_id in new:
             start = frame * engine.hop_samples
@@ -389,10 +396,15 @@ class Stream:
         new = []
         for decoded in words[len(self.words):stable]:
             end = decoded.last_frame * engine.hop_samples + engine.window_samples
+            arrived = self._frame_arrivals[decoded.last_frame - self._arrivals_from]
             word = Word(decoded.text, decoded.first_frame * engine.hop_samples / engine.sample_rate,
-                        end / engine.sample_rate, emitted_at - self.arrivals.time_of(end), decoded.confidence)
+                        end / engine.sample_rate, emitted_at - arrived, decoded.confidence)
             self.words.append(word)
             new.append(word)
+        if new:
+            last = words[len(self.words) - 1].last_frame
+            del self._frame_arrivals[:last - self._arrivals_from]
+            self._arrivals_from = last
         return new
 
 
