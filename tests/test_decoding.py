@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_recognizer import tiny_model, wave
+from test_recognizer import checkpoint, tiny_model, wave  # noqa: F401 (checkpoint: a fixture)
 
 from streamssl.asr.lexicon import BeamSearchConfig, LexiconDecoder
 from streamssl.streaming.engine import decoder_factory
@@ -145,3 +145,30 @@ def test_decoder_flags_default_to_the_beam_search_config():
     assert beam_config(parser.parse_args(["--decoder", "greedy"])) is None
     with pytest.raises(ValueError, match="--lm needs --decoder lexicon"):
         beam_config(parser.parse_args(["--decoder", "greedy", "--lm", "x.arpa"]))
+
+
+def test_stream_command_with_the_lm_and_hotwords(checkpoint, tmp_path, capsys):
+    import json
+
+    import soundfile
+
+    from streamssl.asr.lm import estimate, sentences_of, write_arpa
+    from streamssl.cli import main
+
+    wav = tmp_path / "a.wav"
+    soundfile.write(wav, audio().numpy().clip(-1, 1), 16000)
+    lm = tmp_path / "lm.arpa"
+    write_arpa(estimate(sentences_of("SEE THE TEA. THE SEA. A TEE SET."), order=2), lm)
+    hotwords = tmp_path / "hot.txt"
+    hotwords.write_text("# names\nZorblax\n")
+    args = ["stream", "--checkpoint", str(checkpoint), str(wav), "--json", "--quiet", "--decoder", "lexicon",
+            "--lm", str(lm)]
+    assert main(args + ["--hotwords", str(hotwords)]) == 0
+    result = json.loads(capsys.readouterr().out)["files"][0]
+    assert set(result["transcript"].split()) <= {"SEE", "THE", "TEA", "SEA", "A", "TEE", "SET", "ZORBLAX"}
+    assert [w["text"] for w in result["words"]] == result["transcript"].split()
+    assert all(0 < w["confidence"] <= 1 for w in result["words"])
+    assert main(args[:-4] + ["--hotwords", str(hotwords)]) == 2
+    assert "--hotwords needs --decoder lexicon" in capsys.readouterr().err
+    assert main(args + ["--hotwords", str(tmp_path / "missing.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -99,6 +99,10 @@ def test_lm_build_command(tmp_path, capsys):
     assert out.read_text().startswith("\n\\data\\\nngram 1=")
     assert main(["lm", "build", "--out", str(out)]) == 2
     assert "--text FILE" in capsys.readouterr().err
+    assert main(["lm", "build", "--text", str(text), "--wordfreq", "100", "--out", str(out)]) == 0
+    order, words, _, _ = arpa_words(out)
+    # the text's 21 words and wordfreq's 100 most frequent (THE, OF, AND... among both)
+    assert order == 3 and {"THE", "OF", "MAT", "LOG"} <= set(words) and 100 <= len(words) < 121
 
 
 def test_a_base_distribution_replaces_the_uniform_one():
