@@ -19,11 +19,16 @@ rare words from other utterances. Recall of the hotwords (the share of their occ
 hypothesis, matched as a multiset) without and with them, against the goal (>= 90 %), and the WER of
 every other word with and without (the margin: it may grow by at most 1 point absolute).
 
-Part 3, the server: ``--clients`` clients each stream ``--seconds`` of test utterances (1 s of silence
+Part 3, how long the beam takes to agree on a word (its emission delay apart from compute and queueing):
+the log-probabilities pushed in 40 ms chunks, from a word's last letter's frame to the push after which
+every hypothesis had it.
+
+Part 4, the server: ``--clients`` clients each stream ``--seconds`` of test utterances (1 s of silence
 between them, so the endpointer cuts) at real-time pace to a ``streamssl serve --decoder lexicon --lm``
 process (one torch thread) in 40 ms PCM16 messages; the p95 emission delay of the words of the finals
 (the server's figure: from receiving the audio that completes a word's last frame to the moment the word
-became stable) against declared latency + 300 ms, the server process' cores, and its decoders' CPU share.
+became stable) against declared latency + 300 ms, the greedy tokens' p95 delay in the same run (compute
+and queueing alone), the server process' cores, and its decoders' CPU share.
 
 Prints markdown tables; writes ``decoding.json`` under ``--out``.
 """
@@ -172,6 +177,26 @@ def part_hotwords(model, utterances, log_probs, refs, beam: BeamSearchConfig) ->
             "margin_kept": other_boosted <= other_plain + WER_MARGIN}
 
 
+def part_stability(model, log_probs: list[torch.Tensor], beam: BeamSearchConfig) -> dict:
+    """How long the beam takes to agree on a word, apart from any compute or queueing: frames pushed in
+    40 ms chunks; for each word, from its last letter's frame to the frame after which it was stable."""
+    frame_ms = 1000 * model.hop_samples / model.sample_rate
+    step = max(1, round(40 / frame_ms))
+    lags = []
+    for rows in log_probs:
+        decoder, seen = LexiconDecoder(model.vocab, 1, beam), 0
+        for start in range(0, rows.shape[0], step):
+            decoder.push(rows[None, start:start + step])
+            words, stable = decoder.hypothesis(0)
+            last = min(start + step, rows.shape[0]) - 1
+            lags += [frame_ms * (last - w.last_frame) for w in words[seen:stable]]
+            seen = max(seen, stable)
+        decoder.finish()
+        lags += [frame_ms * (rows.shape[0] - w.last_frame) for w in decoder.hypothesis(0)[0][seen:]]
+    return {"words": len(lags), "lag_p50_ms": float(np.percentile(lags, 50)) if lags else None,
+            "lag_p95_ms": float(np.percentile(lags, 95)) if lags else None}
+
+
 def client_audio(utterances, index: int, seconds: float) -> np.ndarray:
     """Test utterances from the ``index``-th on, 1 s of quiet noise after each, until ``seconds``."""
     import soundfile
@@ -216,7 +241,7 @@ async def run_client(port: int, audio: np.ndarray, start_delay_s: float) -> dict
         await ws.send(json.dumps({"type": "stop"}))
         await asyncio.wait_for(reader, DONE_TIMEOUT_S)
     return {"delays_ms": [w["delay_ms"] for f in finals for w in f["words"]], "done": bool(done),
-            "finals": len(finals)}
+            "finals": len(finals), "token_delay_p95_ms": done.get("latency", {}).get("token_delay_p95_ms")}
 
 
 def part_serve(checkpoint: Path, utterances, beam: BeamSearchConfig, clients: int, seconds: float) -> dict:
@@ -251,6 +276,7 @@ def part_serve(checkpoint: Path, utterances, beam: BeamSearchConfig, clients: in
             "done": sum(r["done"] for r in results),
             "stable_delay_p50_ms": float(np.percentile(delays, 50)) if delays else None,
             "stable_delay_p95_ms": p95, "goal_ms": declared + 300,
+            "token_delay_p95_ms_median_client": float(np.median([r["token_delay_p95_ms"] or 0 for r in results])),
             "goal_met": p95 is not None and p95 <= declared + 300,
             "server_cores": server_cpu_s / wall_s, "decoder_cores": stats["decoder_cpu_s"] / wall_s,
             "decoder_share_of_server_cpu": stats["decoder_cpu_s"] / max(server_cpu_s, 1e-9),
@@ -304,18 +330,24 @@ def main() -> None:
                            f"{100 * hot['other_words_wer_with']:.1f} %"]]))
     print(f"\nhotword recall goal (90 %): {'met' if hot['recall_goal_met'] else 'missed'}; other words within "
           f"{100 * WER_MARGIN:g} point(s): {'yes' if hot['margin_kept'] else 'no'}\n")
+    stability = {name: part_stability(model, shared["log_probs"], beam) for name, beam in beams.items()}
+    print(markdown_table(["decoder", "words", "beam agrees after p50 ms", "p95 ms"],
+                         [[name, r["words"], f"{r['lag_p50_ms'] or 0:.0f}", f"{r['lag_p95_ms'] or 0:.0f}"]
+                          for name, r in stability.items()]))
+    print()
     serve = None
     if not args.skip_serve:
         serve = part_serve(args.checkpoint, utterances, beams["lexicon, 3-gram"], args.clients, args.seconds)
         print(markdown_table(["clients", "audio/client s", "declared ms", "words", "stable p50 ms", "stable p95 ms",
-                              "goal ms", "server cores", "decoder cores", "load"],
+                              "goal ms", "token p95 ms", "server cores", "decoder cores", "load"],
                              [[serve["clients"], serve["audio_s_per_client"], f"{serve['declared_ms']:g}", serve["words"],
                                f"{serve['stable_delay_p50_ms'] or 0:.0f}", f"{serve['stable_delay_p95_ms'] or 0:.0f}",
-                               f"{serve['goal_ms']:g}", f"{serve['server_cores']:.2f}",
-                               f"{serve['decoder_cores']:.2f}", f"{serve['load_1min']:.1f}"]]))
+                               f"{serve['goal_ms']:g}", f"{serve['token_delay_p95_ms_median_client']:.0f}",
+                               f"{serve['server_cores']:.2f}", f"{serve['decoder_cores']:.2f}",
+                               f"{serve['load_1min']:.1f}"]]))
     write_json(args.out / "decoding.json", {"data": str(args.data), "utterances": len(utterances),
                                             "lm": str(args.lm), "wer": rows, "goals": goals, "hotwords": hot,
-                                            "serve": serve})
+                                            "stability": stability, "serve": serve})
 
 
 if __name__ == "__main__":
