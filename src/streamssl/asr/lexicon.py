@@ -220,6 +220,11 @@ class _WordLM(fl.LM):
     def start(self, start_with_nothing: bool) -> fl.LMState:
         return self._state((), (), self.inner.start())
 
+    def forget(self) -> None:
+        """Drop every state: the search that used them ended (an endpoint), and the next one starts afresh."""
+        self._states.clear()
+        self._info.clear()
+
     def score(self, state: fl.LMState, word: int) -> tuple[fl.LMState, float]:
         history, prefix, inner = self._info[state]
         inner, log_prob = self.inner.score(inner, word)
@@ -368,6 +373,7 @@ class LexiconDecoder:
         decoder.decode_end()
         self._committed[b] += self._words_of(b, self._paths(b)[0])
         self._open[b], self._open_stable[b], self._spelling[b] = [], 0, ""
+        self._lms[b].forget()
         decoder.decode_begin()
         self._origin[b] = self._rows_from[b] = self.frames[b]
         self._rows[b] = []
