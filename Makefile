@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench,hf,lhotse]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench,hf,lhotse,lm]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -42,6 +42,8 @@ bench: $(STAMP) $(DEMO_MODEL)
 	$(BIN)/python benchmarks/serve_load.py --chunks-ms 40 160
 	$(BIN)/python benchmarks/checkpoint_memory.py
 	$(BIN)/python benchmarks/device_check.py --smoke  # CPU, tiny; on a CUDA machine run it without --smoke
+	test -f runs/lm/sotu3wf.arpa || $(BIN)/python -m streamssl lm build --english --wordfreq 50000 --order 3 --out runs/lm/sotu3wf.arpa
+	$(BIN)/python benchmarks/decoding.py --checkpoint runs/demo/finetune --data $(DEMO_TEST) --lm runs/lm/sotu3wf.arpa
 
 # Removes the environment and caches; runs/ (your models and the demo's) stays.
 clean:

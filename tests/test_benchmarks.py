@@ -22,6 +22,7 @@ OUTPUTS = {
     "attention_memory": {"attention_memory_cpu.json", "attention_memory_cpu.png"},
     "checkpoint_memory": {"checkpoint_memory.json", "checkpoint_memory.png"},
     "device_check": {"device_check_cpu.json"},
+    "decoding": {"decoding.json"},
     "emission_delay": {"emission_delay.json", "emission_delay.png"},
     "memory_mixers": {"memory_mixers.json", "memory_mixers.png"},
     "selective_memory": {"selective_memory_cpu.json"},

@@ -9,7 +9,7 @@ from train_corpus import make_corpus
 from streamssl import EncoderConfig
 from streamssl.asr.ctc import CharVocab, CTCModel, greedy_decode
 from streamssl.asr.evaluate import evaluate_model
-from streamssl.asr.lexicon import BeamSearchConfig, LexiconDecoder
+from streamssl.asr.lexicon import BeamSearchConfig, LexiconDecoder, parse_hotwords
 
 VOCAB = CharVocab()
 
@@ -64,11 +64,87 @@ def test_chunked_decoding_equals_whole(cuts, seed):
     whole.finish()
     chunked = LexiconDecoder(VOCAB, 2)
     bounds = [0, *sorted(cuts), 60]
+    stable_seen = [[], []]
     for start, end in zip(bounds, bounds[1:]):
         chunked.push(log_probs[:, start:end], (lengths - start).clamp(0, end - start))
+        for b in range(2):
+            words, stable = chunked.hypothesis(b)
+            assert stable >= len(stable_seen[b]) and words[:len(stable_seen[b])] == stable_seen[b]
+            stable_seen[b] = words[:stable]
     chunked.finish()
     assert chunked.texts() == whole.texts() and all(whole.texts())
     assert chunked.frames == [60, 41]
+    for b in range(2):
+        words, stable = whole.hypothesis(b)
+        # the same words at the same frames with the same confidences; every stable prefix was final
+        assert chunked.hypothesis(b) == (words, stable) and stable == len(words)
+        assert words[:len(stable_seen[b])] == stable_seen[b]
+        assert all(0 <= w.first_frame <= w.last_frame < lengths[b] and 0 < w.confidence <= 1 for w in words)
+
+
+def test_word_frames_and_confidence():
+    log_probs = spelt("HELLO WORLT", {10: {"T": 0.5, "D": 0.3}})
+    decoder = LexiconDecoder(VOCAB, 1)
+    decoder.push(log_probs)
+    decoder.finish()
+    hello, world = decoder.hypothesis(0)[0]
+    # two frames per character: H at frame 0, O at 8; W at 12, the corrected D at 20
+    assert (hello.text, hello.first_frame, hello.last_frame) == ("HELLO", 0, 8)
+    assert (world.text, world.first_frame, world.last_frame) == ("WORLD", 12, 20)
+    # the lowest letter probability: 0.8 / (0.8 + 28 * 0.02) for HELLO, 0.3 / (0.8 + 27 * 0.02) for the D
+    assert hello.confidence == pytest.approx(0.8 / 1.36, rel=1e-5)
+    assert world.confidence == pytest.approx(0.3 / 1.34, rel=1e-5)
+
+
+def test_ngram_lm_puts_words_in_order(tmp_path):
+    from streamssl.asr.lm import estimate, sentences_of, write_arpa
+
+    text = "The cat sat on the mat. I read the map. The dog sat on the mat. We read the map today."
+    write_arpa(estimate(sentences_of(text * 3), order=3), tmp_path / "lm.arpa")
+    config = BeamSearchConfig(lm=str(tmp_path / "lm.arpa"), lm_weight=1.0, word_score=0.0)
+    # the last letter sounds more like P than T
+    ambiguous = {10: {"P": 0.45, "T": 0.35}}
+    assert greedy_decode(spelt("ON THE MAP", ambiguous), torch.tensor([20]), VOCAB) == ["ON THE MAP"]
+    assert decode(spelt("ON THE MAT", ambiguous), config) == "ON THE MAT"
+    assert decode(spelt("READ THE MAT", ambiguous), config) == "READ THE MAP"
+    decoder = LexiconDecoder(VOCAB, 1, config)
+    assert set(decoder.words) == {"THE", "CAT", "SAT", "ON", "MAT", "I", "READ", "MAP", "DOG", "WE", "TODAY"}
+
+
+def test_hotwords_bring_a_rare_word_and_a_name_and_change_nothing_else():
+    # a rare lexicon word the acoustics nearly say (ZEAL, heard as SEAL) and a name outside the lexicon
+    rare = spelt("ZEAL", {0: {"S": 0.45, "Z": 0.35}})
+    name = spelt("ZORBLAX")
+    others = [spelt("HELLO WORLT", {10: {"T": 0.5, "D": 0.3}}), spelt("THE CAT SAT"),
+              spelt("MY DOG", {3: {"D": 0.4, "B": 0.4}}), spelt("SEE THE SEA")]
+    hotwords = parse_hotwords(["zeal", "# a comment", "", "Zorblax"])
+    assert hotwords == (("ZEAL",), ("ZORBLAX",))
+    assert "ZEAL" in LexiconDecoder(VOCAB, 1).words and "ZORBLAX" not in LexiconDecoder(VOCAB, 1).words
+
+    def run(log_probs, phrases=()):
+        decoder = LexiconDecoder(VOCAB, 1, hotwords=phrases)
+        decoder.push(log_probs)
+        decoder.finish()
+        return decoder.texts()[0]
+
+    assert run(rare) == "SEA" and run(rare, hotwords) == "ZEAL"
+    assert run(name) != "ZORBLAX" and run(name, hotwords) == "ZORBLAX"
+    # margin: no other transcript changes at all
+    assert [run(x, hotwords) for x in others] == [run(x) for x in others]
+
+
+def test_hotword_phrases_gain_only_when_whole():
+    from streamssl.asr.lexicon import _Phrases
+
+    phrases = _Phrases([(1, 2, 3), (1,)])
+    assert phrases.step((), 1) == (1, (1,))          # starts a phrase (and completes the one-word phrase)
+    assert phrases.step((1,), 2) == (1, (1, 2))
+    assert phrases.step((1, 2), 3) == (1, ())        # complete: the boosts are kept
+    assert phrases.step((1, 2), 9) == (-1, ())       # broken after "1 2": the boost of 2 is given back
+    assert phrases.step((1, 2), 1) == (0, (1,))      # broken, and a new phrase starts
+    assert phrases.unfinished((1, 2)) == 1
+    with pytest.raises(ValueError, match="hotword line 2"):
+        parse_hotwords(["ok", "Жук"])
 
 
 def test_offline_and_streaming_evaluation_agree_with_the_lexicon(tmp_path):
@@ -90,6 +166,7 @@ def test_offline_and_streaming_evaluation_agree_with_the_lexicon(tmp_path):
     (dict(lexicon_words=0), "lexicon_words"), (dict(beam_size=2.5), "beam_size"),
     (dict(lm_weight=float("nan")), "lm_weight"), (dict(lm_weight=-1.0), "lm_weight"),
     (dict(beam_threshold=0.0), "beam_threshold"), (dict(word_score=float("inf")), "word_score"),
+    (dict(hotword_boost=-1.0), "hotword_boost"),
 ])
 def test_bad_options_are_named(options, name):
     with pytest.raises(ValueError, match=name):

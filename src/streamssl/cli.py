@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from streamssl.commands import data, export, serve, stream, train
+from streamssl.commands import data, export, lm, serve, stream, train
 from streamssl.commands.common import Parser, UsageError, add_subcommands, add_threads, use_threads
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 # Each provides ``add_commands(subparsers)`` and registers its own subcommands. Only the parser of the
 # command being run gets its flags, and torch is imported by the commands themselves, so ``--help`` is fast.
-COMMAND_MODULES = (data, train, stream, serve, export)
+COMMAND_MODULES = (data, train, lm, stream, serve, export)
 
 
 def _left_frames(text: str) -> int | None:

@@ -1,20 +1,36 @@
-"""Lexicon-constrained CTC beam search with a unigram word language model (flashlight-text's decoder).
+"""Lexicon-constrained CTC beam search with a word language model and hotwords (flashlight-text's decoder).
 
 Greedy CTC writes down what each frame sounds like; a small model hears the sounds and misspells most words
 ("ABUT FIR ICIXPECSENT OFTHE PEPE"). The beam search only writes words of a lexicon, scoring each hypothesis
-by its acoustic log-probability plus ``lm_weight`` times the log-probability of its words plus ``word_score``
-per word. The lexicon and the word probabilities come from ``wordfreq`` (frequencies of general English
-measured over Wikipedia, subtitles, news, books and web text), a source apart from the synthetic corpus'
-text (walks along ``wordsegment``'s bigram counts, :mod:`streamssl.data.prose`), so the demo's test split
-does not flatter the language model. Words outside the lexicon cannot be written.
+by its acoustic log-probability plus ``lm_weight`` times the log-probability (natural log) of its words plus
+``word_score`` per word. Two language models:
 
-The decoder is frame-synchronous: fed chunk by chunk (:meth:`LexiconDecoder.push`) it keeps the same beam as
-when fed a whole utterance, so streamed transcripts equal offline ones. It keeps every frame's beam until
-``finish``: flashlight's ``prune`` would bound that memory, but it commits to the best path so far, which
-changed 17 of 40 dev transcripts even when looking 100 frames back. Usage::
+- **unigram** (no ``lm``): the lexicon and the word probabilities come from ``wordfreq`` (frequencies of
+  general English measured over Wikipedia, subtitles, news, books and web text);
+- **n-gram** (``lm``: an ARPA file, e.g. from ``streamssl lm build``, :mod:`streamssl.asr.lm`): the lexicon
+  is the file's words, scored by flashlight-text's KenLM.
 
-    decoder = LexiconDecoder(model.vocab, batch_size, BeamSearchConfig())
+Both are sources apart from the synthetic corpus' text (walks along ``wordsegment``'s bigram counts,
+:mod:`streamssl.data.prose`), so the demo's test split does not flatter them. Words outside the lexicon
+cannot be written, except hotwords.
+
+**Hotwords** (context biasing): phrases of one or more words given per stream. Words of a phrase that are
+not in the lexicon are added to it (with the language model's ``<unk>`` probability); every word that
+continues a phrase earns ``hotword_boost`` (added to its LM log-probability, so weighed by ``lm_weight``),
+also in the spelling trie's look-ahead so that a boosted word is not pruned before it ends; a phrase left
+unfinished gives its earned boost back, so only whole phrases gain.
+
+**Streaming.** The decoder is frame-synchronous: fed chunk by chunk (:meth:`LexiconDecoder.push`) it keeps
+the same beam as when fed a whole utterance, so streamed transcripts equal offline ones. After each push
+the words that every hypothesis in the beam has in common are *stable*: every later hypothesis extends one
+in the beam, so they can no longer change (:meth:`LexiconDecoder.hypothesis`). Once every hypothesis has
+written the stable words by the frame where the best one did, the history before that frame is pruned
+(flashlight's ``prune``), which bounds memory and work by the unstable stretch; pruning alone, at fixed
+look-backs, would commit to the best path so far and change transcripts. Usage::
+
+    decoder = LexiconDecoder(model.vocab, batch_size, BeamSearchConfig(lm="lm.arpa"), hotwords=[("ZANZIBAR",)])
     decoder.push(log_probs, lengths)       # (B, m, V) newly final frames, any number of times
+    words, stable = decoder.hypothesis(0)  # best hypothesis so far; its first `stable` words are final
     decoder.finish()
     decoder.texts()
 """
@@ -24,122 +40,302 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import Iterable, Sequence
 
 import torch
-import wordfreq
 from flashlight.lib.text import decoder as fl
 from torch import Tensor
 
 from streamssl.asr.ctc import CharVocab
+from streamssl.asr.lm import UNKNOWN, arpa_words, english_words
+from streamssl.data.text import normalize_text
+
+LN10 = math.log(10)
 
 
 @dataclass(frozen=True)
 class BeamSearchConfig:
     """Options of the lexicon beam search.
 
-    ``lexicon_words``: the most frequent English words (``wordfreq``) the decoder may write.
+    ``lexicon_words``: without ``lm``, the most frequent English words (``wordfreq``) the decoder may write.
+    ``lm``: an ARPA word n-gram model (its words are then the lexicon); ``None``: the wordfreq unigram LM.
     ``lm_weight``: weight of the word log-probability (natural log) against the acoustic score.
     ``word_score``: added per written word (negative: fewer, longer words).
     ``beam_size``: hypotheses kept per frame; ``beam_size_token``: tokens tried per hypothesis and frame;
     ``beam_threshold``: hypotheses scoring this far below the best are dropped.
-    The defaults were chosen on the demo's dev split (``docs/results.md``).
+    ``hotword_boost``: added to the LM log-probability of each word that continues a hotword phrase.
+    The defaults were chosen on the demo's dev split (``docs/results.md``, ``docs/decoding.md``).
     """
 
     lexicon_words: int = 50_000
+    lm: str | None = None
     lm_weight: float = 0.5
     word_score: float = -1.0
     beam_size: int = 64
     beam_size_token: int = 12
     beam_threshold: float = 20.0
+    hotword_boost: float = 40.0
 
     def __post_init__(self):
         for name in ("lexicon_words", "beam_size", "beam_size_token"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("lm_weight", "word_score", "beam_threshold"):
+        for name in ("lm_weight", "word_score", "beam_threshold", "hotword_boost"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}")
         if self.lm_weight < 0 or self.beam_threshold <= 0:
             raise ValueError(f"lm_weight must be >= 0 and beam_threshold > 0, got {self.lm_weight!r} and "
                              f"{self.beam_threshold!r}")
+        if self.hotword_boost < 0:
+            raise ValueError(f"hotword_boost must be >= 0, got {self.hotword_boost!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def english_lexicon(n_words: int, letters: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """The ``n_words`` most frequent English words spelt only with ``letters`` (upper case), and their
-    unigram log-probabilities (natural log, renormalised over these words)."""
-    allowed = set(letters.lower())
-    words: list[str] = []
-    # top_n_list also holds numbers, abbreviations and accented words; ask for enough to keep n_words.
-    for word in wordfreq.top_n_list("en", 3 * n_words):
-        if set(word) <= allowed and any(c.isalpha() for c in word):
-            words.append(word)
-            if len(words) == n_words:
-                break
-    frequencies = [wordfreq.word_frequency(w, "en") for w in words]
-    total = sum(frequencies)
-    return tuple(w.upper() for w in words), tuple(math.log(f / total) for f in frequencies)
+@dataclass(frozen=True)
+class DecodedWord:
+    """A word of a hypothesis: its output frames (``first_frame``: its first letter's, ``last_frame``: its
+    last letter's, counting from the stream's first frame) and ``confidence``, the lowest probability the
+    model gave any of its letters at the frame the path writes it (a letter the lexicon corrected scores low)."""
+
+    text: str
+    first_frame: int
+    last_frame: int
+    confidence: float
 
 
-class _UnigramLM(fl.LM):
-    """A word's score does not depend on its history, so one state serves every hypothesis."""
+Hotwords = tuple[tuple[str, ...], ...]
+
+
+def parse_hotwords(lines: Iterable[str]) -> Hotwords:
+    """Hotword phrases from lines of text (one phrase a line, normalised like transcripts; blank lines and
+    lines starting with ``#`` are skipped). A ``ValueError`` names a line that cannot be spelt."""
+    phrases: list[tuple[str, ...]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            words = tuple(normalize_text(line).split())
+        except ValueError as error:
+            raise ValueError(f"hotword line {number} ({line.strip()[:40]!r}): {error}") from None
+        if words and words not in phrases:
+            phrases.append(words)
+    return tuple(phrases)
+
+
+class _Unigram:
+    """Word log-probabilities that do not depend on the history; an added word gets the rarest one's."""
+
+    order = 1
 
     def __init__(self, log_probs: tuple[float, ...]):
-        fl.LM.__init__(self)
         self.log_probs = log_probs
+        self.unknown_log_prob = min(log_probs)
 
-    def start(self, start_with_nothing: bool) -> fl.LMState:
-        return fl.LMState()
+    def start(self) -> None:
+        return None
+
+    def score(self, state: None, word: int) -> tuple[None, float]:
+        return None, self.log_probs[word] if word < len(self.log_probs) else self.unknown_log_prob
+
+    def finish(self, state: None) -> float:
+        return 0.0
+
+
+class _Ngram:
+    """An ARPA model through flashlight-text's KenLM; scores in natural log. Word ids past the lexicon
+    (added hotwords) are KenLM's ``<unk>``."""
+
+    def __init__(self, path: str, words: tuple[str, ...], order: int, unknown_log10: float):
+        from flashlight.lib.text.decoder.kenlm import KenLM
+        from flashlight.lib.text.dictionary import Dictionary
+
+        self.order = order
+        self.unknown = len(words)
+        self.unknown_log_prob = unknown_log10 * LN10
+        self.kenlm = KenLM(path, Dictionary([*words, UNKNOWN]))
+
+    def start(self) -> fl.LMState:
+        return self.kenlm.start(False)
 
     def score(self, state: fl.LMState, word: int) -> tuple[fl.LMState, float]:
-        return state, self.log_probs[word]
+        state, log10_prob = self.kenlm.score(state, min(word, self.unknown))
+        return state, log10_prob * LN10
+
+    def finish(self, state: fl.LMState) -> float:
+        return self.kenlm.finish(state)[1] * LN10
+
+
+class _Phrases:
+    """Hotword phrases as word-id tuples: which word sequences continue one, and what is owed when one breaks."""
+
+    def __init__(self, phrases: Iterable[tuple[int, ...]]):
+        phrases = set(phrases)
+        self.complete = phrases
+        self.prefixes = {p[:i] for p in phrases for i in range(1, len(p) + 1)}
+        self.proper = {p[:i] for p in phrases for i in range(1, len(p))}
+
+    def unfinished(self, prefix: tuple[int, ...]) -> int:
+        """Words of ``prefix`` past its longest complete phrase: boosts to give back if it breaks here."""
+        banked = max((i for i in range(1, len(prefix) + 1) if prefix[:i] in self.complete), default=0)
+        return len(prefix) - banked
+
+    def step(self, prefix: tuple[int, ...], word: int) -> tuple[int, tuple[int, ...]]:
+        """``(boosts earned, new prefix)`` when ``word`` follows the matched ``prefix``."""
+        extended = prefix + (word,)
+        if extended in self.prefixes:
+            return 1, extended if extended in self.proper else ()
+        owed = -self.unfinished(prefix)
+        if (word,) in self.prefixes:
+            return owed + 1, (word,) if (word,) in self.proper else ()
+        return owed, ()
+
+
+class _WordLM(fl.LM):
+    """The decoder's LM: an inner word model plus hotword boosts.
+
+    flashlight merges hypotheses whose LM states are the same object, so there is one state per
+    ``(last order-1 words, matched hotword prefix)``; the inner model's score depends on nothing else.
+    """
+
+    def __init__(self, inner: _Unigram | _Ngram, phrases: _Phrases, boost: float):
+        fl.LM.__init__(self)
+        self.inner = inner
+        self.phrases = phrases
+        self.boost = boost
+        self._history = max(inner.order - 1, 0)
+        self._unknown = getattr(inner, "unknown", None)
+        self._states: dict[tuple, fl.LMState] = {}
+        self._info: dict[fl.LMState, tuple[tuple[int, ...], tuple[int, ...], object]] = {}
+
+    def _state(self, history: tuple[int, ...], prefix: tuple[int, ...], inner: object) -> fl.LMState:
+        key = (history, prefix)
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = fl.LMState()
+            self._info[state] = (history, prefix, inner)
+        return state
+
+    def start(self, start_with_nothing: bool) -> fl.LMState:
+        return self._state((), (), self.inner.start())
+
+    def forget(self) -> None:
+        """Drop every state: the search that used them ended (an endpoint), and the next one starts afresh."""
+        self._states.clear()
+        self._info.clear()
+
+    def score(self, state: fl.LMState, word: int) -> tuple[fl.LMState, float]:
+        history, prefix, inner = self._info[state]
+        inner, log_prob = self.inner.score(inner, word)
+        boosts, prefix = self.phrases.step(prefix, word) if self.phrases.prefixes else (0, ())
+        if self._history:
+            lm_word = word if self._unknown is None else min(word, self._unknown)
+            history = (history + (lm_word,))[-self._history:]
+        return self._state(history, prefix, inner), log_prob + self.boost * boosts
 
     def finish(self, state: fl.LMState) -> tuple[fl.LMState, float]:
-        return state, 0.0
+        history, prefix, inner = self._info[state]
+        return state, self.inner.finish(inner) - self.boost * self.phrases.unfinished(prefix)
 
 
 @lru_cache(maxsize=4)
-def _search_graph(n_words: int, symbols: tuple[str, ...]) -> tuple[tuple[str, ...], _UnigramLM, fl.Trie]:
-    """The lexicon's words, their LM and their spelling trie (ending in a space); built once per process
-    (about a second for 50 000 words) and shared by every decoder, which only reads them."""
+def _base_graph(lm: str | None, n_words: int, letters: str) -> tuple[tuple[str, ...], tuple[float, ...],
+                                                                      _Unigram | _Ngram]:
+    """The lexicon's words, their unigram log-probabilities (natural log) and the inner LM; loaded once
+    per process (about a second) and shared by every decoder, which only reads them."""
+    if lm is None:
+        words, log_probs = english_words(n_words, letters)
+        return words, log_probs, _Unigram(log_probs)
+    order, all_words, log10_probs, unknown_log10 = arpa_words(lm)
+    allowed = set(letters)
+    kept = [(w, p) for w, p in zip(all_words, log10_probs) if set(w) <= allowed]
+    if not kept:
+        raise ValueError(f"{lm}: no word of the language model is spelt with this model's letters")
+    words = tuple(w for w, _ in kept)
+    return words, tuple(p * LN10 for _, p in kept), _Ngram(lm, words, order, unknown_log10)
+
+
+@lru_cache(maxsize=16)
+def _search_graph(lm: str | None, n_words: int, symbols: tuple[str, ...], hotwords: Hotwords, boost: float
+                  ) -> tuple[dict[int, str], int, _Unigram | _Ngram, _Phrases, fl.Trie]:
+    """The words by label (the lexicon's ``0..n-1``, then added hotwords after the reserved ``<unk>`` label
+    ``n``), ``n``, the inner LM, the hotword phrases as labels and the spelling trie (each word ending in a
+    space, scored by its boosted unigram log-probability)."""
     vocab = CharVocab(list(symbols))
     space = vocab.index[" "]
     letters = "".join(s for s in symbols[1:] if len(s) == 1 and s != " ")
-    words, log_probs = english_lexicon(n_words, letters)
+    base_words, base_log_probs, inner = _base_graph(lm, n_words, letters)
+    for phrase in hotwords:
+        for word in phrase:
+            if not set(word) <= set(letters):
+                raise ValueError(f"hotword {word!r} cannot be spelt with this model's letters {letters!r}")
+    unknown = len(base_words)
+    label_of = {w: i for i, w in enumerate(base_words)}
+    added = [w for w in dict.fromkeys(w for phrase in hotwords for w in phrase) if w not in label_of]
+    label_of.update({w: unknown + 1 + i for i, w in enumerate(added)})
+    log_prob_of = dict(zip(base_words, base_log_probs)) | {w: inner.unknown_log_prob for w in added}
+    boosted = {w for phrase in hotwords for w in phrase}
     trie = fl.Trie(len(vocab), space)
-    for index, (word, log_prob) in enumerate(zip(words, log_probs)):
-        trie.insert([vocab.index[c] for c in word] + [space], index, log_prob)
+    for word, label in label_of.items():
+        trie.insert([vocab.index[c] for c in word] + [space], label,
+                    log_prob_of[word] + (boost if word in boosted else 0.0))
     trie.smear(fl.SmearingMode.MAX)
-    return words, _UnigramLM(log_probs), trie
+    phrases = _Phrases(tuple(label_of[w] for w in phrase) for phrase in hotwords)
+    return {label: w for w, label in label_of.items()}, unknown, inner, phrases, trie
+
+
+@dataclass
+class _Path:
+    """A hypothesis read off flashlight's arrays: its words' ids and the array index that wrote each."""
+
+    score: float
+    word_ids: list[int]
+    emitted_at: list[int]
+    tokens: list[int]
 
 
 class LexiconDecoder:
     """Lexicon beam search for a batch of streams, whole utterances or chunk by chunk.
 
-    ``vocab`` must have a space symbol (the word boundary); ``batch_size`` streams are decoded independently.
+    ``vocab`` must have a space symbol (the word boundary); ``batch_size`` streams are decoded independently,
+    each with the ``hotwords`` phrases (tuples of upper-case words, see :func:`parse_hotwords`).
     """
 
-    def __init__(self, vocab: CharVocab, batch_size: int, config: BeamSearchConfig | None = None):
+    def __init__(self, vocab: CharVocab, batch_size: int, config: BeamSearchConfig | None = None,
+                 hotwords: Sequence[Sequence[str]] = ()):
         if " " not in vocab.index:
             raise ValueError(f"lexicon decoding needs a space symbol in the vocabulary, got {vocab.symbols}")
         self.vocab = vocab
         self.config = config or BeamSearchConfig()
-        self.words, self._lm, self._trie = _search_graph(self.config.lexicon_words, tuple(vocab.symbols))
+        self.hotwords: Hotwords = tuple(tuple(w.upper() for w in phrase) for phrase in hotwords if phrase)
+        self._labels, unknown, inner, phrases, self._trie = _search_graph(
+            self.config.lm, self.config.lexicon_words, tuple(vocab.symbols), self.hotwords,
+            self.config.hotword_boost)
+        self.words = tuple(self._labels.values())
         space = vocab.index[" "]
         options = fl.LexiconDecoderOptions(
             beam_size=self.config.beam_size, beam_size_token=self.config.beam_size_token,
             beam_threshold=self.config.beam_threshold, lm_weight=self.config.lm_weight,
             word_score=self.config.word_score, unk_score=-math.inf, sil_score=0.0, log_add=False,
             criterion_type=fl.CriterionType.CTC)
-        unknown = len(self.words)
-        self._decoders = [fl.LexiconDecoder(options, self._trie, self._lm, space, vocab.blank, unknown, [], False)
-                          for _ in range(batch_size)]
+        self._lms = [_WordLM(inner, phrases, self.config.hotword_boost) for _ in range(batch_size)]
+        self._decoders = [fl.LexiconDecoder(options, self._trie, lm, space, vocab.blank, unknown, [], False)
+                          for lm in self._lms]
         for decoder in self._decoders:
             decoder.decode_begin()
         self.frames = [0] * batch_size
-        self._final: list[str | None] = [None] * batch_size
+        self._finished = [False] * batch_size
+        # Per stream: frame of array index 1 of flashlight's buffer (it moves on at each prune), the words
+        # committed before it, the best hypothesis after it, how many of those are stable, and the
+        # emissions from the buffer's start on (for confidences).
+        self._origin = [0] * batch_size
+        self._committed: list[list[DecodedWord]] = [[] for _ in range(batch_size)]
+        self._open: list[list[DecodedWord]] = [[] for _ in range(batch_size)]
+        self._open_stable = [0] * batch_size
+        self._spelling = [""] * batch_size
+        self._rows: list[list[Tensor]] = [[] for _ in range(batch_size)]
+        self._rows_from = [0] * batch_size
 
     def push(self, log_probs: Tensor, lengths: Tensor | None = None) -> None:
         """Feed ``log_probs`` ``(B, m, V)`` of newly final frames (the first ``lengths[b]`` of row ``b``)."""
@@ -151,23 +347,129 @@ class LexiconDecoder:
         for b, (decoder, count) in enumerate(zip(self._decoders, counts)):
             if count == 0:
                 continue
-            if self._final[b] is not None:
+            if self._finished[b]:
                 raise ValueError(f"stream {b} was finished; it takes no more frames")
             row = emissions[b, :count]
             decoder.decode_step(row.data_ptr(), count, row.shape[1])
+            self._rows[b].append(row.clone())
             self.frames[b] += count
+            self._settle(b)
 
     def finish(self) -> None:
-        """End every stream: the words still open at the last frame are closed and scored."""
+        """End every stream: the words still open at the last frame are closed and scored; all are final."""
         for b, decoder in enumerate(self._decoders):
-            if self._final[b] is None:
+            if not self._finished[b]:
                 decoder.decode_end()
-                self._final[b] = self._text(decoder)
+                self._finished[b] = True
+                self._open[b] = self._words_of(b, self._paths(b)[0])
+                self._open_stable[b], self._spelling[b] = len(self._open[b]), ""
 
-    def _text(self, decoder) -> str:
-        return " ".join(self.words[i] for i in decoder.get_best_hypothesis().words if 0 <= i < len(self.words))
+    def end_segment(self, b: int) -> None:
+        """End stream ``b``'s segment here (an endpoint): its words are closed, scored and final, and the
+        search starts afresh (a new sentence for the LM) with the next frame."""
+        if self._finished[b]:
+            raise ValueError(f"stream {b} was finished")
+        decoder = self._decoders[b]
+        decoder.decode_end()
+        self._committed[b] += self._words_of(b, self._paths(b)[0])
+        self._open[b], self._open_stable[b], self._spelling[b] = [], 0, ""
+        self._lms[b].forget()
+        decoder.decode_begin()
+        self._origin[b] = self._rows_from[b] = self.frames[b]
+        self._rows[b] = []
+
+    def hypothesis(self, b: int) -> tuple[list[DecodedWord], int]:
+        """Stream ``b``'s best hypothesis so far and how many of its first words are stable (final)."""
+        return self._committed[b] + self._open[b], len(self._committed[b]) + self._open_stable[b]
+
+    def spelling(self, b: int) -> str:
+        """The letters the best hypothesis has written of the word it is in (not yet a word)."""
+        return self._spelling[b]
 
     def texts(self) -> list[str]:
-        """Final transcripts of finished streams; the best hypothesis so far of the others."""
-        return [final if final is not None else self._text(decoder)
-                for final, decoder in zip(self._final, self._decoders)]
+        """Transcripts: final for finished streams, the best hypothesis so far for the others."""
+        return [" ".join(w.text for w in self.hypothesis(b)[0]) for b in range(len(self._decoders))]
+
+    # ------------------------------------------------------------ stable words and pruning
+    def _paths(self, b: int) -> list[_Path]:
+        """The beam's hypotheses, best first (ties: the first in flashlight's order, as its prune takes)."""
+        paths = []
+        for result in self._decoders[b].get_all_final_hypothesis():
+            words = result.words
+            emitted = [i for i, w in enumerate(words) if w >= 0]
+            paths.append(_Path(result.score, [words[i] for i in emitted], emitted, result.tokens))
+        best = max(range(len(paths)), key=lambda i: (paths[i].score, -i))
+        return [paths[best]] + paths[:best] + paths[best + 1:]
+
+    def _settle(self, b: int) -> None:
+        """Find the stable words after a push, and prune the history where every hypothesis agrees."""
+        decoder = self._decoders[b]
+        paths = self._paths(b)
+        best = paths[0]
+        stable = len(best.word_ids)
+        for path in paths[1:]:
+            common = 0
+            for mine, theirs in zip(best.word_ids, path.word_ids):
+                if mine != theirs:
+                    break
+                common += 1
+            stable = min(stable, common)
+        self._open[b] = self._words_of(b, best)
+        self._open_stable[b] = stable
+        space = self.vocab.index[" "]
+        start = best.emitted_at[-1] + 1 if best.emitted_at else 0
+        letters = [t for i, t in enumerate(best.tokens[start:], start=start)
+                   if t not in (self.vocab.blank, space) and t != (best.tokens[i - 1] if i else space)]
+        self._spelling[b] = "".join(self.vocab.symbols[t] for t in letters)
+        # Prune after the last stable word that no hypothesis wrote later than the best one did (flashlight
+        # prunes back to the frame after a word of the best path), if frames follow it.
+        buffer_end = len(best.tokens) - 1
+        cut = 0
+        for j in range(stable, 0, -1):
+            at = best.emitted_at[j - 1]
+            if at + 1 <= buffer_end and all(p.emitted_at[j - 1] <= at for p in paths[1:]):
+                cut = j
+                break
+        if not cut:
+            return
+        prune_index = best.emitted_at[cut - 1] + 1
+        decoder.prune(buffer_end - prune_index)
+        self._committed[b] += self._open[b][:cut]
+        self._open[b] = self._open[b][cut:]
+        self._open_stable[b] -= cut
+        self._origin[b] += prune_index
+        self._trim_rows(b, self._origin[b] - 1)
+
+    def _trim_rows(self, b: int, frame: int) -> None:
+        """Drop the emissions of frames before ``frame`` (no word can start there any more)."""
+        rows = torch.cat(self._rows[b]) if len(self._rows[b]) > 1 else self._rows[b][0]
+        drop = max(0, frame - self._rows_from[b])
+        self._rows[b] = [rows[drop:]]
+        self._rows_from[b] += drop
+
+    def _words_of(self, b: int, path: _Path) -> list[DecodedWord]:
+        """The words of hypothesis ``path`` (read off flashlight's arrays, which start at the buffer's
+        start; its ``get_best_hypothesis`` would stop at the last word boundary), with their letters'
+        frames and confidences."""
+        tokens = path.tokens
+        rows = torch.cat(self._rows[b]) if len(self._rows[b]) > 1 else (self._rows[b][0] if self._rows[b] else None)
+        space, blank = self.vocab.index[" "], self.vocab.blank
+        words: list[DecodedWord] = []
+        letters: list[tuple[int, int]] = []
+        emitted = dict(zip(path.emitted_at, path.word_ids))
+        # Index 0 is the start, or after a prune the frame after a word of this path: a letter there is new.
+        for i in range(len(tokens)):
+            frame = self._origin[b] + i - 1
+            token = tokens[i]
+            previous = tokens[i - 1] if i else space
+            if 0 <= frame < self.frames[b] and token not in (blank, space) and token != previous:
+                letters.append((frame, token))
+            if i in emitted:
+                label = emitted[i]
+                probabilities = [math.exp(float(rows[f - self._rows_from[b], t])) for f, t in letters] or [1.0]
+                first = letters[0][0] if letters else frame
+                last = letters[-1][0] if letters else frame
+                words.append(DecodedWord(self._labels[label], first, last, min(probabilities)))
+                letters = []
+        return words
+

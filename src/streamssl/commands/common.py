@@ -1,5 +1,6 @@
 """What several commands share: subcommands whose flags are added only when they run, usage errors in one
-line, the ``--threads``, ``--chunk-ms`` and ``--quiet`` flags with their checks, and loading a recogniser.
+line, the ``--threads``, ``--chunk-ms``, ``--quiet`` and decoder flags with their checks, and loading a
+recogniser.
 
 Nothing here imports torch at module level: ``streamssl --help`` and ``streamssl stream --help`` only
 build parsers, and should answer at once.
@@ -13,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 if TYPE_CHECKING:
+    from streamssl.asr.lexicon import BeamSearchConfig
     from streamssl.streaming.recognizer import Clock, Recognizer
 
 # What ``--threads`` defaults to where a command does not say otherwise. Measured with ``streamssl
@@ -122,12 +124,46 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
 
 
+def add_decoder_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--decoder greedy|lexicon`` (default ``default``) and the lexicon beam search's options (the
+    defaults of :class:`~streamssl.asr.lexicon.BeamSearchConfig`, spelt out here so ``--help`` needs no
+    import); :func:`beam_config` reads them."""
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--decoder", choices=("lexicon", "greedy"), default=default,
+                       help="lexicon: beam search over English words with a word LM (--lm, else wordfreq "
+                            f"unigrams); greedy: best path, the model's own spelling (default {default})")
+    group.add_argument("--lm", metavar="ARPA", help="word n-gram LM for the lexicon decoder (streamssl lm build); "
+                                                    "its words are the lexicon")
+    group.add_argument("--lexicon-words", type=int, default=50_000, metavar="N",
+                       help="without --lm: most frequent English words the lexicon decoder may write (default 50000)")
+    group.add_argument("--lm-weight", type=float, default=0.5, help="weight of the word LM log-probability (default 0.5)")
+    group.add_argument("--word-score", type=float, default=-1.0, help="score added per word (default -1)")
+    group.add_argument("--beam-size", type=int, default=64, help="hypotheses kept per frame (default 64)")
+    group.add_argument("--hotword-boost", type=float, default=40.0,
+                       help="LM log-probability added per word of a hotword phrase (default 40)")
+
+
+def beam_config(args: argparse.Namespace) -> "BeamSearchConfig | None":
+    """The beam search options of :func:`add_decoder_arguments`' flags; ``None`` for ``--decoder greedy``
+    (``--lm`` with it is an error)."""
+    from streamssl.asr.lexicon import BeamSearchConfig
+
+    if args.decoder == "greedy":
+        if args.lm is not None:
+            raise ValueError("--lm needs --decoder lexicon; greedy decoding uses no language model")
+        return None
+    return BeamSearchConfig(lexicon_words=args.lexicon_words, lm=args.lm, lm_weight=args.lm_weight,
+                            word_score=args.word_score, beam_size=args.beam_size, hotword_boost=args.hotword_boost)
+
+
 def load_recognizer(checkpoint: str, chunk_ms: float, backend: str, threads: int,
-                    clock: "Clock" = time.perf_counter) -> "Recognizer":
+                    clock: "Clock" = time.perf_counter, beam: "BeamSearchConfig | None" = None) -> "Recognizer":
     """The :class:`~streamssl.streaming.recognizer.Recognizer` of a fine-tuned ``checkpoint`` (file or run
     folder) stepping in chunks of ``chunk_ms`` milliseconds (checked by :func:`check_chunk` before any
-    export), on ``backend`` ``"torch"`` or ``"onnx"`` (ONNX Runtime on ``threads`` threads)."""
+    export), on ``backend`` ``"torch"`` or ``"onnx"`` (ONNX Runtime on ``threads`` threads), decoding
+    greedily or, with ``beam``, with the lexicon beam search."""
     from streamssl.export import OnnxModel, export_model
+    from streamssl.streaming.engine import decoder_factory
     from streamssl.streaming.recognizer import Recognizer
     from streamssl.train.checkpoint import load_checkpoint
 
@@ -135,4 +171,4 @@ def load_recognizer(checkpoint: str, chunk_ms: float, backend: str, threads: int
     check_chunk(chunk_ms, model.hop_samples, model.sample_rate)
     if backend == "onnx":
         model = OnnxModel(export_model(model, chunk_ms)[0], threads=threads)
-    return Recognizer(model, chunk_ms, clock=clock, backend=backend)
+    return Recognizer(model, chunk_ms, clock=clock, backend=backend, decoder=decoder_factory(model.vocab, beam))

@@ -7,7 +7,8 @@ import errno
 import math
 from typing import TYPE_CHECKING
 
-from streamssl.commands.common import Subcommands, add_chunk_ms, add_threads, load_recognizer, use_threads
+from streamssl.commands.common import (
+    Subcommands, add_chunk_ms, add_decoder_arguments, add_threads, beam_config, load_recognizer, use_threads)
 
 if TYPE_CHECKING:
     from streamssl.serve.server import StreamingServer
@@ -35,7 +36,8 @@ async def _serve(server: StreamingServer) -> None:
         raise ValueError(listen_error(server.host, server.port, error)) from None
     try:
         print(f"streamssl serve: page http://{server.host}:{server.port}/  websocket "
-              f"ws://{server.host}:{server.port}/asr  (declared latency {server.declared['declared_latency_ms']:g} ms)",
+              f"ws://{server.host}:{server.port}/asr  (declared latency {server.declared['declared_latency_ms']:g} ms, "
+              f"{server.decoder} decoder)",
               flush=True)
         await server.serve_forever()
     finally:
@@ -56,8 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(max_streams=args.max_streams, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_message_bytes=args.max_message_bytes, endpoint=endpoint)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    recognizer = load_recognizer(args.checkpoint, args.chunk_ms, args.backend, args.threads)
-    server = StreamingServer(recognizer, config, host=args.host, port=args.port)
+    beam = beam_config(args)
+    recognizer = load_recognizer(args.checkpoint, args.chunk_ms, args.backend, args.threads, beam=beam)
+    server = StreamingServer(recognizer, config, host=args.host, port=args.port, model_name=args.checkpoint)
     try:
         asyncio.run(_serve(server))
     except KeyboardInterrupt:
@@ -75,6 +78,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     add_chunk_ms(parser)
     add_threads(parser)
+    add_decoder_arguments(parser, default="greedy")
     defaults = ServeConfig()
     group = parser.add_argument_group("batching and limits")
     group.add_argument("--max-streams", type=int, default=defaults.max_streams,

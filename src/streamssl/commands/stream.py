@@ -6,10 +6,10 @@ import argparse
 import json
 import shutil
 import sys
-from typing import TYPE_CHECKING, Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, TextIO
 
 from streamssl.commands.common import (
-    Subcommands, add_chunk_ms, add_threads, load_recognizer, use_threads)
+    Subcommands, add_chunk_ms, add_decoder_arguments, add_threads, beam_config, load_recognizer, use_threads)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 
 
 class PartialDisplay:
-    """Shows a stream's transcript as it grows. On a terminal the partial transcript is rewritten in place;
-    on a pipe or a file each update prints one line with only what it added (the words it completed, and
-    the audio time they end at), so a log keeps every step without repeating the transcript."""
+    """Shows a stream's transcript as it grows. On a terminal the partial transcript is rewritten in place,
+    its final words plain and the tail that may still change dimmed; on a pipe or a file each update prints
+    one line with only what it added (the words that became final, and the audio time they end at), so a
+    log keeps every step without repeating the transcript."""
 
     def __init__(self, name: str, out: TextIO):
         self.name = name
@@ -30,13 +31,22 @@ class PartialDisplay:
 
     def show(self, update: Update) -> None:
         if self.in_place:
-            if not update.tokens:
+            if not update.tokens and not update.words:
                 return
             width = shutil.get_terminal_size().columns - 1
-            line = f"{self.name}: {update.partial[-width:]}"
-            if len(line) > width:
-                line = "…" + line[len(line) - width + 1:]
-            self.out.write("\r\x1b[K" + line)
+            if update.unstable:
+                # the tail that may still change is dimmed; the final words are cut from the left to fit
+                stable, tail = update.stable, update.unstable[-width:]
+                room = max(0, width - len(self.name) - 3 - len(tail))
+                if len(stable) > room:
+                    stable = "…" + stable[len(stable) - room + 1:] if room > 1 else ""
+                gap = " " if stable else ""
+                self.out.write(f"\r\x1b[K{self.name}: {stable}{gap}\x1b[2m{tail}\x1b[0m")
+            else:
+                line = f"{self.name}: {update.partial[-width:]}"
+                if len(line) > width:
+                    line = "…" + line[len(line) - width + 1:]
+                self.out.write("\r\x1b[K" + line)
         else:
             if not update.words:
                 return
@@ -69,13 +79,13 @@ def open_audio(path: str, sample_rate: int) -> Iterator[np.ndarray]:
 
 
 def stream_file(recognizer: Recognizer, clock: PacedClock, blocks: Iterable[np.ndarray], chunk_samples: int,
-                display: PartialDisplay | None) -> Stream:
+                display: PartialDisplay | None, hotwords: Sequence[Sequence[str]] = ()) -> Stream:
     """Feed the audio of ``blocks`` in chunks of ``chunk_samples`` at real-time pace (slept or simulated by
     ``clock``); returns the finished stream. Only one block and one chunk are held at a time."""
     import numpy as np
     import torch
 
-    stream = recognizer.stream()
+    stream = recognizer.stream(hotwords=hotwords)
     clock.start()
     fed = 0
     carry = np.zeros(0, dtype=np.float32)
@@ -107,13 +117,34 @@ def stream_file(recognizer: Recognizer, clock: PacedClock, blocks: Iterable[np.n
     return stream
 
 
+def read_hotwords(path: str) -> tuple[tuple[str, ...], ...]:
+    """The hotword phrases of a UTF-8 file, one a line (:func:`~streamssl.asr.lexicon.parse_hotwords`)."""
+    from pathlib import Path
+
+    from streamssl.asr.lexicon import parse_hotwords
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--hotwords {path}: no such file")
+    try:
+        return parse_hotwords(file.read_text(encoding="utf-8").splitlines())
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--hotwords {path}: not UTF-8 text ({error.reason})") from None
+    except ValueError as error:
+        raise ValueError(f"--hotwords {path}: {error}") from None
+
+
 def cmd_stream(args: argparse.Namespace) -> int:
     from streamssl.streaming.pacing import PacedClock
     from streamssl.streaming.report import build_report
 
     use_threads(args.threads)
+    beam = beam_config(args)
+    hotwords = read_hotwords(args.hotwords) if args.hotwords else ()
+    if hotwords and beam is None:
+        raise ValueError("--hotwords needs --decoder lexicon; greedy decoding writes the model's own spelling")
     clock = PacedClock(simulate=not args.realtime)
-    recognizer = load_recognizer(args.checkpoint, args.chunk_ms, args.backend, args.threads, clock.now)
+    recognizer = load_recognizer(args.checkpoint, args.chunk_ms, args.backend, args.threads, clock.now, beam)
     chunk_samples = recognizer.chunk_samples
     streams, results, failed = [], [], []
     for path in args.files:
@@ -122,7 +153,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
                    None if args.quiet else PartialDisplay(path, sys.stderr))
         try:
             stream = stream_file(recognizer, clock, open_audio(path, recognizer.sample_rate), chunk_samples,
-                                 display)
+                                 display, hotwords)
         except ValueError as error:
             print(f"streamssl stream: error: {error}", file=sys.stderr)
             failed.append({"file": path, "error": str(error)})
@@ -130,7 +161,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
         streams.append(stream)
         results.append({"file": path, "audio_s": stream.samples_in / recognizer.sample_rate, "transcript": stream.text,
                         "words": [{"text": w.text, "start_s": w.start_s, "end_s": w.end_s,
-                                   "delay_ms": 1000 * w.delay_s} for w in stream.words]})
+                                   "delay_ms": 1000 * w.delay_s, "confidence": w.confidence}
+                                  for w in stream.words]})
     pace = "real-time" if args.realtime else "simulated real-time (clock skips the waits)"
     report = build_report(recognizer, streams, pace) if streams else None
     if args.json:
@@ -158,6 +190,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="machine-readable transcripts and report on stdout (the partial transcripts go to "
                              "stderr)")
     parser.add_argument("--quiet", action="store_true", help="with --json, no partial transcripts on stderr")
+    add_decoder_arguments(parser, default="greedy")
+    parser.add_argument("--hotwords", metavar="FILE", help="phrases to favour, one a line (words outside the "
+                                                           "lexicon are added); needs --decoder lexicon")
     parser.set_defaults(func=cmd_stream)
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from streamssl.commands.common import Subcommands, add_chunk_ms, add_quiet, add_threads, check_chunk, use_threads
+from streamssl.commands.common import (
+    Subcommands, add_chunk_ms, add_decoder_arguments, add_quiet, add_threads, beam_config, check_chunk, use_threads)
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -95,7 +96,6 @@ def _train_mode_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from streamssl.asr.evaluate import evaluate_model
-    from streamssl.asr.lexicon import BeamSearchConfig
     from streamssl.tables import results_table
     from streamssl.train.checkpoint import load_checkpoint
     from streamssl.train.data import load_split, spellable
@@ -123,9 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         check_chunk(args.chunk_ms, model.hop_samples, model.sample_rate)
     utterances = spellable(utterances, model.vocab, args.skip_bad, "evaluation data", args.data, log)
     device = pick_device(args.device)
-    beam = None if args.decoder == "greedy" else BeamSearchConfig(
-        lexicon_words=args.lexicon_words, lm_weight=args.lm_weight, word_score=args.word_score,
-        beam_size=args.beam_size)
+    beam = beam_config(args)
     mode = f"streaming in {args.chunk_ms:g} ms chunks" if args.streaming else "offline"
     threads = f", {args.threads} thread(s)" if device.type == "cpu" else ""
     stage(f"decoding {len(utterances)} utterance(s) ({sum(u.duration for u in utterances):.0f} s of audio) {mode} "
@@ -169,7 +167,6 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
     from streamssl.asr.evaluate import MAX_OFFLINE_SECONDS, STREAMING_BATCH_SIZE
-    from streamssl.asr.lexicon import BeamSearchConfig
 
     evaluate.add_argument("--checkpoint", required=True, help="a finetune checkpoint or its run folder")
     evaluate.add_argument("--data", required=True, help="manifest, LibriSpeech or audio+txt folder, Lhotse cut "
@@ -182,18 +179,7 @@ def _evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--max-offline-s", type=float, default=MAX_OFFLINE_SECONDS, metavar="SECONDS",
                           help="offline mode refuses longer utterances, since it decodes each one whole in "
                                f"memory (default {MAX_OFFLINE_SECONDS:g}; --streaming takes any length)")
-    beam = BeamSearchConfig()
-    evaluate.add_argument("--decoder", choices=("lexicon", "greedy"), default="lexicon",
-                          help="lexicon: beam search over English words with a unigram LM (wordfreq); greedy: "
-                               "best path, the model's own spelling (default lexicon)")
-    evaluate.add_argument("--lexicon-words", type=int, default=beam.lexicon_words, metavar="N",
-                          help=f"most frequent English words the lexicon decoder may write (default {beam.lexicon_words})")
-    evaluate.add_argument("--lm-weight", type=float, default=beam.lm_weight,
-                          help=f"weight of the word LM log-probability (default {beam.lm_weight:g})")
-    evaluate.add_argument("--word-score", type=float, default=beam.word_score,
-                          help=f"score added per word (default {beam.word_score:g})")
-    evaluate.add_argument("--beam-size", type=int, default=beam.beam_size,
-                          help=f"hypotheses kept per frame (default {beam.beam_size})")
+    add_decoder_arguments(evaluate, default="lexicon")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     evaluate.add_argument("--skip-bad", action="store_true", help="skip utterances that fail corpus check")
     evaluate.add_argument("--hypotheses", action="store_true", help="also print every reference/hypothesis")

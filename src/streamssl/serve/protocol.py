@@ -9,11 +9,15 @@ from typing import Any
 
 import numpy as np
 
+from streamssl.asr.lexicon import parse_hotwords
 from streamssl.streaming.recognizer import Token, Word
 
 FORMATS = {"pcm16": np.dtype("<i2"), "float32": np.dtype("<f4")}
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
+# A start message's hotwords: at most this many phrases of at most this many characters.
+MAX_HOTWORDS = 200
+MAX_HOTWORD_CHARS = 100
 
 # Close codes (RFC 6455 section 7.4.1).
 CLOSE_NORMAL = 1000
@@ -34,14 +38,17 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class StartMessage:
-    """``sample_rate`` in Hz of the audio the client will send, ``sample_format`` one of :data:`FORMATS`."""
+    """``sample_rate`` in Hz of the audio the client will send, ``sample_format`` one of :data:`FORMATS`,
+    ``hotwords`` the phrases this stream's beam search favours (normalised words)."""
 
     sample_rate: int
     sample_format: str
+    hotwords: tuple[tuple[str, ...], ...] = ()
 
 
 def parse_start(message: str | bytes) -> StartMessage:
-    """The first message of a session: ``{"type": "start", "sample_rate": 48000, "format": "pcm16"}``."""
+    """The first message of a session: ``{"type": "start", "sample_rate": 48000, "format": "pcm16"}``,
+    optionally with ``"hotwords": ["phrase", ...]``."""
     if isinstance(message, bytes):
         raise ProtocolError("expected a JSON start message first, got binary data; send "
                             '{"type": "start", "sample_rate": <Hz>, "format": "pcm16"|"float32"}', CLOSE_UNSUPPORTED)
@@ -51,7 +58,7 @@ def parse_start(message: str | bytes) -> StartMessage:
         raise ProtocolError(f"start message is not JSON ({error}): {message[:80]!r}") from None
     if not isinstance(data, dict) or data.get("type") != "start":
         raise ProtocolError(f'the first message must be an object with "type": "start", got {message[:80]!r}')
-    unknown = sorted(set(data) - {"type", "sample_rate", "format"})
+    unknown = sorted(set(data) - {"type", "sample_rate", "format", "hotwords"})
     if unknown:
         raise ProtocolError(f"unknown field(s) in start message: {', '.join(unknown)}")
     rate = data.get("sample_rate")
@@ -63,7 +70,22 @@ def parse_start(message: str | bytes) -> StartMessage:
     sample_format = data.get("format", "pcm16")
     if sample_format not in FORMATS:
         raise ProtocolError(f"format must be one of {sorted(FORMATS)}, got {sample_format!r}")
-    return StartMessage(rate, sample_format)
+    return StartMessage(rate, sample_format, _hotwords(data.get("hotwords", [])))
+
+
+def _hotwords(value: Any) -> tuple[tuple[str, ...], ...]:
+    """The start message's ``hotwords``: a list of phrases (strings), normalised like transcripts."""
+    if not isinstance(value, list) or not all(isinstance(phrase, str) for phrase in value):
+        raise ProtocolError(f"hotwords must be a list of strings (phrases), got {json.dumps(value)[:80]}")
+    if len(value) > MAX_HOTWORDS:
+        raise ProtocolError(f"at most {MAX_HOTWORDS} hotwords, got {len(value)}")
+    for phrase in value:
+        if len(phrase) > MAX_HOTWORD_CHARS:
+            raise ProtocolError(f"a hotword phrase has at most {MAX_HOTWORD_CHARS} characters, got {phrase[:40]!r}...")
+    try:
+        return parse_hotwords(phrase.replace("\n", " ") for phrase in value)
+    except ValueError as error:
+        raise ProtocolError(f"hotwords: {error}") from None
 
 
 def decode_audio(payload: bytes, sample_format: str) -> np.ndarray:
@@ -102,8 +124,9 @@ def token_json(token: Token, delay_ms: float) -> dict[str, Any]:
 
 
 def word_json(word: Word, delay_ms: float) -> dict[str, Any]:
+    confidence = None if word.confidence is None else round(word.confidence, 4)
     return {"text": word.text, "start_s": round(word.start_s, 4), "end_s": round(word.end_s, 4),
-            "delay_ms": round(delay_ms, 2)}
+            "delay_ms": round(delay_ms, 2), "confidence": confidence}
 
 
 def error_json(message: str) -> str:

@@ -16,7 +16,12 @@ Emission delay is the streaming core's one clock (:class:`~streamssl.streaming.e
 the moment the server *received* the client's audio message that completes a token's frame window (at
 the client's sample rate, so resampling delay counts) to the moment the token was decoded; it includes
 resampling, waiting for a chunk to fill, waiting for the batch, and compute. Words are built by the
-core's one word builder at the vocabulary's word boundary.
+core's one word builder at the vocabulary's word boundary (greedy CTC), or are the beam search's words,
+whose delay runs to the moment the word became stable (final).
+
+With the lexicon beam search, segments are still cut on the greedy tokens (the endpointer's silence and
+length rules); at each cut the stream's search ends its sentence (:meth:`Stream.end_segment`), so every
+word of the segment is final in its ``final`` message, and the next segment starts afresh.
 """
 
 from __future__ import annotations
@@ -129,14 +134,21 @@ class Session:
         self.outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._received = 0
         self._tokens_seen = 0
+        # Beam search: words of ``stream.words`` already sent in a final, and the last partial sent.
+        self._words_final = 0
+        self._last_partial: tuple[str, str] | None = None
         self.word_delays_ms: list[float] = []
         self.token_delays_ms: list[float] = []
 
     # ------------------------------------------------------------------ on the loop
     def begin(self, start: StartMessage) -> None:
+        """Make the session's stream (on the worker: hotwords outside the lexicon rebuild its spelling trie)."""
         recognizer = self.server.recognizer
         self.start = start
-        self.stream = recognizer.stream(arrival_rate=start.sample_rate)
+        try:
+            self.stream = recognizer.stream(arrival_rate=start.sample_rate, hotwords=start.hotwords)
+        except ValueError as error:
+            raise ProtocolError(str(error)) from None
         self.endpointer = Endpointer(self.server.config.endpoint, recognizer.hop_samples / recognizer.sample_rate,
                                      recognizer.word_boundary)
         if start.sample_rate != recognizer.sample_rate:
@@ -206,20 +218,44 @@ class Session:
                 segments.append(last)
         out = [self._final_json(segment) for segment in segments]
         open_tokens = [t for t in endpointer.open_tokens if new and t.frame >= new[0].frame]
-        if open_tokens and not ended:
+        stable, unstable = self._open_parts()
+        changed = stream.decoder_finds_words and (stable or unstable) and (stable, unstable) != self._last_partial
+        if not ended and (open_tokens or changed):
+            self._last_partial = (stable, unstable)
             out.append(json.dumps({"type": "partial", "segment": endpointer.segments_done,
-                                   "text": endpointer.open_text(),
+                                   "text": " ".join(filter(None, (stable, unstable))),
+                                   "stable": stable, "unstable": unstable,
                                    "tokens": [token_json(t, 1000 * t.delay_s) for t in open_tokens]}))
         if ended:
             out.append(json.dumps({"type": "done", "text": stream.text, "segments": endpointer.segments_done,
+                                   "decoder_cpu_s": (None if stream.decoder_cpu_s is None
+                                                     else round(stream.decoder_cpu_s, 4)),
                                    "audio_s": round(stream.samples_in / self.server.recognizer.sample_rate, 4),
                                    "latency": self._latency_json()}))
         return out
 
+    def _open_parts(self) -> tuple[str, str]:
+        """The open segment's partial: its final words, and the tail that may still change."""
+        stream = self.stream
+        if stream.decoder_finds_words:
+            return " ".join(w.text for w in stream.words[self._words_final:]), stream.unstable_text
+        text, tail = self.endpointer.open_text(), stream.unstable_text
+        return (text[:len(text) - len(tail)].strip() if tail and text.endswith(tail) else text), tail
+
     def _final_json(self, segment: Segment) -> str:
-        words = words_of(segment.tokens, self.server.recognizer.word_boundary)
+        stream = self.stream
+        if stream.decoder_finds_words:
+            if not stream.finished:
+                stream.end_segment()
+            words = stream.words[self._words_final:]
+            self._words_final = len(stream.words)
+            self._last_partial = None
+            text = " ".join(word.text for word in words)
+        else:
+            words = words_of(segment.tokens, self.server.recognizer.word_boundary)
+            text = segment.text
         self.word_delays_ms += [1000 * word.delay_s for word in words]
-        return json.dumps({"type": "final", "segment": segment.index, "text": segment.text, "reason": segment.reason,
+        return json.dumps({"type": "final", "segment": segment.index, "text": text, "reason": segment.reason,
                            "start_s": round(segment.start_s, 4), "end_s": round(segment.end_s, 4),
                            "words": [word_json(word, 1000 * word.delay_s) for word in words],
                            "latency": self._latency_json()})
@@ -244,7 +280,7 @@ class StreamingServer:
     """
 
     def __init__(self, recognizer: Recognizer, config: ServeConfig | None = None, host: str = "127.0.0.1",
-                 port: int = 8765):
+                 port: int = 8765, model_name: str = "model"):
         if recognizer.chunk_samples is None:
             raise ValueError("the server steps in fixed chunks; make the Recognizer with chunk_ms set")
         self.recognizer = recognizer
@@ -252,6 +288,8 @@ class StreamingServer:
         self.host = host
         self.port = port
         self.chunk_samples = recognizer.chunk_samples
+        self.model_name = model_name
+        self.decoder = "lexicon" if recognizer.stream().decoder_finds_words else "greedy"
         latency = recognizer.latency()
         lookahead_ms = latency.frontend_lookahead_ms + (latency.encoder_lookahead_ms or 0.0)
         self.declared = {"declared_latency_ms": round(lookahead_ms + recognizer.chunk_ms, 3),
@@ -334,9 +372,11 @@ class StreamingServer:
                 first = await asyncio.wait_for(websocket.recv(), self.config.start_timeout_s)
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 raise ProtocolError(f"no start message within {self.config.start_timeout_s:g} s") from None
-            session.begin(parse_start(first))
+            await self._loop.run_in_executor(self._worker, session.begin, parse_start(first))
             session.post("send", json.dumps({
-                "type": "ready", "session": session.id, "sample_rate": session.start.sample_rate,
+                "type": "ready", "session": session.id, "model": self.model_name,
+                "decoder": self.decoder,
+                "hotwords": len(session.start.hotwords), "sample_rate": session.start.sample_rate,
                 "format": session.start.sample_format, "model_sample_rate": self.recognizer.sample_rate,
                 "frame_ms": 1000 * self.recognizer.hop_samples / self.recognizer.sample_rate,
                 **self.declared, "endpoint": self.config.endpoint.to_dict(),

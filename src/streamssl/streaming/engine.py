@@ -12,9 +12,12 @@ streaming row) and the contract tests. What it does, once:
   ``max_tick_samples``; streams join and leave between ticks. While the members of consecutive ticks stay
   the same, their stacked state is kept as it is, so a steady batch pays no stacking.
 - **Decoding.** Each stream has its own decoder from a factory (:func:`decoder_factory`: greedy CTC, the
-  lexicon beam search, or anything with :class:`StreamDecoder`'s methods). Emitted tokens carry their
-  frame, audio window and emission delay; one word builder (:class:`WordBuilder`) splits them at the
-  vocabulary's word boundary.
+  lexicon beam search with its LM and the stream's hotwords, or anything with :class:`StreamDecoder`'s
+  methods). Emitted tokens carry their frame, audio window and emission delay. Greedy CTC's words come from
+  one word builder (:class:`WordBuilder`) that splits its tokens at the vocabulary's word boundary; a beam
+  search's words are its best hypothesis: each partial is that hypothesis, split into the *stable* words
+  every hypothesis of the beam agrees on (final, never revised) and the unstable tail, and a word is
+  emitted, with its emission delay, when it becomes stable.
 - **Time.** One emission-delay clock (:class:`ArrivalLog`): when the input that completes an output frame's
   window arrived, to the clock reading once the frame's tokens are decoded. A call's compute time is split
   evenly among its streams, so a real-time factor summed over streams is right at any batch size.
@@ -28,6 +31,7 @@ import bisect
 import math
 import time
 from array import array
+from time import thread_time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
@@ -35,7 +39,7 @@ import torch
 from torch import Tensor
 
 from streamssl.asr.ctc import GreedyDecoder
-from streamssl.asr.lexicon import BeamSearchConfig, LexiconDecoder
+from streamssl.asr.lexicon import BeamSearchConfig, DecodedWord, LexiconDecoder
 
 Clock = Callable[[], float]
 
@@ -59,22 +63,30 @@ class Token:
 @dataclass(frozen=True)
 class Word:
     """A word: ``start_s`` is the window start of its first symbol's frame, ``end_s`` the window end of its
-    last; ``delay_s`` is the emission delay of its last symbol (the moment the whole word was known)."""
+    last; ``delay_s`` is its emission delay: from the arrival of the input that completes its last symbol's
+    frame to the moment the word was final (greedy CTC: its last symbol decoded; a beam search: the word
+    became stable). ``confidence``: a beam search's word confidence in (0, 1]
+    (:class:`~streamssl.asr.lexicon.DecodedWord`); ``None`` for greedy CTC."""
 
     text: str
     start_s: float
     end_s: float
     delay_s: float
+    confidence: float | None = None
 
 
 @dataclass
 class Update:
-    """What one call produced for a stream: new ``tokens``, newly completed ``words``, and the ``partial``
-    transcript so far (its last word may still grow)."""
+    """What one call produced for a stream: new ``tokens``, newly final ``words``, and the ``partial``
+    transcript so far: its ``stable`` words (final) then its ``unstable`` tail (greedy CTC: the word still
+    growing; a beam search: the best hypothesis' words the beam does not agree on yet, and the letters of
+    the word it is in)."""
 
     tokens: list[Token]
     words: list[Word]
     partial: str
+    stable: str = ""
+    unstable: str = ""
 
 
 @dataclass
@@ -93,7 +105,13 @@ class StreamDecoder(Protocol):
     """One stream's decoder. ``push`` takes the outputs of newly final frames ``(m, ...)`` and returns the
     ``(frame, token_id)`` pairs that became final with them (frames count from the stream's first);
     ``finish`` ends the stream and returns the last ones; ``text`` is the transcript so far (final once
-    finished)."""
+    finished).
+
+    A decoder that finds words itself (a beam search) also has ``hypothesis()``: its best hypothesis
+    (:class:`~streamssl.asr.lexicon.DecodedWord` s) and how many of its first words are stable,
+    ``spelling()``: the letters of the word it is in, and ``end_segment()``: close every word here (an
+    endpoint) and start afresh. The stream's words then come from it instead of from the tokens.
+    """
 
     def push(self, outputs: Tensor) -> list[tuple[int, int]]: ...
 
@@ -103,7 +121,8 @@ class StreamDecoder(Protocol):
 
 
 class GreedyStreamDecoder:
-    """Greedy CTC over one stream: each frame's token is final when the frame is.
+    """Greedy CTC over one stream: each frame's token is final when the frame is. ``cpu_s``: the CPU time
+    of the calling thread spent decoding.
 
     The text grows as tokens come (what ``vocab.decode`` gives for all of them: single boundaries, none
     at the ends), so reading it after every call costs only the new tokens, however long the stream.
@@ -114,8 +133,10 @@ class GreedyStreamDecoder:
         self._symbols, self._boundary = vocab.symbols, vocab.word_boundary
         self._text = ""
         self._boundary_pending = False
+        self.cpu_s = 0.0
 
     def push(self, log_probs: Tensor) -> list[tuple[int, int]]:
+        started = thread_time()
         new = self._decoder.push(log_probs[None])[0]
         pieces = []
         for _, token_id in new:
@@ -129,6 +150,7 @@ class GreedyStreamDecoder:
             pieces.append(symbol)
         if pieces:
             self._text += "".join(pieces)
+        self.cpu_s += thread_time() - started
         return new
 
     def finish(self) -> list[tuple[int, int]]:
@@ -139,30 +161,57 @@ class GreedyStreamDecoder:
 
 
 class LexiconStreamDecoder:
-    """The lexicon beam search over one stream (frame-synchronous). It emits no tokens: its words are known
-    only as a best hypothesis, which ``text`` gives (the final transcript once finished)."""
+    """The lexicon beam search over one stream (frame-synchronous), with ``hotwords`` phrases. Its tokens
+    are greedy CTC's (what endpointing reads); its words are the beam's (``hypothesis``), and ``text``
+    is its best hypothesis (the final transcript once finished). ``cpu_s``: the CPU time of the calling
+    thread spent decoding (the beam search, its stable words, the greedy tokens)."""
 
-    def __init__(self, vocab, config: BeamSearchConfig):
-        self._decoder = LexiconDecoder(vocab, 1, config)
+    def __init__(self, vocab, config: BeamSearchConfig, hotwords: Sequence[Sequence[str]] = ()):
+        self._decoder = LexiconDecoder(vocab, 1, config, hotwords)
+        self._greedy = GreedyDecoder(vocab, 1)
+        self.cpu_s = 0.0
 
     def push(self, log_probs: Tensor) -> list[tuple[int, int]]:
+        started = thread_time()
         if log_probs.shape[0]:
             self._decoder.push(log_probs[None])
-        return []
+        new = self._greedy.push(log_probs[None])[0]
+        self.cpu_s += thread_time() - started
+        return new
 
     def finish(self) -> list[tuple[int, int]]:
+        started = thread_time()
         self._decoder.finish()
+        self.cpu_s += thread_time() - started
         return []
 
     def text(self) -> str:
         return self._decoder.texts()[0]
 
+    def hypothesis(self) -> tuple[list[DecodedWord], int]:
+        return self._decoder.hypothesis(0)
 
-def decoder_factory(vocab, beam: BeamSearchConfig | None = None) -> Callable[[], StreamDecoder]:
-    """Greedy CTC decoders over ``vocab``, or lexicon beam search decoders with ``beam``'s options."""
-    if beam is None:
-        return lambda: GreedyStreamDecoder(vocab)
-    return lambda: LexiconStreamDecoder(vocab, beam)
+    def spelling(self) -> str:
+        return self._decoder.spelling(0)
+
+    def end_segment(self) -> None:
+        started = thread_time()
+        self._decoder.end_segment(0)
+        self.cpu_s += thread_time() - started
+
+
+def decoder_factory(vocab, beam: BeamSearchConfig | None = None) -> Callable[..., StreamDecoder]:
+    """A factory of one stream's decoder over ``vocab``: greedy CTC, or with ``beam`` the lexicon beam
+    search with its options. The factory takes the stream's hotword phrases (tuples of words; only the
+    beam search takes them)."""
+    def make(hotwords: Sequence[Sequence[str]] = ()) -> StreamDecoder:
+        if beam is None:
+            if hotwords:
+                raise ValueError("hotwords need the lexicon decoder (--decoder lexicon); this one is greedy CTC")
+            return GreedyStreamDecoder(vocab)
+        return LexiconStreamDecoder(vocab, beam, hotwords)
+
+    return make
 
 
 class ArrivalLog:
@@ -197,6 +246,11 @@ class WordBuilder:
     def __init__(self, boundary: str):
         self.boundary = boundary
         self._open: list[Token] = []
+
+    @property
+    def open_tokens(self) -> list[Token]:
+        """The tokens of the word in progress."""
+        return list(self._open)
 
     def push(self, token: Token) -> Word | None:
         """Take the next token; returns the word it completed, if any."""
@@ -235,7 +289,8 @@ class Stream:
         samples_in: input units (samples, or frames for frame input) fed so far.
     """
 
-    def __init__(self, engine: "StreamingEngine", arrival_units_per_sample: float | None = None):
+    def __init__(self, engine: "StreamingEngine", arrival_units_per_sample: float | None = None,
+                 hotwords: Sequence[Sequence[str]] = ()):
         self.engine = engine
         model = engine.model
         self._state: Any = model.init_state(1)
@@ -243,7 +298,13 @@ class Stream:
         self._row: int | None = None
         self._pending: Tensor | None = None
         self._pending_parts: list[Tensor] = []
-        self.decoder = engine.decoder()
+        self.decoder = engine.decoder(hotwords) if hotwords else engine.decoder()
+        # A beam search finds the words itself; greedy CTC's come from its tokens. Its words become final
+        # later than their frames, so the arrival times of the frames from the last final word on are kept
+        # (the arrival log forgets what is behind its latest lookup).
+        self.decoder_finds_words = hasattr(self.decoder, "hypothesis")
+        self._frame_arrivals = array("d")
+        self._arrivals_from = 0
         self._words = WordBuilder(engine.word_boundary)
         self.arrivals = ArrivalLog(arrival_units_per_sample or 1.0)
         # The caller records arrivals itself, in the source's units (see ArrivalLog), when it gave their scale.
@@ -263,6 +324,34 @@ class Stream:
     def text(self) -> str:
         """The transcript so far (words separated by single spaces)."""
         return self.decoder.text()
+
+    @property
+    def decoder_cpu_s(self) -> float | None:
+        """CPU seconds its decoder spent (``None``: the decoder does not say), within :attr:`cpu_s`."""
+        return getattr(self.decoder, "cpu_s", None)
+
+    @property
+    def stable_text(self) -> str:
+        """The final words so far (:attr:`words`), separated by single spaces."""
+        return " ".join(word.text for word in self.words)
+
+    @property
+    def unstable_text(self) -> str:
+        """What follows :attr:`stable_text` in the partial transcript and may still change: greedy CTC's
+        word in progress; a beam search's unstable words and the letters of the word it is in."""
+        if not self.decoder_finds_words:
+            return "".join(token.text for token in self._words.open_tokens)
+        words, _ = self.decoder.hypothesis()
+        return " ".join([w.text for w in words[len(self.words):]] + [self.decoder.spelling()]).strip()
+
+    def end_segment(self) -> list[Word]:
+        """An endpoint: a beam search closes every word so far, and they become final (returned, with their
+        emission delays from now); the next word starts a new sentence for its LM. Greedy CTC's words
+        are final as they come, so it returns nothing."""
+        if not self.decoder_finds_words:
+            return []
+        self.decoder.end_segment()
+        return self._final_words(self.engine.clock())
 
     @property
     def state(self) -> Any:
@@ -298,8 +387,11 @@ class Stream:
     def _emit(self, new: list[tuple[int, int]], first: int, count: int, emitted_at: float, update: Update) -> None:
         """Record ``count`` newly final frames from frame ``first`` on, and the tokens ``new`` among them."""
         engine = self.engine
-        delays = [emitted_at - self.arrivals.time_of(frame * engine.hop_samples + engine.window_samples)
-                  for frame in range(first, first + count)]
+        arrived = [self.arrivals.time_of(frame * engine.hop_samples + engine.window_samples)
+                   for frame in range(first, first + count)]
+        delays = [emitted_at - at for at in arrived]
+        if self.decoder_finds_words:
+            self._frame_arrivals.extend(arrived)
         self.frame_delays_s.extend(delays)
         for frame, token_id in new:
             start = frame * engine.hop_samples
@@ -308,10 +400,31 @@ class Stream:
                           delays[frame - first] if first <= frame < first + count else 0.0)
             self.tokens.append(token)
             update.tokens.append(token)
-            word = self._words.push(token)
+            word = None if self.decoder_finds_words else self._words.push(token)
             if word is not None:
                 self.words.append(word)
                 update.words.append(word)
+        if self.decoder_finds_words:
+            update.words += self._final_words(emitted_at)
+
+    def _final_words(self, emitted_at: float) -> list[Word]:
+        """The beam search's words that became stable since the last call, as :class:`Word` s final at
+        clock reading ``emitted_at``."""
+        engine = self.engine
+        words, stable = self.decoder.hypothesis()
+        new = []
+        for decoded in words[len(self.words):stable]:
+            end = decoded.last_frame * engine.hop_samples + engine.window_samples
+            arrived = self._frame_arrivals[decoded.last_frame - self._arrivals_from]
+            word = Word(decoded.text, decoded.first_frame * engine.hop_samples / engine.sample_rate,
+                        end / engine.sample_rate, emitted_at - arrived, decoded.confidence)
+            self.words.append(word)
+            new.append(word)
+        if new:
+            last = words[len(self.words) - 1].last_frame
+            del self._frame_arrivals[:last - self._arrivals_from]
+            self._arrivals_from = last
+        return new
 
 
 class StreamingEngine:
@@ -321,7 +434,8 @@ class StreamingEngine:
 
     Args:
         model: the model, in eval mode.
-        decoder: a factory of one stream's :class:`StreamDecoder` (default: greedy CTC over ``model.vocab``).
+        decoder: a factory of one stream's :class:`StreamDecoder` (default: greedy CTC over ``model.vocab``);
+            called with the stream's hotwords when it has some.
         chunk_samples: ``None`` steps on whatever is fed; a number buffers input and steps in whole chunks of
             it (the rest waits for more input or :meth:`finish`). Outputs never depend on it.
         max_tick_samples: most input a stream gives one call (an export's fixed chunk; a bound that keeps
@@ -329,7 +443,7 @@ class StreamingEngine:
         clock: seconds, monotonic; emission delays are differences of its readings.
     """
 
-    def __init__(self, model: Any, decoder: Callable[[], StreamDecoder] | None = None,
+    def __init__(self, model: Any, decoder: Callable[..., StreamDecoder] | None = None,
                  chunk_samples: int | None = None, max_tick_samples: int | None = None,
                  clock: Clock = time.perf_counter):
         for name, value in (("chunk_samples", chunk_samples), ("max_tick_samples", max_tick_samples)):
@@ -348,11 +462,13 @@ class StreamingEngine:
         self._batch_state: Any = None
         self.calls = 0
 
-    def stream(self, arrival_units_per_sample: float | None = None) -> Stream:
+    def stream(self, arrival_units_per_sample: float | None = None,
+               hotwords: Sequence[Sequence[str]] = ()) -> Stream:
         """A new, independent stream. By default :meth:`feed` records when its input arrived; given
         ``arrival_units_per_sample`` (see :class:`ArrivalLog`), the caller records arrivals itself in
-        ``stream.arrivals``, in the units of the source it resamples."""
-        return Stream(self, arrival_units_per_sample)
+        ``stream.arrivals``, in the units of the source it resamples. ``hotwords``: the stream's hotword
+        phrases, for a beam search decoder (:func:`decoder_factory`)."""
+        return Stream(self, arrival_units_per_sample, hotwords)
 
     def feed(self, stream: Stream, samples: Tensor, at: float) -> None:
         """Buffer ``samples`` ``(n, ...)`` for ``stream``, arrived at clock reading ``at`` (not recorded for a
@@ -389,7 +505,7 @@ class StreamingEngine:
                     width = min(width, self.max_tick_samples)
                 self._tick([s for s, _ in ready], [min(n, width) for _, n in ready], width, updates)
         for stream, update in updates.items():
-            update.partial = stream.text
+            update.partial, update.stable, update.unstable = stream.text, stream.stable_text, stream.unstable_text
         return updates
 
     def finish(self, streams: Sequence[Stream]) -> dict[Stream, Transcript]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -86,12 +86,14 @@ class Recognizer(StreamingEngine):
         backend: ``"torch"``, or ``"onnx"``: the model's step exported at ``chunk_ms``
             (:func:`streamssl.export.export_model`) and run by ONNX Runtime on one thread; an
             :class:`~streamssl.export.OnnxModel` may also be passed as ``model``.
-        decoder: a factory of one stream's decoder (:func:`~streamssl.streaming.engine.decoder_factory`);
-            default greedy CTC.
+        decoder: a factory of one stream's decoder (:func:`~streamssl.streaming.engine.decoder_factory`:
+            greedy CTC, the default, or the lexicon beam search with a word LM); with a beam search, each
+            update's partial is its best hypothesis with the stable words marked (``update.stable``,
+            ``update.unstable``), and a word is emitted when it becomes stable.
     """
 
     def __init__(self, model: RecognitionModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter,
-                 backend: str = "torch", decoder: Callable[[], StreamDecoder] | None = None):
+                 backend: str = "torch", decoder: Callable[..., StreamDecoder] | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if chunk_ms is not None and not (chunk_ms > 0 and chunk_ms < float("inf")):
@@ -115,7 +117,7 @@ class Recognizer(StreamingEngine):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, chunk_ms: float | None = None, clock: Clock = time.perf_counter,
-                        backend: str = "torch", decoder: Callable[[], StreamDecoder] | None = None) -> "Recognizer":
+                        backend: str = "torch", decoder: Callable[..., StreamDecoder] | None = None) -> "Recognizer":
         """Load a fine-tuned CTC checkpoint (file or run folder) made by ``streamssl finetune``."""
         from streamssl.train.checkpoint import load_checkpoint
 
@@ -125,7 +127,8 @@ class Recognizer(StreamingEngine):
         """The model's declared look-ahead (the chunk wait is :attr:`chunk_ms` on top)."""
         return self.model.latency()
 
-    def stream(self, sample_rate: int | None = None, arrival_rate: int | None = None) -> Stream:
+    def stream(self, sample_rate: int | None = None, arrival_rate: int | None = None,
+               hotwords: Sequence[Sequence[str]] = ()) -> Stream:
         """A new, independent stream. ``sample_rate``: the rate of the audio it will be fed, if the caller
         knows it; a rate other than the model's is refused (resample first, e.g. with
         ``streamssl.data.audio.resample``), because audio read at the wrong rate is still valid-looking
@@ -133,11 +136,14 @@ class Recognizer(StreamingEngine):
 
         ``arrival_rate``: for audio resampled on its way in, the rate of the source whose arrival the
         caller records itself (``stream.arrivals.record(source_samples_so_far, recognizer.clock())``);
-        ``accept`` then records no arrivals, and emission delays count from the source audio."""
+        ``accept`` then records no arrivals, and emission delays count from the source audio.
+
+        ``hotwords``: phrases (tuples of upper-case words, :func:`~streamssl.asr.lexicon.parse_hotwords`)
+        this stream's lexicon beam search favours; a greedy recogniser refuses them."""
         if sample_rate is not None and sample_rate != self.sample_rate:
             raise ValueError(f"sample_rate {sample_rate} Hz: this model takes {self.sample_rate} Hz audio; "
                              "resample it first (streamssl.data.audio.resample)")
-        return super().stream(None if arrival_rate is None else arrival_rate / self.sample_rate)
+        return super().stream(None if arrival_rate is None else arrival_rate / self.sample_rate, hotwords)
 
     def accept(self, feeds: Mapping[Stream, Any]) -> dict[Stream, Update]:
         """Give samples to several streams at once and advance them in as few model calls as possible.

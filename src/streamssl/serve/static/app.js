@@ -1,6 +1,7 @@
 // The microphone page of `streamssl serve`: capture with getUserMedia and an AudioWorklet, send the
-// device's samples (float32, its own rate: the server resamples to 16 kHz), show partials, finals and
-// latency. URL parameters for unattended runs: ?autostart=1 starts at once, &seconds=S stops after S
+// device's samples (float32, its own rate: the server resamples to 16 kHz), show the input level, the
+// model and its declared latency, partials (final words plain, the tail that may change grey), finals
+// and latency. URL parameters for unattended runs: ?autostart=1 starts at once, &seconds=S stops after S
 // seconds of audio.
 "use strict";
 
@@ -17,6 +18,21 @@ function percentile(values, q) {
 }
 
 function ms(value) { return value === null || value === undefined ? "-" : `${value.toFixed(0)} ms`; }
+
+function showPartial(stable, unstable) {
+  el("partial").querySelector(".stable").textContent = stable;
+  el("partial").querySelector(".unstable").textContent = unstable;
+}
+
+// Level of a block in dBFS (RMS), shown as a bar from -60 dB (empty) to 0 dB (full): the user sees the
+// microphone work before any word comes back.
+function showLevel(block) {
+  let sum = 0;
+  for (let i = 0; i < block.length; i++) sum += block[i] * block[i];
+  const db = 10 * Math.log10(sum / Math.max(1, block.length) + 1e-12);
+  el("meter-bar").style.width = `${Math.max(0, Math.min(100, (db + 60) / 60 * 100)).toFixed(0)}%`;
+  el("level").textContent = `${db.toFixed(0)} dBFS`;
+}
 
 class Session {
   constructor(limitSeconds) {
@@ -50,7 +66,10 @@ class Session {
       this.socket.onopen = resolve;
       this.socket.onerror = () => reject(new Error("websocket connection failed"));
     });
-    this.socket.send(JSON.stringify({ type: "start", sample_rate: this.rate, format: "float32" }));
+    const start = { type: "start", sample_rate: this.rate, format: "float32" };
+    const hotwords = el("hotwords").value.split("\n").map((line) => line.trim()).filter((line) => line);
+    if (hotwords.length) start.hotwords = hotwords;
+    this.socket.send(JSON.stringify(start));
     this.node.port.onmessage = (event) => this.onAudio(event.data);
     source.connect(this.node);
     await this.context.resume();
@@ -58,6 +77,7 @@ class Session {
   }
 
   onAudio(block) {
+    showLevel(block);
     if (this.stopped || this.socket.readyState !== WebSocket.OPEN) return;
     let samples = block;
     if (this.sentSamples + samples.length >= this.limitSamples) {
@@ -83,10 +103,13 @@ class Session {
     const now = performance.now();
     if (message.type === "ready") {
       this.declared = message.declared_latency_ms;
+      el("model").textContent = `model: ${message.model}, ${message.decoder} decoder` +
+        `${message.hotwords ? `, ${message.hotwords} hotword phrase(s)` : ""}; declared latency` +
+        ` ${ms(message.declared_latency_ms)} (look-ahead ${ms(message.lookahead_ms)} + chunk ${ms(message.chunk_ms)})`;
       this.showLatency(null);
     } else if (message.type === "partial") {
       for (const token of message.tokens) this.clientDelays.push(now - this.sentAt(token.end_s));
-      el("partial").textContent = message.text;
+      showPartial(message.stable, message.unstable);
     } else if (message.type === "final") {
       const item = document.createElement("li");
       item.dataset.segment = message.segment;
@@ -100,7 +123,7 @@ class Session {
         ` word delays ms: ${delays}]`;
       item.append(text, meta);
       el("finals").append(item);
-      el("partial").textContent = "";
+      showPartial("", "");
       this.showLatency(message.latency);
     } else if (message.type === "done") {
       this.showLatency(message.latency);
@@ -142,7 +165,7 @@ async function start() {
   el("start").disabled = true;
   el("stop").disabled = false;
   el("finals").textContent = "";
-  el("partial").textContent = "";
+  showPartial("", "");
   session = new Session(parseFloat(params.get("seconds")) || 0);
   try {
     await session.start();
