@@ -319,3 +319,22 @@ def test_missing_path_or_folder_as_audio_is_named(tmp_path, make, message):
     for read in (audio_info, load_audio, lambda p: list(audio_blocks(p))):
         with pytest.raises(ValueError, match=f"talk.wav: {message}"):
             read(path)
+
+
+def test_sentences_depend_on_the_seed_not_on_the_clock(monkeypatch):
+    """No Faker call that reads today's date (they draw between 1970 and now, so the corpus would drift
+    with the clock): with Faker's clock made to fail, the generator still writes every kind of sentence."""
+    from faker.providers.date_time import Provider
+
+    from streamssl.data.synth import SentenceGenerator
+
+    def no_clock(*args, **kwargs):
+        raise AssertionError("a sentence template read the clock")
+
+    monkeypatch.setattr(Provider, "unix_time", no_clock)
+    first = [SentenceGenerator(0)() for _ in range(1)]
+    generator = SentenceGenerator(0)
+    sentences = [generator() for _ in range(400)]
+    assert sentences[0] == first[0]
+    assert any(" said " in s and s.rstrip(".").split()[-1] in
+               ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday") for s in sentences)

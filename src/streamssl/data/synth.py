@@ -185,6 +185,13 @@ class ChapterTask:
     chain: BigramChain | None
 
 
+# Faker's day_of_week() and month_name() draw a date between 1970 and now, so their draws drift with the
+# clock; the templates draw from these instead.
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")
+
+
 class SentenceGenerator:
     """Varied English sentences: general word sequences from a :class:`BigramChain` (a fraction
     ``PROSE_FRACTION`` of them) and Faker (en_US) templates with names, places, numbers and symbols for the
@@ -212,16 +219,16 @@ class SentenceGenerator:
             return f"The {fake.color_name().lower()} {fake.word()} costs {fake.pricetag()}."
         if kind == 2:
             year = num2words(fake.random_int(1900, 2030), to="year")
-            return (f"{fake.first_name()} was born on {fake.month_name()} "
+            return (f"{fake.first_name()} was born on {fake.random_element(MONTHS)} "
                     f"{num2words(fake.random_int(1, 28), to='ordinal')}, {year}.")
         if kind == 3:
             return f"About {fake.random_int(2, 98)}% of the people in {fake.state()} prefer {fake.word()}."
         if kind == 4:
             return f"Please send {fake.random_int(2, 500)} boxes to {fake.building_number()} {fake.street_name()}."
         if kind == 5:
-            return f"{fake.catch_phrase()}, said {fake.first_name()} on {fake.day_of_week()}."
+            return f"{fake.catch_phrase()}, said {fake.first_name()} on {fake.random_element(WEEKDAYS)}."
         if kind == 6:
-            return f"We need to {fake.bs()} before {fake.month_name()}."
+            return f"We need to {fake.bs()} before {fake.random_element(MONTHS)}."
         if kind == 7:
             place = fake.random_int(1, 40)
             return (f"{fake.first_name()} finished {place}{_ordinal_suffix(place)} out of "
