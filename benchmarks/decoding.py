@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from common import ROOT, add_common_options, markdown_table, parse_args, trained_tiny_checkpoint, write_json
-from serve_load import process_cpu_s
+from serve_load import process_cpu_s, send_at_pace
 from streamssl.asr.ctc import greedy_decode
 from streamssl.asr.evaluate import score
 from streamssl.asr.lexicon import BeamSearchConfig, LexiconDecoder
@@ -232,13 +232,7 @@ async def run_client(port: int, audio: np.ndarray, start_delay_s: float) -> dict
                     done.update(data)
 
         reader = asyncio.create_task(read())
-        pcm = np.round(audio * 32768).clip(-32768, 32767).astype("<i2")
-        started = time.perf_counter()
-        for start in range(0, pcm.size, block):
-            piece = pcm[start:start + block]
-            await asyncio.sleep(max(0.0, started + (start + piece.size) / RATE - time.perf_counter()))
-            await ws.send(piece.tobytes())
-        await ws.send(json.dumps({"type": "stop"}))
+        await send_at_pace(ws, audio, block)
         await asyncio.wait_for(reader, DONE_TIMEOUT_S)
     return {"delays_ms": [w["delay_ms"] for f in finals for w in f["words"]], "done": bool(done),
             "finals": len(finals), "token_delay_p95_ms": done.get("latency", {}).get("token_delay_p95_ms")}

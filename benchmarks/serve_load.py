@@ -107,13 +107,26 @@ def process_cpu_s(pid: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------ one client
+async def send_at_pace(ws, audio: np.ndarray, block: int, sent: list[tuple[int, float]] | None = None) -> None:
+    """Send float ``audio`` at 16 kHz as PCM16 messages of ``block`` samples at real-time pace, then the stop
+    message; ``sent`` collects (samples sent so far, time) after each message."""
+    pcm = np.round(audio * 32768).clip(-32768, 32767).astype("<i2")
+    started = time.perf_counter()
+    for start in range(0, pcm.size, block):
+        piece = pcm[start:start + block]
+        await asyncio.sleep(max(0.0, started + (start + piece.size) / RATE - time.perf_counter()))
+        await ws.send(piece.tobytes())
+        if sent is not None:
+            sent.append((start + piece.size, time.perf_counter()))
+    await ws.send(json.dumps({"type": "stop"}))
+
+
 async def run_client(port: int, audio: np.ndarray, start_delay_s: float) -> dict:
     from websockets.asyncio.client import connect
 
     await asyncio.sleep(start_delay_s)
     block = int(BLOCK_S * RATE)
-    sent_ends: list[int] = []
-    sent_times: list[float] = []
+    sent: list[tuple[int, float]] = []
     token_seen: dict[float, float] = {}
     finals: list[tuple[dict, float]] = []
     done: dict = {}
@@ -137,15 +150,7 @@ async def run_client(port: int, audio: np.ndarray, start_delay_s: float) -> dict
                     errors.append(data["message"])
 
         reader = asyncio.create_task(read())
-        pcm = np.round(audio * 32768).clip(-32768, 32767).astype("<i2")
-        started = time.perf_counter()
-        for start in range(0, pcm.size, block):
-            piece = pcm[start:start + block]
-            await asyncio.sleep(max(0.0, started + (start + piece.size) / RATE - time.perf_counter()))
-            await ws.send(piece.tobytes())
-            sent_ends.append(start + piece.size)
-            sent_times.append(time.perf_counter())
-        await ws.send(json.dumps({"type": "stop"}))
+        await send_at_pace(ws, audio, block, sent)
         try:
             await asyncio.wait_for(reader, DONE_TIMEOUT_S)
         except TimeoutError:
@@ -155,8 +160,8 @@ async def run_client(port: int, audio: np.ndarray, start_delay_s: float) -> dict
     for final, received in finals:
         for word in final["words"]:
             needed = math.ceil(word["end_s"] * RATE - 1e-6)
-            sent = sent_times[min(bisect.bisect_left(sent_ends, needed), len(sent_times) - 1)]
-            client_delays.append(1000 * (token_seen.get(word["end_s"], received) - sent))
+            _, sent_at = sent[min(bisect.bisect_left(sent, needed, key=lambda entry: entry[0]), len(sent) - 1)]
+            client_delays.append(1000 * (token_seen.get(word["end_s"], received) - sent_at))
             server_delays.append(word["delay_ms"])
     failure = None if done else f"closed {ws.close_code} without done: {'; '.join(errors) or ws.close_reason}"
     return {"text": done.get("text"), "failure": failure, "client_delays_ms": client_delays,
