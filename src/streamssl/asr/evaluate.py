@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 
 import jiwer
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from streamssl.asr.ctc import CharVocab, GreedyDecoder, RecognitionModel

@@ -296,7 +296,6 @@ class Stream:
         self._state: Any = model.init_state(1)
         # The stream's state lives in the engine's current batch (row ``_row``) while it is a member.
         self._row: int | None = None
-        self._pending: Tensor | None = None
         self._pending_parts: list[Tensor] = []
         self.decoder = engine.decoder(hotwords) if hotwords else engine.decoder()
         # A beam search finds the words itself; greedy CTC's come from its tokens. Its words become final
