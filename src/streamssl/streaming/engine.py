@@ -310,6 +310,7 @@ class Stream:
         self.records_arrivals = arrival_units_per_sample is None
         self.tokens: list[Token] = []
         self.words: list[Word] = []
+        self._stable_text, self._stable_words = "", 0
         self.frames_out = 0
         self.frame_delays_s = array("d")
         self.compute_s = array("d")
@@ -331,8 +332,13 @@ class Stream:
 
     @property
     def stable_text(self) -> str:
-        """The final words so far (:attr:`words`), separated by single spaces."""
-        return " ".join(word.text for word in self.words)
+        """The final words so far (:attr:`words`), separated by single spaces. Read after every call, so
+        only the words added since the last read are joined, however long the stream."""
+        if self._stable_words < len(self.words):
+            added = " ".join(word.text for word in self.words[self._stable_words:])
+            self._stable_text = f"{self._stable_text} {added}" if self._stable_text else added
+            self._stable_words = len(self.words)
+        return self._stable_text
 
     @property
     def unstable_text(self) -> str:
