@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench,hf,lhotse,lm]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[train,test,bench,hf,lhotse,lm]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -47,5 +47,5 @@ bench: $(STAMP) $(DEMO_MODEL)
 
 # Removes the environment and caches; runs/ (your models and the demo's) stays.
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis src/*.egg-info
+	rm -rf $(VENV) .venv-runtime .pytest_cache .hypothesis src/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -23,12 +23,16 @@ LAYERS: dict[str, int] = {
     "streamssl": 0, "streamssl.config": 0, "streamssl.frontend": 0, "streamssl.frontends": 0,
     "streamssl.mixers": 0, "streamssl.encoder": 0, "streamssl.latency": 0, "streamssl.masking": 0,
     "streamssl.data": 0,
+    #   The runtime's kaldi-native-fbank log-mel (numpy), which the fbank frontend wraps.
+    "streamssl.runtime.logmel": 0,
     # 1 objectives and heads: self-supervised objectives, CTC recognition, attention replacement and
     #   Hugging Face encoders (training's --replace and --init hf: use them).
     "streamssl.objectives": 1, "streamssl.asr": 1, "streamssl.selective": 1,
     #   The batched streaming core drives a CTC model and its decoders; evaluation streams through it, and
     #   the recogniser and server build on it.
-    "streamssl.streaming.engine": 1,
+    "streamssl.streaming.engine": 1, "streamssl.streaming.torch_model": 1,
+    #   The torch-free runtime: an export run by ONNX Runtime, with the vocabulary and greedy decoder.
+    "streamssl.runtime": 1,
     # 2 training: run configs, trainer, checkpoints, data pipeline, DDP.
     "streamssl.train": 2,
     # 3 applications: command line, streaming recogniser, demo, export, server.
