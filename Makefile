@@ -31,6 +31,7 @@ $(DEMO_MODEL): | $(STAMP)
 bench: $(STAMP) $(DEMO_MODEL)
 	$(BIN)/python benchmarks/attention_memory.py
 	$(BIN)/python benchmarks/streaming_rtf.py
+	$(BIN)/python benchmarks/runtime_rtf.py
 	$(BIN)/python benchmarks/memory_mixers.py
 	$(BIN)/python benchmarks/summary_mixers.py
 	$(BIN)/python benchmarks/emission_delay.py --seconds 6

@@ -166,3 +166,18 @@ def test_importing_the_core_loads_only_core_modules():
                             env={**os.environ, "PYTHONPATH": str(SRC)}).stdout.split()
     assert "streamssl.mixers.base" in loaded
     assert [m for m in loaded if rank(m) > 0] == []
+
+
+# What deploys an export without PyTorch: none of these may import torch, also not through another module.
+TORCH_FREE = ("streamssl.runtime.model", "streamssl.runtime.logmel", "streamssl.streaming.engine",
+              "streamssl.streaming.recognizer", "streamssl.streaming.report", "streamssl.streaming.endpoint",
+              "streamssl.serve.server", "streamssl.asr.lexicon", "streamssl.data.audio", "streamssl.cli",
+              "streamssl.commands.stream", "streamssl.commands.serve")
+
+
+def test_the_runtime_modules_import_no_torch():
+    code = (f"import importlib, sys; [importlib.import_module(m) for m in {TORCH_FREE!r}]; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(SRC)}).stdout.strip()
+    assert loaded == "[]"
