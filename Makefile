@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench,hf,lhotse,lm]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[train,test,bench,hf,lhotse,lm]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -31,6 +31,7 @@ $(DEMO_MODEL): | $(STAMP)
 bench: $(STAMP) $(DEMO_MODEL)
 	$(BIN)/python benchmarks/attention_memory.py
 	$(BIN)/python benchmarks/streaming_rtf.py
+	$(BIN)/python benchmarks/runtime_rtf.py
 	$(BIN)/python benchmarks/memory_mixers.py
 	$(BIN)/python benchmarks/summary_mixers.py
 	$(BIN)/python benchmarks/emission_delay.py --seconds 6
@@ -47,5 +48,5 @@ bench: $(STAMP) $(DEMO_MODEL)
 
 # Removes the environment and caches; runs/ (your models and the demo's) stays.
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis src/*.egg-info
+	rm -rf $(VENV) .venv-runtime .pytest_cache .hypothesis src/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

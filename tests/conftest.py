@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
@@ -42,14 +43,19 @@ def stream_in_chunks(encoder: Encoder, x: torch.Tensor, sizes: list[int]) -> tor
 
 
 class FrameCollector:
-    """A stream decoder of the streaming core that keeps the raw output frames instead of decoding them."""
+    """A stream decoder of the streaming core that keeps the raw output frames instead of decoding them
+    (the core hands decoders numpy arrays); :attr:`output` joins them as a tensor."""
 
     def __init__(self):
-        self.frames: list[torch.Tensor] = []
+        self.frames: list[np.ndarray] = []
 
-    def push(self, outputs: torch.Tensor) -> list:
-        self.frames.append(outputs.clone())
+    def push(self, outputs: np.ndarray) -> list:
+        self.frames.append(outputs.copy())
         return []
+
+    @property
+    def output(self) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(self.frames))
 
     def finish(self) -> list:
         return []
@@ -82,8 +88,7 @@ def stream_joining_batch(encoder: Encoder, audio: list[torch.Tensor], starts: li
         if ending:
             engine.finish([streams[i] for i in ending])
         for i in ending:
-            collector = streams.pop(i).decoder
-            streams_done[i] = torch.cat(collector.frames)
+            streams_done[i] = streams.pop(i).decoder.output
     return [streams_done[i] for i in range(len(audio))]
 
 
@@ -97,7 +102,7 @@ def stream_frames(model, x: torch.Tensor, piece: int) -> torch.Tensor:
     for start in range(0, x.shape[1], piece):
         stream.accept(x[0, start:start + piece])
     stream.finish()
-    return torch.cat(stream.decoder.frames)
+    return stream.decoder.output
 
 
 class LargestOutput(TorchDispatchMode):

@@ -25,6 +25,7 @@ OUTPUTS = {
     "decoding": {"decoding.json"},
     "emission_delay": {"emission_delay.json", "emission_delay.png"},
     "memory_mixers": {"memory_mixers.json", "memory_mixers.png"},
+    "runtime_rtf": {"runtime_rtf.json"},
     "selective_memory": {"selective_memory_cpu.json"},
     "serve_load": {"serve_load.json", "serve_load.png"},
     "step_speed": {"step_speed.json", "step_speed.png"},
@@ -123,6 +124,8 @@ def test_smoke_run(script, tmp_path):
             assert (tmp_path / name).stat().st_size > 1000, f"{name} is (nearly) empty"
     if script == "step_speed":
         assert "torchaudio Emformer skipped: no --torchaudio-wheel given" in done.stderr
+    if script == "runtime_rtf":
+        assert [row["same_transcript"] for row in json.loads((tmp_path / "runtime_rtf.json").read_text())["rows"]] == [True]
     if script == "serve_load":
         row = json.loads((tmp_path / "serve_load.json").read_text())["rows"][0]
         assert (row["clients"], row["correct"], row["failures"]) == (2, 2, [])

@@ -17,7 +17,8 @@ import streamssl.mixers.attention_core as attention_core
 from conftest import stream_frames, stream_in_chunks
 from streamssl import Encoder, EncoderConfig, measure_lookahead
 from streamssl.asr.ctc import CTCModel
-from streamssl.export import OnnxModel, export_model
+from streamssl.export import export_model
+from streamssl.runtime.model import OnnxModel
 
 torch.set_num_threads(1)
 FAMILIES = ["amtrf", "emformer"]

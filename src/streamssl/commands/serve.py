@@ -8,7 +8,7 @@ import math
 from typing import TYPE_CHECKING
 
 from streamssl.commands.common import (
-    Subcommands, add_chunk_ms, add_decoder_arguments, add_threads, beam_config, load_recognizer, use_threads)
+    Subcommands, add_chunk_ms, add_decoder_arguments, add_model_arguments, add_threads, beam_config, load_recognizer)
 
 if TYPE_CHECKING:
     from streamssl.serve.server import StreamingServer
@@ -53,14 +53,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    use_threads(args.threads)
     endpoint = EndpointConfig(silence_ms=args.silence_ms, max_segment_ms=args.max_segment_ms)
     config = ServeConfig(max_streams=args.max_streams, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_message_bytes=args.max_message_bytes, endpoint=endpoint)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     beam = beam_config(args)
-    recognizer = load_recognizer(args.checkpoint, args.chunk_ms, args.backend, args.threads, beam=beam)
-    server = StreamingServer(recognizer, config, host=args.host, port=args.port, model_name=args.checkpoint)
+    recognizer = load_recognizer(args, beam=beam)
+    server = StreamingServer(recognizer, config, host=args.host, port=args.port,
+                             model_name=args.model or args.checkpoint)
     try:
         asyncio.run(_serve(server))
     except KeyboardInterrupt:
@@ -72,11 +72,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     from streamssl.serve.server import ServeConfig
     from streamssl.streaming.endpoint import EndpointConfig
 
-    parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint (file or run folder)")
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="model runtime: torch, or onnx (the step exported at --chunk-ms, run by ONNX Runtime; default torch)")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
-    add_chunk_ms(parser)
+    add_chunk_ms(parser, export_default=True)
     add_threads(parser)
     add_decoder_arguments(parser, default="greedy")
     defaults = ServeConfig()
@@ -102,6 +101,6 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def add_commands(sub: Subcommands) -> None:
     sub.add_parser(
         "serve", arguments=_arguments, help="websocket server for live recognition, with a microphone page at /",
-        description="Serve a fine-tuned CTC checkpoint over websockets (ws://HOST:PORT/asr) for many live "
+        description="Serve a fine-tuned CTC checkpoint (or its export, --model) over websockets (ws://HOST:PORT/asr) for many live "
                     "streams at once, with endpointing into segments, and a browser microphone page at "
                     "http://HOST:PORT/. The protocol is in docs/serving.md.")
