@@ -194,6 +194,39 @@ def test_vanishing_fast_and_unread_clients_leave_the_others_exact_and_memory_at_
     assert grown_mb < RSS_BOUND_MB, f"the server's memory grew by {grown_mb:.1f} MB over a round of clients"
 
 
+def test_a_stop_behind_a_backlog_is_worked_off_in_the_ticks_not_in_one_call(recognizer):
+    """A client that sends seconds at once and stops: its backlog goes through the ticks (at most
+    ``MAX_TICK_S`` of it per call, batched with the others), not into one call that makes every stream wait."""
+    from streamssl.streaming.recognizer import MAX_TICK_S
+
+    backlog = talk(["CAT DOG SUN", "RED TREE", "GO ON A BLUE CAT"], gap_s=0.5, seed=3)
+    assert backlog.size > 3 * MAX_TICK_S * RATE
+    fed: list[int] = []
+    accept = recognizer.accept
+
+    def recording_accept(feeds):
+        fed.extend(len(samples) for samples in feeds.values())
+        return accept(feeds)
+
+    async def scenario():
+        async with StreamingServer(recognizer, ServeConfig(), port=0) as server:
+            async with connect(f"ws://127.0.0.1:{server.port}/asr", max_size=None) as ws:
+                await ws.send(START)
+                await ws.recv()
+                await ws.send(np.round(backlog * 32767).astype("<i2").tobytes())
+                await ws.send(json.dumps({"type": "stop"}))
+                messages = [json.loads(m) async for m in ws]
+            return messages
+
+    recognizer.accept = recording_accept
+    try:
+        messages = asyncio.run(scenario())
+    finally:
+        del recognizer.accept
+    assert messages[-1]["type"] == "done" and messages[-1]["text"] == offline_text(recognizer, pcm16(backlog))
+    assert sum(fed) == backlog.size and max(fed) <= MAX_TICK_S * RATE, fed
+
+
 async def attempt(port: int, clip: np.ndarray) -> tuple[dict, int, str]:
     """One client: its first message (``ready``, or the refusal's ``error``), then, when admitted, ``clip`` at
     real-time pace and the stop; returns its last message, close code and reason."""

@@ -133,10 +133,14 @@ class Session:
         self.resampler: soxr.ResampleStream | None = None
         self.pending = np.zeros(0, dtype=np.float32)
         self.ready_since: float | None = None
+        # stopping: no more audio is taken; flushing: the stream's end is on the worker, no more ticks.
         self.stopping = False
+        self.flushing = False
         # closed: nothing more is queued for the client; lost: the connection is gone.
         self.closed = False
         self.lost = False
+        # Set when a stopping stream has no whole chunk left for the ticks, or the session closed.
+        self.drained = asyncio.Event()
         self.outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.sender: asyncio.Task | None = None
         # The stop (or the server's shutdown) in progress, shared by whoever waits for it.
@@ -194,21 +198,38 @@ class Session:
         self.ready_since = time.perf_counter() if self.pending.size >= chunk else None
         return taken
 
-    def take_rest(self) -> np.ndarray:
-        """Everything left, the resampler's tail included: the stream is ending."""
-        rest = self.pending
+    def end_input(self) -> bool:
+        """No more audio comes: the resampler's tail joins the pending audio. True when whole chunks are left
+        for the ticks to work off (with the other streams, not in calls of their own)."""
+        self.stopping = True
         if self.resampler is not None:
-            rest = np.concatenate([rest, self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)])
-        self.pending = np.zeros(0, dtype=np.float32)
+            self.pending = np.concatenate([self.pending,
+                                           self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)])
+        if self.pending.size < self.server.chunk_samples or self.closed:
+            self.drained.set()
+            return False
+        if self.ready_since is None:
+            self.ready_since = time.perf_counter()
+        return True
+
+    def take_rest(self) -> np.ndarray:
+        """What is left, less than a chunk: the stream is ending."""
+        rest, self.pending = self.pending, np.zeros(0, dtype=np.float32)
         self.ready_since = None
         return rest
+
+    def mark_closed(self, lost: bool = False) -> None:
+        """Nothing more is queued for the client (``lost``: its connection is gone)."""
+        self.closed = True
+        self.lost = self.lost or lost
+        self.drained.set()
 
     def post(self, kind: str, payload: Any) -> None:
         """Queue an outgoing message (``"send"``, text) or the close (``"close"``, (code, reason))."""
         if self.closed:
             return
         if kind == "close":
-            self.closed = True
+            self.mark_closed()
         elif self.outbox.qsize() >= self.server.config.max_queued_messages:
             self.server.drop_unread(self)
             return
@@ -383,7 +404,7 @@ class StreamingServer:
         logger.warning("session %d: client is not reading (%d messages unread); closing it",
                        session.id, session.outbox.qsize())
         self.dropped_unread += 1
-        session.closed = True
+        session.mark_closed()
         while not session.outbox.empty():
             session.outbox.get_nowait()
         session.dropping = asyncio.ensure_future(self._close_unread(session))
@@ -473,7 +494,7 @@ class StreamingServer:
             session.post("send", error_json(str(error)))
             session.post("close", (error.close_code, str(error)[:120]))
         except ConnectionClosed:
-            session.closed = session.lost = True
+            session.mark_closed(lost=True)
         except Exception as error:
             logger.exception("session %d failed", session.id)
             session.post("send", error_json(f"internal error: {error}"))
@@ -505,7 +526,7 @@ class StreamingServer:
                 await websocket.close(*payload)
                 return
         except ConnectionClosed:
-            session.closed = session.lost = True
+            session.mark_closed(lost=True)
 
     async def _finish(self, session: Session, code: int = CLOSE_NORMAL, reason: str = "done") -> None:
         """Stop message or shutdown: feed the rest, flush the look-ahead, send the last final and ``done``,
@@ -519,7 +540,13 @@ class StreamingServer:
             # Not started (or already closed): nothing to flush.
             session.post("close", (code, reason))
             return
-        session.stopping = True
+        if session.end_input():
+            self._ready_sessions[session] = None
+            self._wake.set()
+        await session.drained.wait()
+        if session.closed:
+            return
+        session.flushing = True
         self._ready_sessions.pop(session, None)
         rest = session.take_rest()
         await self._loop.run_in_executor(self._worker, self._finish_on_worker, session, rest)
@@ -533,8 +560,9 @@ class StreamingServer:
 
     # ------------------------------------------------------------------ the batcher
     def _ready(self) -> list[Session]:
-        """Sessions holding a whole chunk, in the order they became ready."""
-        return [s for s in self._ready_sessions if not s.stopping and not s.closed]
+        """Sessions holding a whole chunk, in the order they became ready (stopping ones too: their last
+        whole chunks are worked off in the ticks)."""
+        return [s for s in self._ready_sessions if not s.flushing and not s.closed]
 
     async def _batch_loop(self) -> None:
         while True:
@@ -569,6 +597,8 @@ class StreamingServer:
             feeds[session] = session.take_ready()
             if session.ready_since is None:
                 del self._ready_sessions[session]
+                if session.stopping:
+                    session.drained.set()
             else:  # still a whole chunk left: to the back, behind the streams that waited longer
                 self._ready_sessions[session] = self._ready_sessions.pop(session)
         self.ticks += 1
