@@ -32,6 +32,7 @@ OUTPUTS = {
     "streaming_rtf": {"streaming_rtf.json", "streaming_rtf.png"},
     "summary_mixers": {"summary_mixers.json", "summary_mixers.png"},
     "train_throughput": {"train_throughput.json", "train_throughput.png"},
+    "whisper_peer": {"whisper_peer.json"},
 }
 NEEDS = {"selective_memory": "transformers"}
 
