@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[train,test,bench,hf,lhotse,lm]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[train,test,bench,hf,lhotse,lm,sentences]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -46,6 +46,12 @@ bench: $(STAMP) $(DEMO_MODEL)
 	$(BIN)/python benchmarks/device_check.py --smoke  # CPU, tiny; on a CUDA machine run it without --smoke
 	test -f runs/lm/sotu3wf.arpa || $(BIN)/python -m streamssl lm build --english --wordfreq 50000 --order 3 --out runs/lm/sotu3wf.arpa
 	$(BIN)/python benchmarks/decoding.py --checkpoint runs/demo/finetune --data $(DEMO_TEST) --lm runs/lm/sotu3wf.arpa
+	$(BIN)/python benchmarks/whisper_peer.py --checkpoint runs/demo/finetune --data $(DEMO_TEST) --lm runs/lm/sotu3wf.arpa \
+		--tag demo_test
+	test -f runs/sentences/test.jsonl || $(BIN)/python -m streamssl corpus synth --out runs/sentences --hours 2.5 \
+		--seed 0 --varied-noise --sentences --splits test
+	$(BIN)/python benchmarks/whisper_peer.py --checkpoint runs/demo/finetune --data runs/sentences/test.jsonl \
+		--every 2 --lm runs/lm/sotu3wf.arpa --tag sentences
 
 # Removes the environment and caches; runs/ (your models and the demo's) stays.
 clean:

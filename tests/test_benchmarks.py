@@ -34,6 +34,7 @@ OUTPUTS = {
     "streaming_rtf": {"streaming_rtf.json", "streaming_rtf.png"},
     "summary_mixers": {"summary_mixers.json", "summary_mixers.png"},
     "train_throughput": {"train_throughput.json", "train_throughput.png"},
+    "whisper_peer": {"whisper_peer.json"},
 }
 NEEDS = {"selective_memory": "transformers"}
 
@@ -97,6 +98,17 @@ def test_smoke_options_replace_defaults_and_write_outside_the_published_results(
     assert parse(["--smoke", "--out", "elsewhere"]).out == Path("elsewhere")
 
 
+def test_whisper_peer_normalises_any_hypothesis_as_the_corpus_does():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from whisper_peer import normalize_hypothesis
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert normalize_hypothesis(" It costs $3.50, said Dr. Smith-Jones in 1990. ♪") == \
+        "IT COSTS THREE DOLLARS AND FIFTY CENTS SAID DR SMITH JONES IN ONE THOUSAND NINE HUNDRED AND NINETY"
+    assert normalize_hypothesis("你好") == ""
+
+
 def published_state() -> dict[str, int]:
     return {path.name: path.stat().st_mtime_ns for path in PUBLISHED.iterdir()}
 
@@ -134,6 +146,13 @@ def test_smoke_run(script, tmp_path):
         summary = json.loads((tmp_path / "serve_soak.json").read_text())["summary"]
         assert summary["sessions"] >= 2 and summary["sessions_equal"] == summary["sessions"]
         assert (summary["lost_words"], summary["added_words"], summary["failures"]) == (0, 0, [])
+    if script == "whisper_peer":
+        result = json.loads((tmp_path / "whisper_peer.json").read_text())
+        ours = [(row["mode"], row["decoder"]) for row in result["rows"] if row["system"] == "streamssl"]
+        assert ours == [("offline", "greedy"), ("offline", "lexicon"), ("streaming 40 ms", "greedy"),
+                        ("streaming 40 ms", "lexicon")]
+        whisper = [row for row in result["rows"] if row["system"].startswith("Whisper")]
+        assert len(whisper) == (0 if result["whisper_skipped"] else 1)
     if script == "streaming_eval":
         result = json.loads((tmp_path / "streaming_eval.json").read_text())
         assert [row["same_as_first"] for row in result["batching"]["rows"]] == [2, 2, 2, 2]
