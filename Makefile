@@ -41,6 +41,7 @@ bench: $(STAMP) $(DEMO_MODEL)
 		--batch-sizes 16 --decoders greedy --int8-data $(DEMO_TEST)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/serve_load.py --chunks-ms 40 160
+	$(BIN)/python benchmarks/serve_soak.py --minutes 30
 	$(BIN)/python benchmarks/checkpoint_memory.py
 	$(BIN)/python benchmarks/device_check.py --smoke  # CPU, tiny; on a CUDA machine run it without --smoke
 	test -f runs/lm/sotu3wf.arpa || $(BIN)/python -m streamssl lm build --english --wordfreq 50000 --order 3 --out runs/lm/sotu3wf.arpa

@@ -5,6 +5,8 @@ from hypothesis import settings
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from train_corpus import make_corpus
+
 from streamssl import Encoder, EncoderConfig
 from streamssl.streaming.engine import StreamingEngine
 
@@ -15,6 +17,20 @@ torch.set_num_threads(1)
 # blob for @reproduce_failure. Loaded before the test modules, so their own @settings start from it.
 settings.register_profile("reproducible", derandomize=True, database=None, print_blob=True)
 settings.load_profile("reproducible")
+
+
+@pytest.fixture(scope="session")
+def tone_checkpoint(tmp_path_factory):
+    """A tiny CTC model trained on the tone corpus: it spells tones and gives blanks in silence (shared by
+    the server tests, so it is trained once per session)."""
+    from streamssl.cli import main
+
+    folder = tmp_path_factory.mktemp("tone-model")
+    manifest = make_corpus(folder / "corpus", n=40, words=(2, 3))
+    code = main(["finetune", "--preset", "tiny", "--train", str(manifest), "--out", str(folder / "ft"),
+                 "--steps", "300", "--lr", "0.003", "--set", "max_batch_seconds=8", "--no-progress"])
+    assert code == 0
+    return folder / "ft"
 
 
 def make_encoder(mixer: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> Encoder:

@@ -28,6 +28,7 @@ OUTPUTS = {
     "runtime_rtf": {"runtime_rtf.json"},
     "selective_memory": {"selective_memory_cpu.json"},
     "serve_load": {"serve_load.json", "serve_load.png"},
+    "serve_soak": {"serve_soak.json", "serve_soak.png"},
     "step_speed": {"step_speed.json", "step_speed.png"},
     "streaming_eval": {"streaming_eval.json"},
     "streaming_rtf": {"streaming_rtf.json", "streaming_rtf.png"},
@@ -129,6 +130,10 @@ def test_smoke_run(script, tmp_path):
     if script == "serve_load":
         row = json.loads((tmp_path / "serve_load.json").read_text())["rows"][0]
         assert (row["clients"], row["correct"], row["failures"]) == (2, 2, [])
+    if script == "serve_soak":
+        summary = json.loads((tmp_path / "serve_soak.json").read_text())["summary"]
+        assert summary["sessions"] >= 2 and summary["sessions_equal"] == summary["sessions"]
+        assert (summary["lost_words"], summary["added_words"], summary["failures"]) == (0, 0, [])
     if script == "streaming_eval":
         result = json.loads((tmp_path / "streaming_eval.json").read_text())
         assert [row["same_as_first"] for row in result["batching"]["rows"]] == [2, 2, 2, 2]

@@ -29,17 +29,40 @@ def listen_error(host: str, port: int, error: OSError) -> str:
 
 
 async def _serve(server: StreamingServer) -> None:
+    """Serve until SIGTERM or SIGINT (Ctrl-C), then shut down cleanly: every stream gets its last final,
+    ``done`` and a 1001 close (:meth:`StreamingServer.shutdown`). A second signal stops at once."""
+    import asyncio
+    import logging
+    import signal
+
     try:
         await server.start()
     except OSError as error:
         await server.stop()
         raise ValueError(listen_error(server.host, server.port, error)) from None
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[int] = loop.create_future()
+
+    def on_signal(signum: int) -> None:
+        for other in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(other)
+        if not received.done():
+            received.set_result(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    logger = logging.getLogger("streamssl.serve")
     try:
         print(f"streamssl serve: page http://{server.host}:{server.port}/  websocket "
               f"ws://{server.host}:{server.port}/asr  (declared latency {server.declared['declared_latency_ms']:g} ms, "
               f"{server.decoder} decoder)",
               flush=True)
-        await server.serve_forever()
+        signum = await received
+        streams = len(server.sessions)
+        logger.info("%s: finishing %d streams (last finals, then close 1001); a second signal stops at once",
+                    signal.Signals(signum).name, streams)
+        await server.shutdown()
+        logger.info("stopped after finishing %d streams", streams)
     finally:
         await server.stop()
 
@@ -81,7 +104,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServeConfig()
     group = parser.add_argument_group("batching and limits")
     group.add_argument("--max-streams", type=int, default=defaults.max_streams,
-                       help=f"concurrent streams; more are refused with close code 1013 (default {defaults.max_streams})")
+                       help=f"concurrent streams; more get an error message, then close code 1013 (default {defaults.max_streams})")
     group.add_argument("--max-batch", type=int, default=defaults.max_batch,
                        help=f"streams per model call (default {defaults.max_batch})")
     group.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
