@@ -37,7 +37,8 @@ import torch
 from common import add_common_options, parse_args
 from streamssl import EncoderConfig
 from streamssl.asr.ctc import CTCModel
-from streamssl.export import OnnxModel, export_model
+from streamssl.export import export_model
+from streamssl.runtime.model import OnnxModel
 
 FRAME_MS = 20.0
 D_MODEL, FFN, HEADS, LEFT, RIGHT, MEMORY, INPUT_DIM = 256, 1024, 4, 32, 4, 4, 80

@@ -6,6 +6,7 @@ a reason."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -27,6 +28,8 @@ from streamssl.config import EncoderConfig
 from streamssl.data.audio import resample
 from streamssl.data.synth import EspeakNG
 from streamssl.export import export_model
+from streamssl.frontends.fbank import FbankOptions, knf_options
+from streamssl.runtime.logmel import LogMel
 from streamssl.runtime.model import ExportError, OnnxModel
 from streamssl.train.checkpoint import build_model, save_checkpoint
 from streamssl.train.config import preset
@@ -212,3 +215,30 @@ def test_the_export_carries_what_rebuilds_the_recogniser(files):
     assert info.chunk_ms == 40 and info.chunk_samples == 640 and info.sample_rate == 16000
     assert info.latency["total_lookahead_ms"] == model.latency().total_lookahead_ms
     assert info.features["knf"]["num_bins"] == 80 and info.features["knf"]["dither"] == 0
+
+
+def test_log_mel_of_streams_sharing_one_extractor_equals_each_stream_framed_alone():
+    """Three streams stepped in one batch through one kept knf extractor, in uneven pieces, give every
+    stream's offline frames exactly; a copy (which leaves the extractor behind) goes on the same."""
+    options = knf_options(FbankOptions(), 16000)
+    log_mel = LogMel(options)
+    rng = np.random.default_rng(0)
+    audios = [(0.1 * rng.standard_normal(12000)).astype(np.float32) for _ in range(3)]
+    pending, waiting = np.zeros((3, log_mel.window_samples - 1), np.float32), np.zeros(3, np.int64)
+    frames: list[list[np.ndarray]] = [[], [], []]
+    fed, sizes = 0, [640, 17, 1000, 160, 3, 399]
+    for step in range(40):
+        size = sizes[step % len(sizes)]
+        if step == 20:
+            log_mel = copy.deepcopy(log_mel)
+        pieces = [a[fed:fed + size] for a in audios]
+        counts = np.array([len(p) for p in pieces], dtype=np.int64)
+        chunk = np.stack([np.pad(p, (size - len(p), 0)) for p in pieces])
+        mel, new, pending, waiting = log_mel.step(chunk, counts, pending, waiting)
+        for b in range(3):
+            frames[b].append(mel[b, mel.shape[1] - new[b]:])
+        fed += size
+    for b, audio in enumerate(audios):
+        expected = LogMel(options).frames(audio[:fed])
+        assert expected.shape == (73, 80)
+        assert np.array_equal(np.concatenate(frames[b]), expected)

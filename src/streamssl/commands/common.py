@@ -213,5 +213,13 @@ def load_recognizer(args: argparse.Namespace, clock: "Clock" = time.perf_counter
     check_chunk(chunk_ms, model.hop_samples, model.sample_rate)
     backend = args.backend or "torch"
     if backend == "onnx":
-        model = OnnxModel(export_model(model, chunk_ms)[0], threads=args.threads)
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():
+            # The tracer warns at every Python branch on a shape; the step's shapes are fixed by design
+            # (tests/test_export.py checks the graph against the PyTorch step), so at start they are noise.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            model = OnnxModel(export_model(model, chunk_ms)[0], threads=args.threads)
     return Recognizer(model, chunk_ms, clock=clock, backend=backend, decoder=decoder_factory(model.vocab, beam))

@@ -9,6 +9,7 @@ exactly as the model was trained.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping
 
 import kaldi_native_fbank as knf
@@ -56,7 +57,8 @@ class LogMel:
     Building a knf extractor costs about 30 of its frames (its mel banks), so :meth:`step` keeps one
     and feeds it every stream's samples in turn: each stream's samples start at a multiple of the hop
     of the extractor's timeline (the previous ones are padded to one), and the frames that straddle two
-    streams' samples are dropped. Not thread-safe: one instance per thread.
+    streams' samples are dropped. The kept extractor is a cache: a lock guards it (a model's frontend
+    may step in several threads), and copies and pickles leave it behind.
     """
 
     def __init__(self, options: knf.FbankOptions, pcm_scale: float = PCM_SCALE):
@@ -70,9 +72,20 @@ class LogMel:
         self.window_samples = round(frame.frame_length_ms * frame.samp_freq / 1000)
         self.hop_samples = round(frame.frame_shift_ms * frame.samp_freq / 1000)
         self.num_bins = options.mel_opts.num_bins
+        self._reset_extractor()
+
+    def _reset_extractor(self) -> None:
         self._extractor: knf.OnlineFbank | None = None
         self._fed = 0
         self._popped = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_extractor", "_fed", "_popped", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_extractor()
 
     def frames(self, pcm: np.ndarray) -> np.ndarray:
         """Samples ``(S,)`` float32 in ``[-1, 1]`` -> log-mel ``(T_mel, num_bins)`` float32."""
@@ -121,6 +134,10 @@ class LogMel:
 
     def _frames_of(self, segment: np.ndarray, made: int) -> np.ndarray:
         """The ``made`` frames of ``segment`` (which holds exactly their windows), by the kept extractor."""
+        with self._lock:
+            return self._frames_locked(segment, made)
+
+    def _frames_locked(self, segment: np.ndarray, made: int) -> np.ndarray:
         if self._extractor is None:
             self._extractor = knf.OnlineFbank(self.options)
         extractor = self._extractor

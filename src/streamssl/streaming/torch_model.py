@@ -31,7 +31,7 @@ class TorchStepModel:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.torch_dtype: torch.dtype = model.dtype
+        self.torch_dtype: torch.dtype = getattr(model, "dtype", torch.float32)
         self.dtype = np.dtype(_NUMPY_DTYPES.get(self.torch_dtype, np.float32))
         self.device: torch.device = getattr(model, "device", torch.device("cpu"))
 
