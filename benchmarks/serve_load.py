@@ -28,7 +28,7 @@ frame-window sample (the page measures the same); the server's own figure (from 
 to handing the token to the socket); the server process's CPU time over the streaming window (cores
 used = CPU seconds / wall seconds), the client process's, and the 1-minute load average (the machine
 may be shared); the server's ticks, model calls, and its worker's seconds in the model call against
-those building the sessions' messages. Each point is bounded: a client that is not done 60 s after its
+those building the sessions' messages (CPU seconds of the worker thread). Each point is bounded: a client that is not done 60 s after its
 stop counts as failed.
 
 Prints a markdown table; writes JSON and a PNG plot to docs/benchmarks/.
@@ -144,7 +144,7 @@ async def main():
         sizes = server.batch_sizes
         print(json.dumps({"ticks": server.ticks, "model_calls": recognizer.calls,
                           "mean_streams_per_tick": sum(sizes) / max(1, len(sizes)),
-                          "worker_model_s": server.model_s, "worker_messages_s": server.messages_s,
+                          "worker_model_cpu_s": server.model_cpu_s, "worker_messages_cpu_s": server.messages_cpu_s,
                           "refused": server.refused}), flush=True)
 
 asyncio.run(main())
@@ -342,13 +342,13 @@ def main() -> None:
                 rows.append(row)
     header = ["backend", "chunk ms", "clients", "declared ms", "transcripts = offline", "word delay p50 / p95 ms (client)",
               "word delay p50 / p95 ms (server)", "p95 ≤ declared + 100", "server cores", "client cores",
-              "streams per tick", "model calls per tick", "worker: model / messages s", "load (1 min)"]
+              "streams per tick", "model calls per tick", "worker CPU s: model / messages", "load (1 min)"]
     table = [[r["backend"], f"{r['chunk_ms']:g}", r["clients"], f"{r['declared_ms']:g}", f"{r['correct']}/{r['clients']}",
               f"{r['client_word_delay_p50_ms']:.0f} / {r['client_word_delay_p95_ms']:.0f}",
               f"{r['server_word_delay_p50_ms']:.0f} / {r['server_word_delay_p95_ms']:.0f}",
               "yes" if r["goal_met"] else "no", f"{r['server_cores']:.2f}", f"{r['client_cores']:.2f}",
               f"{r['mean_streams_per_tick']:.1f}", f"{r['model_calls'] / max(1, r['ticks']):.2f}",
-              f"{r['worker_model_s']:.1f} / {r['worker_messages_s']:.1f}", f"{r['load_1min']:.1f}"] for r in rows]
+              f"{r['worker_model_cpu_s']:.1f} / {r['worker_messages_cpu_s']:.1f}", f"{r['load_1min']:.1f}"] for r in rows]
     print(f"model: {model_name}; {audio_name}, {rows[0]['audio_s_per_client']} s of audio per client")
     print(markdown_table(header, table))
     write_json(args.out / f"{args.name}.json", {"model": model_name, "audio": audio_name, "rows": rows})
