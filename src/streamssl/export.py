@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -256,7 +257,10 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
     input_names = [spec_["name"] for spec_ in input_specs] + state_inputs
     dynamic = {name: {0: "batch"} for name in input_names + output_names}
     buffer = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The step reads its fixed sizes as Python ints on purpose (mixers.window.size); the tracer warns
+        # about each one.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(step, (*args, *leaves), buffer, dynamo=False,
                           input_names=input_names, output_names=output_names, dynamic_axes=dynamic,
                           opset_version=17)
