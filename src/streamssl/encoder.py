@@ -38,7 +38,7 @@ from streamssl.config import EncoderConfig
 from streamssl.frontends import FeatureAugment, Frontend, build_frontend
 from streamssl.latency import Latency
 from streamssl.mixers import build_stack
-from streamssl.mixers.window import Chunk, keep_last, push, size, take
+from streamssl.mixers.window import Chunk, keep_last, push, size, take, tracing
 
 
 class CausalPositionalConv(nn.Module):
@@ -148,7 +148,7 @@ register_pytree_node(EncoderState, _flatten_state, _unflatten_state,
 def _tracing() -> bool:
     """Whether a graph is being traced: it cannot branch on values, so the exported model's runtime
     checks its input instead."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return tracing()
 
 
 def _stack_leaves(leaves: list[Tensor]) -> Tensor:

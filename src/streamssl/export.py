@@ -296,7 +296,11 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
 
 
 def _quantize(data: bytes) -> bytes:
-    """Dynamic int8 quantisation of the weights (onnxruntime.quantization)."""
+    """Dynamic int8 quantisation of the weight matrix products (onnxruntime.quantization): int8 weights,
+    per tensor, activations quantised at run time. Only products with a constant weight are quantised:
+    attention's products of two activations stay in float32, where quantising both sides at every step
+    costs more than it saves. Chosen by measurement (docs/benchmarks.md): per-channel weights and uint8
+    weights were slower on this CPU, and the same file runs everywhere (VNNI where the CPU has it)."""
     import tempfile
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -304,8 +308,29 @@ def _quantize(data: bytes) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
         source.write_bytes(data)
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
         return target.read_bytes()
+
+
+def ort_session_options(threads: int) -> "onnxruntime.SessionOptions":
+    """ONNX Runtime session options for a streaming step on ``threads`` intra-op threads.
+
+    Chosen by measurement (docs/benchmarks.md, 12-layer LLSA, C = 2, one thread): the graph optimisation
+    levels ``extended`` and ``all`` and turning the memory pattern or the arena off were within 5 % of
+    each other, ``basic`` was slower for the int8 graph (it does not fuse ``DynamicQuantizeMatMul``).
+    So: every graph optimisation, sequential execution (the step is a chain of small operators, nothing
+    to run in parallel), one inter-op thread, and no spinning of idle intra-op threads, which on a shared
+    machine would burn the cores other streams and processes need.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 @dataclass
@@ -343,10 +368,8 @@ class OnnxModel:
             raise ValueError("this ONNX model has no streamssl metadata; export it with `streamssl export`")
         self.info = ExportInfo.from_json(meta["streamssl"])
         check_state_names(proto, self.info.states)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(data, ort_session_options(threads),
+                                                    providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
         self.vocab = CharVocab(self.info.vocabulary)

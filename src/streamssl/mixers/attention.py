@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from streamssl.mixers.attention_core import (KeySource, biased_attention, blocked_band_attention,
                                              dense_band_attention, hidden_bias)
 from streamssl.mixers.base import Block, LayerMixer, LayerStack, MixerStack, register_mixer
-from streamssl.mixers.window import (Chunk, key_mask, keep_last, output_mask, positions, size,
+from streamssl.mixers.window import (Chunk, batch_dim, key_mask, keep_last, output_mask, positions, size,
                                      streaming_state)
 
 
@@ -60,13 +60,23 @@ class SelfAttention(LayerMixer):
     def heads(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, T, D)`` -> q, k, v each ``(B, H, T, D/H)``."""
         frames, d_model = size(u, 1), size(u, 2)
-        qkv = self.qkv(u).view(-1, frames, 3, self.n_heads, d_model // self.n_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(u).view(batch_dim(u), frames, 3, self.n_heads, d_model // self.n_heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
+
+    def query_kv(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, T, D)`` -> q ``(B, H, T, D/H)`` and keys and values ``(B, H, T, 2 D/H)`` concatenated on the
+        last dim (the streaming caches' layout), in one copy each."""
+        frames, d_model = size(u, 1), size(u, 2)
+        dh = d_model // self.n_heads
+        batch = batch_dim(u)
+        qkv = self.qkv(u).view(batch, frames, 3, self.n_heads, dh)
+        kv = qkv[:, :, 1:].permute(0, 3, 1, 2, 4).reshape(batch, self.n_heads, frames, 2 * dh)
+        return qkv[:, :, 0].transpose(1, 2), kv
 
     def merge(self, o: Tensor) -> Tensor:
         """``(B, H, T, dh)`` -> ``(B, T, D)`` through the output projection."""
         heads, frames, dh = size(o, 1), size(o, 2), size(o, 3)
-        return self.proj(o.transpose(1, 2).reshape(-1, frames, heads * dh))
+        return self.proj(o.transpose(1, 2).reshape(batch_dim(o), frames, heads * dh))
 
     def forward(self, u: Tensor, lengths: Tensor) -> Tensor:
         q, k, v = self.heads(u)
@@ -96,8 +106,8 @@ class SelfAttention(LayerMixer):
 
     def step(self, u: Tensor, chunk: Chunk, state: AttentionState) -> tuple[Tensor, AttentionState]:
         n = size(u, 1)
-        q, k, v = self.heads(u)
-        kv = chunk.push(state.kv, torch.cat([k, v], dim=-1), dim=2)
+        q, kv = self.query_kv(u)
+        kv = chunk.push(state.kv, kv, dim=2)
         queries = chunk.push(state.q, q, dim=2)
         width, dh = size(kv, 2), size(q, 3)
         bias = chunk.memo(("band", width, n, self.left_frames, self.right_frames, u.dtype),
@@ -218,8 +228,7 @@ class LLSAStack(MixerStack):
         # c^N is never read, so the last layer computes only the look-ahead stream.
         n_c = n if layer < len(self.blocks) - 1 else 0
         x = torch.cat([c_new, a_new], dim=1)
-        q, k, v = att.heads(block.norm1(x))
-        kv = torch.cat([k, v], dim=-1)
+        q, kv = att.query_kv(block.norm1(x))
         kv_c = chunk.push(st.kv_c, kv[:, :, :n], dim=2)
         kv_a = chunk.push(st.kv_a, kv[:, :, n:], dim=2)
         if delay:

@@ -23,11 +23,24 @@ from torch import Tensor
 from torch.utils._pytree import register_dataclass
 
 
+def tracing() -> bool:
+    """Whether a graph is being traced: it cannot branch on values."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def size(x: Tensor, dim: int) -> int:
     """``x.shape[dim]`` as a plain int, also while tracing. A step is exported at one chunk size, so every
     size but the batch is fixed; a traced size would put shape arithmetic (``Shape``, ``Gather``,
     ``Concat``...) into the graph at each use, which outnumbered the step's real operators."""
     return int(x.shape[dim])
+
+
+def batch_dim(x: Tensor) -> int:
+    """The batch size to reshape ``x`` with: ``-1`` (inferred, which keeps a traced batch symbolic without
+    shape arithmetic), or its actual size where ``x`` has no elements and ``-1`` would be ambiguous."""
+    if any(size(x, d) == 0 for d in range(1, x.dim())):
+        return int(x.shape[0])
+    return -1
 
 
 @dataclass
@@ -72,8 +85,17 @@ class Chunk:
         lead = tuple(size(joined, d) for d in range(1, dim + 1))
         key = ("push", n, lead)
         if key not in self.shared:  # the same for every lag: it depends only on the counts
-            self.shared[key] = _push_rows(self.count, n, lead)
-        return _select_rows(joined, self.shared[key], dim)
+            self.shared[key] = None if self._all_real(n) else _push_rows(self.count, n, lead)
+        index = self.shared[key]
+        return joined if index is None else _select_rows(joined, index, dim)
+
+    def _all_real(self, n: int) -> bool:
+        """Whether every stream brought ``n`` real frames, so that :meth:`push` is the concatenation itself:
+        the usual case, checked once per step in eager mode (a traced step keeps the general form)."""
+        key = ("all_real", n)
+        if key not in self.shared:
+            self.shared[key] = not tracing() and bool((self.count == n).all())
+        return self.shared[key]
 
 
 def _push_rows(count: Tensor, n: int, lead: tuple[int, ...]) -> Tensor:
@@ -146,11 +168,12 @@ def take(window: Tensor, start: Tensor, width: int, dim: int = 1) -> Tensor:
 def take_index(window: Tensor, start: Tensor, width: int, dim: int = 1) -> Tensor:
     """The ``torch.gather`` index of :func:`take`: one index serves every tensor shaped like ``window``."""
     index = (start.view(-1, 1) + torch.arange(width, device=window.device)).clamp(0, size(window, dim) - 1)
-    shape = [1] * window.dim()
-    shape[0], shape[dim] = -1, width
+    for d in range(1, window.dim()):
+        if d != dim:
+            index = index.unsqueeze(d)
     target = [-1] + [size(window, d) for d in range(1, window.dim())]
     target[dim] = width
-    return index.view(shape).expand(target)
+    return index.expand(target)
 
 
 def keep_last(window: Tensor, frames: int | None, dim: int = 1) -> Tensor:
