@@ -155,7 +155,7 @@ def main() -> int:
     add_common_options(parser)
     args = parse_args(parser, smoke=dict(steps=1, chunks="2", layers=1, batch=2))
     torch.set_num_threads(1)
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else "unknown"
+    load = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]] if Path("/proc/loadavg").exists() else None
     emformer_cls, peer = load_torchaudio_emformer(args.torchaudio_wheel)
     if emformer_cls is None:
         print(f"torchaudio Emformer skipped: {peer}", file=sys.stderr)
@@ -196,7 +196,7 @@ def main() -> int:
         for row in rows for mixer in ("emformer", "llsa")))
     print(f"batch {args.batch} at different positions, LLSA C=2: {ratio['per_stream_ms']:.2f} ms per stream vs "
           f"{ratio['batch1_ms']:.2f} ms at batch 1 (ratio {ratio['ratio']:.3f})")
-    print(f"load: {load}")
+    print(f"load average (1, 5, 15 min) at the start: {load}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "step_speed.json").write_text(json.dumps(result, indent=2) + "\n")
