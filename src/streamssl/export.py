@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -210,7 +211,10 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
     input_names = [spec_["name"] for spec_ in input_specs] + state_inputs
     dynamic = {name: {0: "batch"} for name in input_names + output_names}
     buffer = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The step reads its fixed sizes as Python ints on purpose (mixers.window.size); the tracer warns
+        # about each one.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(step, (*args, *leaves), buffer, dynamo=False,
                           input_names=input_names, output_names=output_names, dynamic_axes=dynamic,
                           opset_version=17)
@@ -247,7 +251,11 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
 
 
 def _quantize(data: bytes) -> bytes:
-    """Dynamic int8 quantisation of the weights (onnxruntime.quantization)."""
+    """Dynamic int8 quantisation of the weight matrix products (onnxruntime.quantization): int8 weights,
+    per tensor, activations quantised at run time. Only products with a constant weight are quantised:
+    attention's products of two activations stay in float32, where quantising both sides at every step
+    costs more than it saves. Chosen by measurement (docs/benchmarks.md): per-channel weights and uint8
+    weights were slower on this CPU, and the same file runs everywhere (VNNI where the CPU has it)."""
     import tempfile
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -255,5 +263,5 @@ def _quantize(data: bytes) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
         source.write_bytes(data)
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
         return target.read_bytes()

@@ -104,12 +104,23 @@ class ExportInfo:
 
 
 def make_session(data: bytes, threads: int) -> Any:
-    """The ONNX Runtime session of one exported step on ``threads`` intra-op threads (CPU)."""
+    """The ONNX Runtime session of one exported step on ``threads`` intra-op threads (CPU).
+
+    Options chosen by measurement (docs/benchmarks.md, 12-layer LLSA, C = 2, one thread): the graph
+    optimisation levels ``extended`` and ``all`` and turning the memory pattern or the arena off were within
+    5 % of each other; ``basic`` was slower for the int8 graph (it does not fuse ``DynamicQuantizeMatMul``).
+    So: every graph optimisation, sequential execution (the step is a chain of small operators, nothing to
+    run in parallel), one inter-op thread, and no spinning of idle intra-op threads, which on a shared
+    machine would burn the cores other streams and processes need.
+    """
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
