@@ -28,7 +28,7 @@ hypothesis agreed with the stable words any more (``fallbacks``), and the decodi
 
 Part 4, the server: ``--clients`` clients each stream ``--seconds`` of test utterances (1 s of silence
 between them, so the endpointer cuts) at real-time pace to a ``streamssl serve --decoder lexicon --lm``
-process (one torch thread) in 40 ms PCM16 messages; the p95 emission delay of the words of the finals
+process (one torch thread, ``--stable-margin``) in 40 ms PCM16 messages; the p95 emission delay of the words of the finals
 (the server's figure: from receiving the audio that completes a word's last frame to the moment the word
 became stable) against declared latency + 300 ms, the greedy tokens' p95 delay in the same run (compute
 and queueing alone), the server process' cores, and its decoders' CPU share.
@@ -154,7 +154,9 @@ def part_wer(model, utterances, lm: str, beams: dict[str, BeamSearchConfig]) -> 
     return rows, {"log_probs": log_probs, "refs": refs}
 
 
-def part_hotwords(model, utterances, log_probs, refs, beam: BeamSearchConfig) -> dict:
+def part_hotwords(model, log_probs, refs, beam: BeamSearchConfig, boosts: list[tuple[float, float]]) -> dict:
+    """Hotword recall and the other words' WER without hotwords and with each ``(hotword_boost,
+    hotword_lookahead)`` of ``boosts``."""
     import wordfreq
 
     lexicon = set(LexiconDecoder(model.vocab, 1, beam).words)
@@ -170,16 +172,20 @@ def part_hotwords(model, utterances, log_probs, refs, beam: BeamSearchConfig) ->
     sub = [log_probs[i] for i in keep]
     words = [targets[i] for i in keep]
     plain, _ = beam_decode(model.vocab, sub, beam)
-    boosted, cpu = beam_decode(model.vocab, sub, beam, [phrases[i] for i in keep])
     rest = [refs[i] for i in keep]
     other_plain = score(without(words, rest), without(words, plain))[0]
-    other_boosted = score(without(words, rest), without(words, boosted))[0]
+    rows = []
+    for boost, lookahead in boosts:
+        boosted, _ = beam_decode(model.vocab, sub, replace(beam, hotword_boost=boost, hotword_lookahead=lookahead),
+                                 [phrases[i] for i in keep])
+        other = score(without(words, rest), without(words, boosted))[0]
+        rows.append({"hotword_boost": boost, "hotword_lookahead": lookahead, "recall_with": recall(words, boosted),
+                     "other_words_wer_with": other, "recall_goal_met": recall(words, boosted) >= 0.9,
+                     "margin_kept": other <= other_plain + WER_MARGIN})
     return {"utterances": len(keep), "hotword_occurrences": sum(len(w) for w in words),
             "out_of_lexicon": sum(w not in lexicon for t in words for w in t),
-            "recall_without": recall(words, plain), "recall_with": recall(words, boosted),
-            "other_words_wer_without": other_plain, "other_words_wer_with": other_boosted,
-            "margin": WER_MARGIN, "recall_goal_met": recall(words, boosted) >= 0.9,
-            "margin_kept": other_boosted <= other_plain + WER_MARGIN}
+            "recall_without": recall(words, plain), "other_words_wer_without": other_plain, "margin": WER_MARGIN,
+            "with": rows}
 
 
 def part_stability(model, log_probs: list[torch.Tensor], refs: list[str], beam: BeamSearchConfig) -> dict:
@@ -299,8 +305,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="first N utterances of --data")
     parser.add_argument("--lm-weight", type=float, default=0.5, help="the 3-gram decoder's LM weight")
     parser.add_argument("--word-score", type=float, default=-1.0, help="the 3-gram decoder's word score")
-    parser.add_argument("--stable-margin", type=float, default=BeamSearchConfig.stable_margin,
-                        help="the stability rule measured against 'every hypothesis agrees' (part 3)")
+    parser.add_argument("--stable-margin", type=float, default=0.0,
+                        help="the stability rule measured against 'every hypothesis agrees' (part 3), and the "
+                             "server's (part 4; default 0: a word is stable once the best hypothesis ends it)")
+    parser.add_argument("--hotword-boost", type=float, default=BeamSearchConfig.hotword_boost,
+                        help="hotword boost measured next to 40 with the whole boost in the look-ahead (part 2)")
+    parser.add_argument("--hotword-lookahead", type=float, default=BeamSearchConfig.hotword_lookahead)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="audio per server client")
     parser.add_argument("--skip-serve", action="store_true", help="parts 1 and 2 only")
@@ -331,15 +341,19 @@ def main() -> None:
     print(f"\n3-gram: {100 * goals['vs_greedy']:.1f} % relative WER reduction over greedy (goal 25 %: "
           f"{'met' if goals['vs_greedy'] >= 0.25 else 'missed'}), {100 * goals['vs_unigram']:.1f} % over unigram "
           f"(goal 10 %: {'met' if goals['vs_unigram'] >= 0.10 else 'missed'})\n")
-    hot = part_hotwords(model, utterances, shared["log_probs"], shared["refs"], beams["lexicon, 3-gram"])
-    print(markdown_table(["hotwords", "utterances", "occurrences", "out of lexicon", "recall without", "recall with",
-                          "other words' WER without", "with"],
-                         [["3-gram", hot["utterances"], hot["hotword_occurrences"], hot["out_of_lexicon"],
-                           f"{100 * hot['recall_without']:.1f} %", f"{100 * hot['recall_with']:.1f} %",
-                           f"{100 * hot['other_words_wer_without']:.1f} %",
-                           f"{100 * hot['other_words_wer_with']:.1f} %"]]))
-    print(f"\nhotword recall goal (90 %): {'met' if hot['recall_goal_met'] else 'missed'}; other words within "
-          f"{100 * WER_MARGIN:g} point(s): {'yes' if hot['margin_kept'] else 'no'}\n")
+    boosts = [(40.0, 1.0), (args.hotword_boost, args.hotword_lookahead)]
+    hot = part_hotwords(model, shared["log_probs"], shared["refs"], beams["lexicon, 3-gram"],
+                        list(dict.fromkeys(boosts)))
+    print(f"hotwords (3-gram): {hot['utterances']} utterances, {hot['hotword_occurrences']} occurrences, "
+          f"{hot['out_of_lexicon']} outside the lexicon\n")
+    print(markdown_table(["boost", "look-ahead share", "hotword recall", "other words' WER", "recall goal 90 %",
+                          f"other words within {100 * WER_MARGIN:g} point"],
+                         [["none", "", f"{100 * hot['recall_without']:.1f} %",
+                           f"{100 * hot['other_words_wer_without']:.1f} %", "", ""]]
+                         + [[f"{r['hotword_boost']:g}", f"{r['hotword_lookahead']:g}", f"{100 * r['recall_with']:.1f} %",
+                             f"{100 * r['other_words_wer_with']:.1f} %", "met" if r["recall_goal_met"] else "missed",
+                             "yes" if r["margin_kept"] else "no"] for r in hot["with"]]))
+    print()
     rules = {f"{name}, {label}": replace(beam, stable_margin=margin) for name, beam in beams.items()
              for label, margin in (("every hypothesis agrees", math.inf), (f"margin {args.stable_margin:g}",
                                                                             args.stable_margin))}
@@ -352,7 +366,8 @@ def main() -> None:
     print()
     serve = None
     if not args.skip_serve:
-        serve = part_serve(args.checkpoint, utterances, beams["lexicon, 3-gram"], args.clients, args.seconds)
+        serve = part_serve(args.checkpoint, utterances, replace(beams["lexicon, 3-gram"], stable_margin=args.stable_margin),
+                           args.clients, args.seconds)
         print(markdown_table(["clients", "audio/client s", "declared ms", "words", "stable p50 ms", "stable p95 ms",
                               "goal ms", "token p95 ms", "server cores", "decoder cores", "load"],
                              [[serve["clients"], serve["audio_s_per_client"], f"{serve['declared_ms']:g}", serve["words"],
