@@ -16,9 +16,11 @@ cannot be written, except hotwords.
 
 **Hotwords** (context biasing): phrases of one or more words given per stream. Words of a phrase that are
 not in the lexicon are added to it (with the language model's ``<unk>`` probability); every word that
-continues a phrase earns ``hotword_boost`` (added to its LM log-probability, so weighed by ``lm_weight``),
-also in the spelling trie's look-ahead so that a boosted word is not pruned before it ends; a phrase left
-unfinished gives its earned boost back, so only whole phrases gain.
+continues a phrase earns ``hotword_boost`` (added to its LM log-probability, so weighed by ``lm_weight``);
+a phrase left unfinished gives its earned boost back, so only whole phrases gain. A share of the boost
+(``hotword_lookahead``) is in the spelling trie's look-ahead, so that a boosted word is not pruned before
+it ends; the whole boost there let a hypothesis spelling a boosted prefix push the others out of the beam
+(``docs/decoding.md``).
 
 **Streaming.** The decoder is frame-synchronous: fed chunk by chunk (:meth:`LexiconDecoder.push`) it keeps
 the same beam as when fed a whole utterance, so streamed transcripts equal offline ones. A word of the best
@@ -73,7 +75,8 @@ class BeamSearchConfig:
     ``word_score``: added per written word (negative: fewer, longer words).
     ``beam_size``: hypotheses kept per frame; ``beam_size_token``: tokens tried per hypothesis and frame;
     ``beam_threshold``: hypotheses scoring this far below the best are dropped.
-    ``hotword_boost``: added to the LM log-probability of each word that continues a hotword phrase.
+    ``hotword_boost``: added to the LM log-probability of each word that continues a hotword phrase;
+    ``hotword_lookahead``: the share of it the letters of a hotword already earn (the trie's look-ahead).
     ``stable_margin``: a word is stable (final) once every hypothesis scoring within this much of the best
     (natural log, the search's score) has it; ``math.inf``: once every hypothesis of the beam has it (the
     search is then never constrained). A finite margin needs ``lm_weight > 0`` (the constraint is an LM score).
@@ -88,7 +91,7 @@ class BeamSearchConfig:
     beam_size_token: int = 12
     beam_threshold: float = 20.0
     hotword_boost: float = 40.0
-    hotword_lookahead: float = 1.0
+    hotword_lookahead: float = 0.75
     stable_margin: float = math.inf
 
     def __post_init__(self):
