@@ -16,8 +16,9 @@ against the goals (>= 25 % over greedy, >= 10 % over unigram).
 Part 2, hotwords: per utterance, its reference words that are rare (outside the 20 000 most frequent
 English words of wordfreq) or outside the decoder's lexicon are its hotwords, next to as many distractor
 rare words from other utterances. Recall of the hotwords (the share of their occurrences in the
-hypothesis, matched as a multiset) without and with them, against the goal (>= 90 %), and the WER of
-every other word with and without (the margin: it may grow by at most 1 point absolute).
+hypothesis, matched as a multiset) without them, with boost 40 wholly in the look-ahead (before), and
+with ``--hotword-boost``/``--hotword-lookahead``, against the goal (>= 90 %), and the WER of every other
+word (the margin: it may grow by at most 1 point absolute).
 
 Part 3, how long a word takes to become stable (its emission delay apart from compute and queueing), for
 each stability rule (``stable_margin``: inf, a word is stable once every hypothesis has it; a finite
