@@ -211,7 +211,8 @@ def part_stability(model, log_probs: list[torch.Tensor], refs: list[str], beam: 
         hyps.append(decoder.texts()[0])
         fallbacks += decoder.fallbacks
     cpu_s = time.process_time() - started
-    return {"stable_margin": beam.stable_margin, "words": len(lags),
+    return {"stable_margin": beam.stable_margin if math.isfinite(beam.stable_margin) else None,  # None: inf
+            "words": len(lags),
             "lag_p50_ms": float(np.percentile(lags, 50)) if lags else None,
             "lag_p95_ms": float(np.percentile(lags, 95)) if lags else None,
             "wer": score(refs, hyps)[0], "fallbacks": fallbacks,
