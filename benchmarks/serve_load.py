@@ -1,27 +1,35 @@
 """Load test of ``streamssl serve``: N concurrent clients stream speech at real-time pace over loopback.
 
-    python benchmarks/serve_load.py [--clients 1 8 32 64] [--seconds 60] [--chunks-ms 40] [--checkpoint DIR] [--smoke]
+    python benchmarks/serve_load.py [--clients 1 16 32 64 128] [--seconds 30] [--chunks-ms 40]
+        [--checkpoint DIR] [--backend torch|onnx] [--corpus test.jsonl | --audio tones] [--smoke]
 
 Model: ``runs/demo/finetune`` when it exists (or ``--checkpoint``), otherwise a tiny CTC model (the
 ``tiny`` fine-tune preset, LLSA, 0.03 M parameters) trained for 300 steps (``--train-steps``) on the tone
 corpus of ``tests/train_corpus.py`` (each character a tone of its own pitch), so it really transcribes.
-``--smoke`` always takes the tiny model, trained for 2 steps, with 2 clients and 1 s of audio each.
+``--backend onnx`` serves the model's step exported to ONNX Runtime (``streamssl serve --backend onnx``).
+``--smoke`` always takes the tiny model, trained for 2 steps, tone audio, 2 clients and 1 s of audio each.
+
+Audio (``--audio speech``, the default): the demo's test utterances (``--corpus``, default
+``runs/demo/corpus/test.jsonl``; when it is absent, a small corpus made here with ``streamssl corpus synth``,
+eSpeak NG speech), each client its own run of consecutive utterances separated by ``--gap-s`` (0.8 s) of
+silence, about ``--seconds`` long; 16 distinct runs, reused round robin. ``--audio tones``: tone
+utterances of 2-5 words of the tone corpus's vocabulary separated by 0.8 s of low noise.
 
 Method. The server runs in its own process (one torch thread) exactly as ``streamssl serve`` does:
 ``StreamingServer`` on 127.0.0.1 with the default batching (``max_batch`` 64, ``max_wait_ms`` 10) and
-endpointing (600 ms). Each client gets its own audio, about ``--seconds`` long: tone utterances of 2-5
-words from the corpus vocabulary separated by 0.8 s of low noise (8 distinct recordings, reused round
-robin). Clients start at staggered moments within the first second (so their streams are at different
-positions, as live traffic is) and send PCM16 at 16 kHz in 40 ms messages at real-time pace, then the
-stop message, and wait for ``done``.
+endpointing (600 ms), ``max_streams`` the number of clients. Clients start at staggered moments within
+the first second (so their streams are at different positions, as live traffic is) and send PCM16 at
+16 kHz in 40 ms messages at real-time pace, then the stop message, and wait for ``done``.
 
-Measured: every client's final transcript against offline decoding (one forward pass of the same model
+Measured: every client's final transcript against offline decoding (one forward pass of the PyTorch model
 over the same, PCM16-quantised, audio); emission delay per word seen by the client: the time its last
 character's token arrived minus the time the client sent the message holding that character's last
 frame-window sample (the page measures the same); the server's own figure (from receiving that message
 to handing the token to the socket); the server process's CPU time over the streaming window (cores
 used = CPU seconds / wall seconds), the client process's, and the 1-minute load average (the machine
-may be shared). Each point is bounded: a client that is not done 60 s after its stop counts as failed.
+may be shared); the server's ticks, model calls, and its worker's seconds in the model call against
+those building the sessions' messages (CPU seconds of the worker thread). Each point is bounded: a client that is not done 60 s after its
+stop counts as failed.
 
 Prints a markdown table; writes JSON and a PNG plot to docs/benchmarks/.
 """
@@ -48,10 +56,49 @@ RATE = 16000
 BLOCK_S = 0.04
 GAP_S = 0.8
 DONE_TIMEOUT_S = 60.0
-DISTINCT_AUDIO = 8
+DISTINCT_AUDIO = 16
+MAX_CLIENTS = 128
 
 
 # ------------------------------------------------------------------------------------------ model and audio
+def pcm16_quantised(audio: np.ndarray) -> np.ndarray:
+    """What the server receives of float ``audio`` sent as PCM16, as float32."""
+    return (np.round(audio * 32768).clip(-32768, 32767).astype(np.int16) / 32768.0).astype(np.float32)
+
+
+def speech_corpus(corpus: Path | None, scratch: Path) -> Path:
+    """The test manifest to take speech from: ``corpus``, or one synthesised here when it is absent."""
+    if corpus is not None and corpus.exists():
+        return corpus
+    print(f"no corpus at {corpus}; synthesising a small one with streamssl corpus synth", file=sys.stderr)
+    out = scratch / "synth"
+    subprocess.run([sys.executable, "-m", "streamssl", "corpus", "synth", "--out", str(out), "--hours", "0.05",
+                    "--seed", "0", "--workers", "1"], check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    return out / "test.jsonl"
+
+
+def speech_runs(manifest: Path, seconds: float, gap_s: float = GAP_S) -> list[np.ndarray]:
+    """:data:`DISTINCT_AUDIO` runs of consecutive utterances of ``manifest`` (each from its own first
+    utterance, wrapping around), ``gap_s`` of silence between them, about ``seconds`` long, PCM16-quantised."""
+    from streamssl.data import load_utterances
+    from streamssl.data.audio import load_audio
+
+    utterances = load_utterances(manifest)
+    cache: dict[int, np.ndarray] = {}
+    runs = []
+    for index in range(DISTINCT_AUDIO):
+        parts, total, k = [np.zeros(int(0.3 * RATE), np.float32)], 0.3, index * len(utterances) // DISTINCT_AUDIO
+        while total < seconds:
+            i = k % len(utterances)
+            if i not in cache:
+                cache[i] = load_audio(utterances[i].audio, RATE)
+            parts += [cache[i], np.zeros(int(gap_s * RATE), np.float32)]
+            total += (parts[-2].size + parts[-1].size) / RATE
+            k += 1
+        runs.append(pcm16_quantised(np.concatenate(parts)))
+    return runs
+
+
 def client_audio(index: int, seconds: float) -> np.ndarray:
     """About ``seconds`` of tone speech, PCM16-quantised (what the server receives), float32."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -63,8 +110,7 @@ def client_audio(index: int, seconds: float) -> np.ndarray:
         text = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 6))))
         parts += [tone_audio(text, rng), 0.01 * rng.standard_normal(int(GAP_S * RATE))]
         total += (parts[-2].size + parts[-1].size) / RATE
-    audio = np.concatenate(parts).astype(np.float32)
-    return (np.round(audio * 32767).astype(np.int16) / 32768.0).astype(np.float32)
+    return pcm16_quantised(np.concatenate(parts).astype(np.float32))
 
 
 def offline_transcripts(checkpoint: Path, audios: list[np.ndarray]) -> list[str]:
@@ -83,6 +129,7 @@ def offline_transcripts(checkpoint: Path, audios: list[np.ndarray]) -> list[str]
 
 
 # ------------------------------------------------------------------------------------------ server process
+# argv: checkpoint, chunk ms, backend, max streams. Prints the port, then, once stdin closes, its counters.
 SERVER_CODE = """
 import asyncio, json, sys, torch
 torch.set_num_threads(1)
@@ -90,12 +137,15 @@ from streamssl.serve import ServeConfig, StreamingServer
 from streamssl.streaming import Recognizer
 
 async def main():
-    recognizer = Recognizer.from_checkpoint(sys.argv[1], chunk_ms=float(sys.argv[2]))
-    async with StreamingServer(recognizer, ServeConfig(max_streams=128), port=0) as server:
+    recognizer = Recognizer.from_checkpoint(sys.argv[1], chunk_ms=float(sys.argv[2]), backend=sys.argv[3])
+    async with StreamingServer(recognizer, ServeConfig(max_streams=int(sys.argv[4])), port=0) as server:
         print(json.dumps({"port": server.port, "declared": server.declared}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         sizes = server.batch_sizes
-        print(json.dumps({"ticks": server.ticks, "mean_streams_per_tick": sum(sizes) / max(1, len(sizes))}), flush=True)
+        print(json.dumps({"ticks": server.ticks, "model_calls": recognizer.calls,
+                          "mean_streams_per_tick": sum(sizes) / max(1, len(sizes)),
+                          "worker_model_cpu_s": server.model_cpu_s, "worker_messages_cpu_s": server.messages_cpu_s,
+                          "refused": server.refused}), flush=True)
 
 asyncio.run(main())
 """
@@ -175,12 +225,18 @@ async def run_point(port: int, audios: list[np.ndarray], clients: int) -> list[d
                                   for i in range(clients)))
 
 
-def measure(checkpoint: Path, chunk_ms: float, clients: int, audios: list[np.ndarray], expected: list[str]) -> dict:
+def start_server(checkpoint: Path, chunk_ms: float, backend: str, max_streams: int) -> tuple[subprocess.Popen, dict]:
+    """The server process and its first line (port, declared latency)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    server = subprocess.Popen([sys.executable, "-c", SERVER_CODE, str(checkpoint), str(chunk_ms)], env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-c", SERVER_CODE, str(checkpoint), str(chunk_ms), backend,
+                               str(max_streams)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return server, json.loads(server.stdout.readline())
+
+
+def measure(checkpoint: Path, chunk_ms: float, clients: int, audios: list[np.ndarray], expected: list[str],
+            backend: str = "torch") -> dict:
+    server, hello = start_server(checkpoint, chunk_ms, backend, clients)
     try:
-        hello = json.loads(server.stdout.readline())
         load_before = os.getloadavg()[0]
         cpu_before, client_cpu_before, wall_before = process_cpu_s(server.pid), time.process_time(), time.perf_counter()
         results = asyncio.run(run_point(hello["port"], audios, clients))
@@ -200,7 +256,7 @@ def measure(checkpoint: Path, chunk_ms: float, clients: int, audios: list[np.nda
     server_side = [d for r in results for d in r["server_delays_ms"]]
     declared = hello["declared"]["declared_latency_ms"]
     p95 = float(np.percentile(client, 95)) if client else math.nan
-    return {"chunk_ms": chunk_ms, "clients": clients, "declared_ms": declared,
+    return {"chunk_ms": chunk_ms, "backend": backend, "clients": clients, "declared_ms": declared,
             "audio_s_per_client": round(float(np.mean([a.size for a in audios])) / RATE, 1),
             "correct": correct, "failures": failures, "words": len(client),
             "client_word_delay_p50_ms": float(np.percentile(client, 50)) if client else math.nan,
@@ -245,46 +301,57 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 32, 64, 128])
     parser.add_argument("--chunks-ms", type=float, nargs="+", default=[40.0])
-    parser.add_argument("--seconds", type=float, default=60.0, help="audio per client (at least this long)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="audio per client (at least this long)")
     parser.add_argument("--checkpoint", type=Path, help="fine-tuned checkpoint (default: runs/demo/finetune "
                                                         "if present, else a tiny model trained here)")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                        help="the server's model runtime, as streamssl serve --backend (default torch)")
+    parser.add_argument("--audio", choices=("speech", "tones"), default="speech",
+                        help="speech: utterances of --corpus; tones: the tone corpus's words (default speech)")
+    parser.add_argument("--corpus", type=Path, default=ROOT / "runs" / "demo" / "corpus" / "test.jsonl",
+                        help="manifest of the speech (default runs/demo/corpus/test.jsonl; synthesised when absent)")
     parser.add_argument("--train-steps", type=int, default=300, help="training steps of the tiny model")
     parser.add_argument("--name", default="serve_load")
     add_common_options(parser)
-    args = parse_args(parser, smoke=dict(clients=[2], seconds=1.0, train_steps=2))
+    args = parse_args(parser, smoke=dict(clients=[2], seconds=1.0, train_steps=2, audio="tones"))
     import torch
 
     # One thread here as in the server: on a small shared machine more threads only spin.
     torch.set_num_threads(1)
-    if max(args.clients) > 100 or args.seconds > 120:
-        raise SystemExit("bounded benchmark: at most 100 clients and 120 s of audio per client")
+    if max(args.clients) > MAX_CLIENTS or args.seconds > 120:
+        raise SystemExit(f"bounded benchmark: at most {MAX_CLIENTS} clients and 120 s of audio per client")
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = args.checkpoint or (ROOT / "runs" / "demo" / "finetune")
         model_name = str(checkpoint)
         if not checkpoint.exists() or (args.smoke and not args.checkpoint):
             checkpoint = trained_tiny_checkpoint(Path(scratch), args.train_steps)
             model_name = f"tiny tone-corpus model ({args.train_steps} steps)"
-        audios = [client_audio(i, args.seconds) for i in range(DISTINCT_AUDIO)]
+        if args.audio == "speech":
+            manifest = speech_corpus(args.corpus, Path(scratch))
+            audios, audio_name = speech_runs(manifest, args.seconds), f"speech of {manifest}"
+        else:
+            audios, audio_name = [client_audio(i, args.seconds) for i in range(DISTINCT_AUDIO)], "tone speech"
         expected = offline_transcripts(checkpoint, audios)
         rows = []
         for chunk_ms in args.chunks_ms:
             for clients in args.clients:
-                row = measure(checkpoint, chunk_ms, clients, audios, expected)
+                row = measure(checkpoint, chunk_ms, clients, audios, expected, args.backend)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    header = ["chunk ms", "clients", "declared ms", "transcripts = offline", "word delay p50 / p95 ms (client)",
+    header = ["backend", "chunk ms", "clients", "declared ms", "transcripts = offline", "word delay p50 / p95 ms (client)",
               "word delay p50 / p95 ms (server)", "p95 ≤ declared + 100", "server cores", "client cores",
-              "streams per tick", "load (1 min)"]
-    table = [[f"{r['chunk_ms']:g}", r["clients"], f"{r['declared_ms']:g}", f"{r['correct']}/{r['clients']}",
+              "streams per tick", "model calls per tick", "worker CPU s: model / messages", "load (1 min)"]
+    table = [[r["backend"], f"{r['chunk_ms']:g}", r["clients"], f"{r['declared_ms']:g}", f"{r['correct']}/{r['clients']}",
               f"{r['client_word_delay_p50_ms']:.0f} / {r['client_word_delay_p95_ms']:.0f}",
               f"{r['server_word_delay_p50_ms']:.0f} / {r['server_word_delay_p95_ms']:.0f}",
               "yes" if r["goal_met"] else "no", f"{r['server_cores']:.2f}", f"{r['client_cores']:.2f}",
-              f"{r['mean_streams_per_tick']:.1f}", f"{r['load_1min']:.1f}"] for r in rows]
-    print(f"model: {model_name}; {rows[0]['audio_s_per_client']} s of audio per client")
+              f"{r['mean_streams_per_tick']:.1f}", f"{r['model_calls'] / max(1, r['ticks']):.2f}",
+              f"{r['worker_model_cpu_s']:.1f} / {r['worker_messages_cpu_s']:.1f}", f"{r['load_1min']:.1f}"] for r in rows]
+    print(f"model: {model_name}; {audio_name}, {rows[0]['audio_s_per_client']} s of audio per client")
     print(markdown_table(header, table))
-    write_json(args.out / f"{args.name}.json", {"model": model_name, "rows": rows})
+    write_json(args.out / f"{args.name}.json", {"model": model_name, "audio": audio_name, "rows": rows})
     plot(rows, args.out / f"{args.name}.png")
 
 

@@ -13,7 +13,9 @@ Its code is read from the wheel at run time, never copied into the project.
     python benchmarks/step_speed.py --torchaudio-wheel /tmp/ta/torchaudio-2.9.1-*.whl
     python benchmarks/step_speed.py --smoke     # seconds: one layer, C = 2, batch of 2
 
-Prints a markdown table; writes step_speed.json and step_speed.png under ``--out``. Times are CPU
+Columns ``*_onnx_int8_ms`` run the ``--int8`` export (dynamic int8 weights, ``export._quantize``).
+Prints markdown tables (times, ratios to the peer, int8 speed-ups) and the load average at the start;
+writes step_speed.json and step_speed.png under ``--out``. Times are CPU
 time (``time.process_time``) per step, median over ``--steps`` steps after a warm-up, so other load on
 a shared machine does not inflate them.
 """
@@ -37,7 +39,8 @@ import torch
 from common import add_common_options, parse_args
 from streamssl import EncoderConfig
 from streamssl.asr.ctc import CTCModel
-from streamssl.export import OnnxModel, export_model
+from streamssl.export import export_model
+from streamssl.runtime.model import OnnxModel
 
 FRAME_MS = 20.0
 D_MODEL, FFN, HEADS, LEFT, RIGHT, MEMORY, INPUT_DIM = 256, 1024, 4, 32, 4, 4, 80
@@ -77,8 +80,8 @@ def torch_step_time(model: CTCModel, chunk: int, n_steps: int) -> float:
     return timed(step, n_steps)
 
 
-def onnx_step_time(model: CTCModel, chunk: int, n_steps: int) -> float:
-    runtime = OnnxModel(export_model(model, chunk * FRAME_MS)[0], threads=1)
+def onnx_step_time(model: CTCModel, chunk: int, n_steps: int, int8: bool = False) -> float:
+    runtime = OnnxModel(export_model(model, chunk * FRAME_MS, int8=int8)[0], threads=1)
     state = runtime.init_state(1)
     x = np.random.default_rng(0).standard_normal((1, chunk, INPUT_DIM)).astype(np.float32)
 
@@ -153,6 +156,7 @@ def main() -> int:
     add_common_options(parser)
     args = parse_args(parser, smoke=dict(steps=1, chunks="2", layers=1, batch=2))
     torch.set_num_threads(1)
+    load = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]] if Path("/proc/loadavg").exists() else None
     emformer_cls, peer = load_torchaudio_emformer(args.torchaudio_wheel)
     if emformer_cls is None:
         print(f"torchaudio Emformer skipped: {peer}", file=sys.stderr)
@@ -165,12 +169,13 @@ def main() -> int:
             model = streamssl_model(mixer, chunk, args.layers)
             row[f"{mixer}_torch_ms"] = 1000 * torch_step_time(model, chunk, args.steps)
             row[f"{mixer}_onnx_ms"] = 1000 * onnx_step_time(model, chunk, args.steps)
+            row[f"{mixer}_onnx_int8_ms"] = 1000 * onnx_step_time(model, chunk, args.steps, int8=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
     per_stream, single = batch_per_stream_ratio(2, args.steps, args.layers, args.batch)
     result = {"config": {"layers": args.layers, "d_model": D_MODEL, "ffn": FFN, "heads": HEADS, "left": LEFT,
                          "right": RIGHT, "memory": MEMORY, "input": "frames", "threads": 1},
-              "peer": peer, "rows": rows,
+              "peer": peer, "rows": rows, "load_average_at_start": load,
               "batched_llsa_c2": {"batch": args.batch, "per_stream_ms": 1000 * per_stream,
                                   "batch1_ms": 1000 * single, "ratio": per_stream / single}}
     columns = [k for k in rows[0] if k.endswith("_ms") and k != "chunk_ms"]
@@ -179,8 +184,20 @@ def main() -> int:
     for row in rows:
         print(f"| {row['chunk_frames']} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
     ratio = result["batched_llsa_c2"]
+    if emformer_cls is not None:
+        print("\nRatios to torchaudio's Emformer step (goals: PyTorch <= 1.0, ONNX Runtime <= 0.3):")
+        ratio_columns = [c for c in columns if c != "torchaudio_emformer_ms"]
+        print("| C (frames) | " + " | ".join(c[:-3] for c in ratio_columns) + " |")
+        print("|---|" + "---|" * len(ratio_columns))
+        for row in rows:
+            print(f"| {row['chunk_frames']} | "
+                  + " | ".join(f"{row[c] / row['torchaudio_emformer_ms']:.2f}x" for c in ratio_columns) + " |")
+    print("\nint8 speed-up over float32 ONNX Runtime (goal >= 1.5): " + ", ".join(
+        f"{mixer} C={row['chunk_frames']} {row[f'{mixer}_onnx_ms'] / row[f'{mixer}_onnx_int8_ms']:.2f}x"
+        for row in rows for mixer in ("emformer", "llsa")))
     print(f"batch {args.batch} at different positions, LLSA C=2: {ratio['per_stream_ms']:.2f} ms per stream vs "
           f"{ratio['batch1_ms']:.2f} ms at batch 1 (ratio {ratio['ratio']:.3f})")
+    print(f"load average (1, 5, 15 min) at the start: {load}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "step_speed.json").write_text(json.dumps(result, indent=2) + "\n")

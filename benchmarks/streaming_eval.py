@@ -43,7 +43,8 @@ from streamssl.asr.evaluate import evaluate_model
 from streamssl.asr.lexicon import BeamSearchConfig
 from streamssl.cli import main as cli
 from streamssl.data import load_utterances
-from streamssl.export import OnnxModel, export_model
+from streamssl.export import export_model
+from streamssl.runtime.model import OnnxModel
 from streamssl.serve import ServeConfig, StreamingServer
 from streamssl.streaming import Recognizer
 from streamssl.train.checkpoint import load_checkpoint

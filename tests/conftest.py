@@ -1,8 +1,11 @@
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from train_corpus import make_corpus
 
 from streamssl import Encoder, EncoderConfig
 from streamssl.streaming.engine import StreamingEngine
@@ -14,6 +17,20 @@ torch.set_num_threads(1)
 # blob for @reproduce_failure. Loaded before the test modules, so their own @settings start from it.
 settings.register_profile("reproducible", derandomize=True, database=None, print_blob=True)
 settings.load_profile("reproducible")
+
+
+@pytest.fixture(scope="session")
+def tone_checkpoint(tmp_path_factory):
+    """A tiny CTC model trained on the tone corpus: it spells tones and gives blanks in silence (shared by
+    the server tests, so it is trained once per session)."""
+    from streamssl.cli import main
+
+    folder = tmp_path_factory.mktemp("tone-model")
+    manifest = make_corpus(folder / "corpus", n=40, words=(2, 3))
+    code = main(["finetune", "--preset", "tiny", "--train", str(manifest), "--out", str(folder / "ft"),
+                 "--steps", "300", "--lr", "0.003", "--set", "max_batch_seconds=8", "--no-progress"])
+    assert code == 0
+    return folder / "ft"
 
 
 def make_encoder(mixer: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> Encoder:
@@ -42,14 +59,19 @@ def stream_in_chunks(encoder: Encoder, x: torch.Tensor, sizes: list[int]) -> tor
 
 
 class FrameCollector:
-    """A stream decoder of the streaming core that keeps the raw output frames instead of decoding them."""
+    """A stream decoder of the streaming core that keeps the raw output frames instead of decoding them
+    (the core hands decoders numpy arrays); :attr:`output` joins them as a tensor."""
 
     def __init__(self):
-        self.frames: list[torch.Tensor] = []
+        self.frames: list[np.ndarray] = []
 
-    def push(self, outputs: torch.Tensor) -> list:
-        self.frames.append(outputs.clone())
+    def push(self, outputs: np.ndarray) -> list:
+        self.frames.append(outputs.copy())
         return []
+
+    @property
+    def output(self) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(self.frames))
 
     def finish(self) -> list:
         return []
@@ -82,8 +104,7 @@ def stream_joining_batch(encoder: Encoder, audio: list[torch.Tensor], starts: li
         if ending:
             engine.finish([streams[i] for i in ending])
         for i in ending:
-            collector = streams.pop(i).decoder
-            streams_done[i] = torch.cat(collector.frames)
+            streams_done[i] = streams.pop(i).decoder.output
     return [streams_done[i] for i in range(len(audio))]
 
 
@@ -97,7 +118,7 @@ def stream_frames(model, x: torch.Tensor, piece: int) -> torch.Tensor:
     for start in range(0, x.shape[1], piece):
         stream.accept(x[0, start:start + piece])
     stream.finish()
-    return torch.cat(stream.decoder.frames)
+    return stream.decoder.output
 
 
 class LargestOutput(TorchDispatchMode):

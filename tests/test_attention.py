@@ -6,6 +6,7 @@ import torch
 from conftest import LargestOutput, make_encoder
 from streamssl import Encoder, EncoderConfig, measure_lookahead
 from streamssl.mixers.attention_core import KeySource, blocked_band_attention, dense_band_attention
+from streamssl.mixers.window import Chunk, push
 
 
 @pytest.mark.parametrize("left, right, block", [(4, 2, 3), (0, 0, 1), (None, 3, 5), (7, 1, 64)])
@@ -75,3 +76,21 @@ def test_full_attention_depends_on_the_whole_input():
     encoder = make_encoder("full")
     assert encoder.latency().encoder_lookahead_frames is None
     assert measure_lookahead(encoder, probe_frames=4).dependency_frames is None
+
+
+def test_push_joins_cache_and_real_frames_per_stream():
+    # Two streams, a cache of 3 slots and 2 new slots: stream 0 brings 2 real frames, stream 1 one
+    # (its first new slot is filler). Slots older than the cache repeat an arbitrary frame (here the
+    # oldest cached one), which callers mask.
+    cache = torch.tensor([[1.0, 2.0, 3.0], [11.0, 12.0, 13.0]]).view(2, 3, 1).expand(2, 3, 2)
+    new = torch.tensor([[4.0, 5.0], [-1.0, 14.0]]).view(2, 2, 1).expand(2, 2, 2)
+    count = torch.tensor([2, 1])
+    expected = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0], [11.0, 11.0, 12.0, 13.0, 14.0]]).view(2, 5, 1).expand(2, 5, 2)
+    chunk = Chunk(count, torch.tensor([5, 4]), torch.tensor([5, 4]))
+    assert torch.equal(push(cache, new, count), expected)
+    assert torch.equal(chunk.push(cache, new), expected)
+    # Along another dimension (a (B, H, W, dh) cache), and with every frame real (the eager shortcut).
+    heads_cache, heads_new = cache.unsqueeze(1).expand(2, 3, 3, 2), new.unsqueeze(1).expand(2, 3, 2, 2)
+    assert torch.equal(chunk.push(heads_cache, heads_new, dim=2), expected.unsqueeze(1).expand(2, 3, 5, 2))
+    full = Chunk(torch.tensor([2, 2]), torch.tensor([5, 5]), torch.tensor([5, 5]))
+    assert torch.equal(full.push(cache, new), torch.cat([cache, new], dim=1))

@@ -25,13 +25,16 @@ OUTPUTS = {
     "decoding": {"decoding.json"},
     "emission_delay": {"emission_delay.json", "emission_delay.png"},
     "memory_mixers": {"memory_mixers.json", "memory_mixers.png"},
+    "runtime_rtf": {"runtime_rtf.json"},
     "selective_memory": {"selective_memory_cpu.json"},
     "serve_load": {"serve_load.json", "serve_load.png"},
+    "serve_soak": {"serve_soak.json", "serve_soak.png"},
     "step_speed": {"step_speed.json", "step_speed.png"},
     "streaming_eval": {"streaming_eval.json"},
     "streaming_rtf": {"streaming_rtf.json", "streaming_rtf.png"},
     "summary_mixers": {"summary_mixers.json", "summary_mixers.png"},
     "train_throughput": {"train_throughput.json", "train_throughput.png"},
+    "whisper_peer": {"whisper_peer.json"},
 }
 NEEDS = {"selective_memory": "transformers"}
 
@@ -95,6 +98,17 @@ def test_smoke_options_replace_defaults_and_write_outside_the_published_results(
     assert parse(["--smoke", "--out", "elsewhere"]).out == Path("elsewhere")
 
 
+def test_whisper_peer_normalises_any_hypothesis_as_the_corpus_does():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from whisper_peer import normalize_hypothesis
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert normalize_hypothesis(" It costs $3.50, said Dr. Smith-Jones in 1990. ♪") == \
+        "IT COSTS THREE DOLLARS AND FIFTY CENTS SAID DR SMITH JONES IN ONE THOUSAND NINE HUNDRED AND NINETY"
+    assert normalize_hypothesis("你好") == ""
+
+
 def published_state() -> dict[str, int]:
     return {path.name: path.stat().st_mtime_ns for path in PUBLISHED.iterdir()}
 
@@ -123,9 +137,22 @@ def test_smoke_run(script, tmp_path):
             assert (tmp_path / name).stat().st_size > 1000, f"{name} is (nearly) empty"
     if script == "step_speed":
         assert "torchaudio Emformer skipped: no --torchaudio-wheel given" in done.stderr
+    if script == "runtime_rtf":
+        assert [row["same_transcript"] for row in json.loads((tmp_path / "runtime_rtf.json").read_text())["rows"]] == [True]
     if script == "serve_load":
         row = json.loads((tmp_path / "serve_load.json").read_text())["rows"][0]
         assert (row["clients"], row["correct"], row["failures"]) == (2, 2, [])
+    if script == "serve_soak":
+        summary = json.loads((tmp_path / "serve_soak.json").read_text())["summary"]
+        assert summary["sessions"] >= 2 and summary["sessions_equal"] == summary["sessions"]
+        assert (summary["lost_words"], summary["added_words"], summary["failures"]) == (0, 0, [])
+    if script == "whisper_peer":
+        result = json.loads((tmp_path / "whisper_peer.json").read_text())
+        ours = [(row["mode"], row["decoder"]) for row in result["rows"] if row["system"] == "streamssl"]
+        assert ours == [("offline", "greedy"), ("offline", "lexicon"), ("streaming 40 ms", "greedy"),
+                        ("streaming 40 ms", "lexicon")]
+        whisper = [row for row in result["rows"] if row["system"].startswith("Whisper")]
+        assert len(whisper) == (0 if result["whisper_skipped"] else 1)
     if script == "streaming_eval":
         result = json.loads((tmp_path / "streaming_eval.json").read_text())
         assert [row["same_as_first"] for row in result["batching"]["rows"]] == [2, 2, 2, 2]

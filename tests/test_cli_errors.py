@@ -200,7 +200,10 @@ def test_latency_takes_every_training_preset(capsys):
 def test_usage_errors_are_one_line_and_return_2(capsys):
     code, out, err = run(["stream"], capsys)
     assert (code, out) == (2, "")
-    assert err == ("streamssl stream: error: the following arguments are required: FILE, --checkpoint "
+    assert err == "streamssl stream: error: the following arguments are required: FILE (see 'streamssl stream --help')\n"
+    code, out, err = run(["stream", "talk.wav"], capsys)
+    assert (code, out) == (2, "")
+    assert err == ("streamssl stream: error: one of the arguments --checkpoint --model is required "
                    "(see 'streamssl stream --help')\n")
     code, _, err = run(["evaluate", "--checkpoint", "c", "--data", "d", "--threads", "two"], capsys)
     assert code == 2 and err.count("\n") == 1 and "--threads: invalid int value: 'two'" in err

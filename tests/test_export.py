@@ -16,7 +16,8 @@ from streamssl.asr.ctc import CTCModel
 from streamssl.config import EncoderConfig
 from streamssl.data.audio import resample
 from streamssl.data.synth import EspeakNG
-from streamssl.export import OnnxModel, export_model, state_names
+from streamssl.export import export_model, state_names
+from streamssl.runtime.model import OnnxModel
 from streamssl.mixers import MIXERS
 from streamssl.streaming.recognizer import Recognizer
 
@@ -63,9 +64,9 @@ def onnx_stream(m: OnnxModel, audio: np.ndarray, chunk: int) -> np.ndarray:
     for start in range(0, len(audio), chunk):
         piece = audio[start:start + chunk][None]
         y, state = m.step(piece, state)
-        out.append(y[0].numpy())
+        out.append(np.asarray(y[0]))
     y, _ = m.flush(state)
-    return np.concatenate(out + [y[0].numpy()])
+    return np.concatenate(out + [np.asarray(y[0])])
 
 
 @pytest.mark.parametrize("mixer", STREAMING)
@@ -97,7 +98,7 @@ def mixed_batch_flush(m, audios: list[np.ndarray], chunk: int, flush_calls: int)
         with torch.no_grad():
             y, emitted, state = m.step_window(batch, state, counts, flush)
         for b in range(2):
-            outputs[b].append(y[b, :int(emitted[b])].numpy())
+            outputs[b].append(np.asarray(y[b, :int(emitted[b])]))
             fed[b] += len(pieces[b])
     return [np.concatenate(o) for o in outputs], state
 
@@ -136,11 +137,10 @@ def test_state_names_come_from_the_state_and_the_graph_is_checked_against_them()
                           "lstm.0", "lstm.1"]
     assert "encoder.stack.layers.1.kv_c" in names
 
-    renamed = onnx.load_from_string(data)
-    next(i for i in renamed.graph.input if i.name == "state.encoder.positional").name = "state.encoder.renamed"
-    with pytest.raises(ValueError, match="graph state input 1 is 'state.encoder.renamed' where the state's "
-                                         "structure has 'state.encoder.positional'"):
-        OnnxModel(renamed.SerializeToString())
+    broken = onnx.load_from_string(data)
+    next(i for i in broken.graph.input if i.name == "state.encoder.positional").name = "state.encoder.renamed"
+    with pytest.raises(ValueError, match="the model: not an ONNX model ONNX Runtime can load .*INVALID_ARGUMENT"):
+        OnnxModel(broken.SerializeToString())
 
     def with_states(states) -> bytes:
         proto = onnx.load_from_string(data)
@@ -148,16 +148,23 @@ def test_state_names_come_from_the_state_and_the_graph_is_checked_against_them()
         entry.value = json.dumps({**json.loads(entry.value), "states": states})
         return proto.SerializeToString()
 
+    renamed = [dict(s, input="state.encoder.renamed") if s["name"] == "encoder.positional" else s
+               for s in info.states]
+    with pytest.raises(ValueError, match="graph state input 1 is 'state.encoder.positional' where the metadata "
+                                         "has 'state.encoder.renamed'"):
+        OnnxModel(with_states(renamed))
+
     misordered = list(info.states)
     misordered[-2], misordered[-1] = misordered[-1], misordered[-2]
     # The graph has no inputs for the empty caches of layers without look-ahead.
     graph_states = [i.name for i in onnx.load_from_string(data).graph.input if i.name.startswith("state.")]
     assert len(graph_states) == len(names) - 2
-    with pytest.raises(ValueError, match=f"graph state input {len(names) - 4} is 'state.lstm.0' where the state's "
-                                         "structure has 'state.lstm.1'"):
+    with pytest.raises(ValueError, match=f"graph state input {len(names) - 4} is 'state.lstm.0' where the metadata "
+                                         "has 'state.lstm.1'"):
         OnnxModel(with_states(misordered))
     resized = [dict(s, shape=["batch", 99, 32]) if s["name"] == "encoder.positional" else s for s in info.states]
-    with pytest.raises(ValueError, match=r"'state.encoder.positional' has element type 1 and sizes \[None, 7, 32\]"):
+    with pytest.raises(ValueError, match=r"'state.encoder.positional' is tensor\(float\) \['batch', 7, 32\] where the metadata "
+                                         r"has float32 \['batch', 99, 32\]"):
         OnnxModel(with_states(resized))
 
 
@@ -172,7 +179,7 @@ def test_lstm_head_and_batched_streams_at_different_positions():
     outputs_early, outputs_late = [], []
     for start in range(0, 3 * chunk, chunk):
         y, early = runtime.step(audio[start:start + chunk][None], early)
-        outputs_early.append(y[0].numpy())
+        outputs_early.append(np.asarray(y[0]))
     # The late stream joins: one call for both from now on.
     state = runtime.stack_states([early, late])
     fed = [3 * chunk, 0]
@@ -181,11 +188,11 @@ def test_lstm_head_and_batched_streams_at_different_positions():
         counts = np.array([len(p) for p in pieces])
         batch = np.stack([np.pad(p, (chunk - len(p), 0)) for p in pieces])
         y, emitted, state = runtime.step_window(batch, state, counts)
-        outputs_early.append(y[0, :emitted[0]].numpy())
-        outputs_late.append(y[1, :emitted[1]].numpy())
+        outputs_early.append(y[0, :emitted[0]])
+        outputs_late.append(y[1, :emitted[1]])
         fed = [f + chunk for f in fed]
     y, _ = runtime.flush(state.select([0]))
-    outputs_early.append(y[0].numpy())
+    outputs_early.append(np.asarray(y[0]))
     assert np.abs(np.concatenate(outputs_early) - reference).max() < 1e-4
     assert np.abs(np.concatenate(outputs_late) - reference[:len(np.concatenate(outputs_late))]).max() < 1e-4
 
@@ -336,10 +343,10 @@ def test_fbank_export_streams_at_different_positions_and_names_its_features():
         batch = np.stack([np.pad(p, (chunk - len(p), 0)) for p in pieces])
         y, emitted, state = runtime.step_window(batch, state, counts)
         for b in range(2):
-            outputs[b].append(y[b, :emitted[b]].numpy())
+            outputs[b].append(y[b, :emitted[b]])
             fed[b] += counts[b]
     for b in range(2):
-        outputs[b].append(runtime.flush(state.select([b]))[0][0].numpy())
+        outputs[b].append(runtime.flush(state.select([b]))[0][0])
     late = pytorch_stream(m, audio[starts[1]:], chunk)
     for streamed, expected in zip(outputs, [reference, late]):
         streamed = np.concatenate(streamed)

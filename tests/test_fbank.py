@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from conftest import make_encoder
 from streamssl import Encoder, EncoderConfig
-from streamssl.frontends.fbank import PCM_SCALE, knf_options
+from streamssl.frontends.fbank import knf_options
+from streamssl.runtime.logmel import PCM_SCALE
 
 
 def fbank_encoder(**options):

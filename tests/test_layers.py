@@ -23,12 +23,16 @@ LAYERS: dict[str, int] = {
     "streamssl": 0, "streamssl.config": 0, "streamssl.frontend": 0, "streamssl.frontends": 0,
     "streamssl.mixers": 0, "streamssl.encoder": 0, "streamssl.latency": 0, "streamssl.masking": 0,
     "streamssl.data": 0,
+    #   The runtime's kaldi-native-fbank log-mel (numpy), which the fbank frontend wraps.
+    "streamssl.runtime.logmel": 0,
     # 1 objectives and heads: self-supervised objectives, CTC recognition, attention replacement and
     #   Hugging Face encoders (training's --replace and --init hf: use them).
     "streamssl.objectives": 1, "streamssl.asr": 1, "streamssl.selective": 1,
     #   The batched streaming core drives a CTC model and its decoders; evaluation streams through it, and
     #   the recogniser and server build on it.
-    "streamssl.streaming.engine": 1,
+    "streamssl.streaming.engine": 1, "streamssl.streaming.torch_model": 1,
+    #   The torch-free runtime: an export run by ONNX Runtime, with the vocabulary and greedy decoder.
+    "streamssl.runtime": 1,
     # 2 training: run configs, trainer, checkpoints, data pipeline, DDP.
     "streamssl.train": 2,
     # 3 applications: command line, streaming recogniser, demo, export, server.
@@ -162,3 +166,18 @@ def test_importing_the_core_loads_only_core_modules():
                             env={**os.environ, "PYTHONPATH": str(SRC)}).stdout.split()
     assert "streamssl.mixers.base" in loaded
     assert [m for m in loaded if rank(m) > 0] == []
+
+
+# What deploys an export without PyTorch: none of these may import torch, also not through another module.
+TORCH_FREE = ("streamssl.runtime.model", "streamssl.runtime.logmel", "streamssl.streaming.engine",
+              "streamssl.streaming.recognizer", "streamssl.streaming.report", "streamssl.streaming.endpoint",
+              "streamssl.serve.server", "streamssl.asr.lexicon", "streamssl.data.audio", "streamssl.cli",
+              "streamssl.commands.stream", "streamssl.commands.serve")
+
+
+def test_the_runtime_modules_import_no_torch():
+    code = (f"import importlib, sys; [importlib.import_module(m) for m in {TORCH_FREE!r}]; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(SRC)}).stdout.strip()
+    assert loaded == "[]"

@@ -93,7 +93,7 @@ def test_kenlm_reads_the_arpa_file_back(tmp_path):
 def test_lm_build_command(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
-    out = tmp_path / "lm.arpa"
+    out = tmp_path / "new" / "folder" / "lm.arpa"
     assert main(["lm", "build", "--text", str(text), "--order", "2", "--out", str(out)]) == 0
     assert "order 2" in capsys.readouterr().out
     assert out.read_text().startswith("\n\\data\\\nngram 1=")

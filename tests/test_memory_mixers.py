@@ -17,7 +17,8 @@ import streamssl.mixers.attention_core as attention_core
 from conftest import stream_frames, stream_in_chunks
 from streamssl import Encoder, EncoderConfig, measure_lookahead
 from streamssl.asr.ctc import CTCModel
-from streamssl.export import OnnxModel, export_model
+from streamssl.export import export_model
+from streamssl.runtime.model import OnnxModel
 
 torch.set_num_threads(1)
 FAMILIES = ["amtrf", "emformer"]
@@ -225,7 +226,14 @@ def test_emformer_training_form_does_not_loop_over_segments(monkeypatch):
         calls.append(1)
         return original(*args, **kwargs)
 
+    original_biased = attention_core.biased_attention
+
+    def counting_biased(*args, **kwargs):
+        calls.append(1)
+        return original_biased(*args, **kwargs)
+
     monkeypatch.setattr("streamssl.mixers.memory.dense_band_attention", counting)
+    monkeypatch.setattr("streamssl.mixers.memory.biased_attention", counting_biased)
     counts = {}
     for mixer in FAMILIES:
         encoder = make(mixer, 2, 4, 1, 2, n_layers=3)
@@ -234,7 +242,7 @@ def test_emformer_training_form_does_not_loop_over_segments(monkeypatch):
             with torch.no_grad():
                 encoder(frames(2, n, seed=1))
             counts[mixer, n] = len(calls)
-    assert counts["emformer", 20] == counts["emformer", 80]
+    assert counts["emformer", 20] == counts["emformer", 80] > 0
     assert counts["amtrf", 80] > counts["amtrf", 20]  # the memory recurrence loops over segments
 
 

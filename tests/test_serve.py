@@ -26,7 +26,7 @@ import soxr
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from train_corpus import tone_audio, make_corpus
+from train_corpus import tone_audio
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -121,14 +121,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny CTC model trained on the tone corpus: it spells tones and gives blanks in silence."""
-    folder = tmp_path_factory.mktemp("serve")
-    manifest = make_corpus(folder / "corpus", n=40, words=(2, 3))
-    code = main(["finetune", "--preset", "tiny", "--train", str(manifest), "--out", str(folder / "ft"),
-                 "--steps", "300", "--lr", "0.003", "--set", "max_batch_seconds=8", "--no-progress"])
-    assert code == 0
-    return folder / "ft"
+def checkpoint(tone_checkpoint):
+    return tone_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 COMMAND_MODULES = (data, train, lm, stream, serve, export)
 
 
+# Top-level modules of the ``train`` extra (PyTorch and what training, corpora and export need): a command
+# that imports one without it installed says which install it needs.
+TRAIN_EXTRA_MODULES = frozenset({"torch", "espeakng_loader", "jiwer", "tqdm", "faker", "wordsegment",
+                                 "better_profanity", "tensorboard", "onnx"})
+
+
 def _left_frames(text: str) -> int | None:
     return None if text.lower() in ("none", "inf", "unlimited") else int(text)
 
@@ -240,4 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValueError as error:
         print(f"streamssl {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        package = (error.name or "").partition(".")[0]
+        if package not in TRAIN_EXTRA_MODULES:
+            raise
+        print(f"streamssl {args.command}: error: this needs PyTorch and the training packages ({package} is not "
+              f"installed): pip install 'streamssl[train]'. Without them, run an export: streamssl stream/serve "
+              f"--model FILE.onnx", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ from streamssl.config import EncoderConfig
 from streamssl.frontends import FeatureAugment, Frontend, build_frontend
 from streamssl.latency import Latency
 from streamssl.mixers import build_stack
-from streamssl.mixers.window import Chunk, keep_last, push, take
+from streamssl.mixers.window import Chunk, keep_last, push, size, take, tracing
 
 
 class CausalPositionalConv(nn.Module):
@@ -57,11 +57,24 @@ class CausalPositionalConv(nn.Module):
 
     def step(self, x: Tensor, count: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
         """``x`` ``(B, n, D)`` new frame slots (the last ``count`` real); ``history`` ``(B, kernel-1, D)``
-        the frames before them, zeros at the start (what the offline form pads with)."""
+        the frames before them, zeros at the start (what the offline form pads with).
+
+        Eager, the convolution runs as one batched matrix product per group over the unfolded window: on
+        a few frames oneDNN's convolution costs several times as much. An exported step keeps the
+        convolution, one ONNX node that ONNX Runtime runs fast (and ``unfold`` does not export here)."""
         if x.shape[1] == 0:
             return x, history
         window = push(history, x, count)
-        y = x + F.gelu(self.conv(window.transpose(1, 2))).transpose(1, 2)
+        if _tracing():
+            conv = self.conv(window.transpose(1, 2)).transpose(1, 2)
+        else:
+            n, d_model = size(x, 1), size(x, 2)
+            groups, kernel = self.conv.groups, self.kernel
+            cols = window.unfold(1, kernel, 1)                                # (B, n, D, kernel)
+            cols = cols.reshape(-1, groups, d_model // groups * kernel).transpose(0, 1)
+            weight = self.conv.weight.view(groups, d_model // groups, -1)     # (G, D/G out, D/G in * kernel)
+            conv = torch.matmul(cols, weight.transpose(1, 2)).transpose(0, 1).reshape(-1, n, d_model) + self.conv.bias
+        y = x + F.gelu(conv)
         return y, keep_last(window, self.kernel - 1)
 
 
@@ -135,7 +148,7 @@ register_pytree_node(EncoderState, _flatten_state, _unflatten_state,
 def _tracing() -> bool:
     """Whether a graph is being traced: it cannot branch on values, so the exported model's runtime
     checks its input instead."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return tracing()
 
 
 def _stack_leaves(leaves: list[Tensor]) -> Tensor:
@@ -393,15 +406,15 @@ class Encoder(nn.Module):
         if flush is None:
             flush = torch.zeros_like(state.samples_in, dtype=torch.bool)
         feats = torch.where(flush.view(-1, 1, 1), 0.0, feats)
-        frame_counts = torch.where(flush, feats.shape[1], frame_counts)
+        frame_counts = torch.where(flush, size(feats, 1), frame_counts)
         real = torch.where(flush, 0, frame_counts)
         chunk = Chunk(frame_counts, state.frames_end + frame_counts, state.frames_in + real)
         h, positional = self.positional.step(self.project(feats), frame_counts, state.positional)
         y, valid, stack_state = self.stack.step(h, chunk, state.stack)
         emitted = valid.sum(dim=1)
-        if y.shape[1]:
+        if size(y, 1):
             leading = (valid.long().cumsum(dim=1) == 0).sum(dim=1)   # filler slots before the first real one
-            y = take(y, leading, y.shape[1])
+            y = take(y, leading, size(y, 1))
         y = self.final_norm(y)
         samples_in = state.samples_in + torch.where(flush, 0, input_counts)
         new_state = EncoderState(state.owner, frontend_state, positional, stack_state, samples_in, chunk.valid_end,

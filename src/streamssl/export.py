@@ -9,13 +9,14 @@ The exported graph is one step at a fixed chunk size (layout in ``docs/streaming
 last chunk is padded at the front). ``flush[b]`` true makes the call padding past the end of stream
 ``b``: ``flush_calls`` such calls drive out its look-ahead. Row ``b`` of ``log_probs`` holds
 ``emitted[b]`` real frames first. An ``fbank`` model's graph takes the chunk's log-mel frames
-``(features, features_count)`` in place of ``samples`` (knf cannot be traced), and :class:`OnnxModel`
-makes them with :class:`~streamssl.frontends.fbank.OnlineLogMel`. The state tensors are batch-first
-and of fixed size. The ONNX metadata names every input, output and state with its shape, dtype and
-initial value, and carries the sample rate, chunk, frame period, declared latency and vocabulary.
+``(features, features_count)`` in place of ``samples`` (knf cannot be traced), and the runtime makes
+them with kaldi-native-fbank. The state tensors are batch-first and of fixed size. The ONNX metadata
+(:class:`~streamssl.runtime.model.ExportInfo`) names every input, output and state with its shape, dtype
+and initial value, and carries what rebuilds the recogniser: sample rate, chunk, frame geometry,
+declared latency, vocabulary and word boundary, and the log-mel settings.
 
-``streamssl export --checkpoint DIR --chunk-ms 40 --out model.onnx [--int8]``;
-:class:`OnnxModel` is what ``Recognizer(..., backend="onnx")`` steps.
+``streamssl export --checkpoint DIR --chunk-ms 40 --out model.onnx [--int8]``; the torch-free
+:class:`~streamssl.runtime.model.OnnxModel` runs the file (``streamssl stream --model model.onnx``).
 """
 
 from __future__ import annotations
@@ -25,27 +26,21 @@ import hashlib
 import io
 import json
 import math
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils._pytree import (GetAttrKey, MappingKey, SequenceKey, TreeSpec, tree_flatten,
                                  tree_flatten_with_path, tree_unflatten)
 
-from streamssl.asr.ctc import CharVocab, CTCModel
-from streamssl.frontends.fbank import PCM_SCALE, FbankFrontend, FbankOptions, OnlineLogMel
-from streamssl.latency import Latency
-
-STATE_PREFIX = "state."
-NEW_STATE_PREFIX = "new_state."
-# The fbank frontend's state entries that an export leaves to the runtime (the samples not yet framed),
-# and the prefix of their names in the metadata and in an OnnxState.
-HOST_STATE_KEYS = ("samples", "samples_count")
-HOST_PREFIX = "host.frontend."
+from streamssl.asr.ctc import CTCModel
+from streamssl.frontends.fbank import FbankFrontend
+from streamssl.runtime.logmel import PCM_SCALE, knf_settings
+from streamssl.runtime.model import (FORMAT_VERSION, HOST_PREFIX, HOST_STATE_KEYS, METADATA_KEY, NEW_STATE_PREFIX,
+                                     STATE_PREFIX, ExportInfo)
 
 
 def state_names(state: Any) -> tuple[list[str], list[Tensor], TreeSpec]:
@@ -117,7 +112,7 @@ class _Step(nn.Module):
 
 class _FeatureStep(_Step):
     """The step of an ``fbank`` model from its log-mel frames: kaldi-native-fbank cannot be traced, so
-    the runtime computes them (:class:`~streamssl.frontends.fbank.OnlineLogMel`) and the graph starts
+    the runtime computes them (:class:`~streamssl.runtime.logmel.LogMel`) and the graph starts
     at the normalisation (``FbankFrontend.encode_window``, then ``CTCModel.advance_features``).
     ``features`` ``(B, slots, num_mel_bins)``: row ``b``'s last ``features_count[b]`` frames are new."""
 
@@ -130,46 +125,6 @@ class _FeatureStep(_Step):
         feats, new, context = frontend.encode_window(features, features_count, state.encoder.frontend)
         log_probs, emitted, new_state = self.model.advance_features(feats, new, context, samples_count, state, flush)
         return (log_probs, emitted, *self._flat(new_state))
-
-
-@dataclass
-class ExportInfo:
-    """What the ONNX metadata says about an exported step (key ``streamssl``, JSON)."""
-
-    export_id: str
-    sample_rate: int
-    chunk_samples: int
-    chunk_ms: float
-    frame_ms: float
-    hop_samples: int
-    window_samples: int
-    frames_per_chunk: int
-    flush_calls: int
-    latency: dict[str, Any]
-    vocabulary: list[str]
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    states: list[dict[str, Any]]
-    features: dict[str, Any] | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "ExportInfo":
-        return cls(**json.loads(text))
-
-
-def _knf_settings(log_mel: OnlineLogMel) -> dict[str, Any]:
-    """The kaldi-native-fbank options an fbank export's runtime must use, read back from knf itself."""
-    opts = log_mel.knf
-    frame, mel = opts.frame_opts, opts.mel_opts
-    return {"samp_freq": frame.samp_freq, "frame_length_ms": frame.frame_length_ms,
-            "frame_shift_ms": frame.frame_shift_ms, "dither": frame.dither, "preemph_coeff": frame.preemph_coeff,
-            "remove_dc_offset": frame.remove_dc_offset, "window_type": frame.window_type,
-            "round_to_power_of_two": frame.round_to_power_of_two, "snip_edges": frame.snip_edges,
-            "num_bins": mel.num_bins, "low_freq": mel.low_freq, "high_freq": mel.high_freq,
-            "use_energy": opts.use_energy, "use_log_fbank": opts.use_log_fbank, "use_power": opts.use_power}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -243,7 +198,7 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
                        {"name": "samples_count", "shape": ["batch"], "dtype": "int64"},
                        {"name": "flush", "shape": ["batch"], "dtype": "bool"}]
         features = {"kind": "fbank", "options": dataclasses.asdict(frontend.options), "pcm_scale": PCM_SCALE,
-                    "frames_per_chunk": slots, "knf": _knf_settings(log_mel),
+                    "frames_per_chunk": slots, "knf": knf_settings(log_mel.knf),
                     "host_states": [HOST_PREFIX + k for k in host]}
     else:
         input_dim = frontend.input_dim
@@ -256,7 +211,10 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
     input_names = [spec_["name"] for spec_ in input_specs] + state_inputs
     dynamic = {name: {0: "batch"} for name in input_names + output_names}
     buffer = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The step reads its fixed sizes as Python ints on purpose (mixers.window.size); the tracer warns
+        # about each one.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(step, (*args, *leaves), buffer, dynamo=False,
                           input_names=input_names, output_names=output_names, dynamic_axes=dynamic,
                           opset_version=17)
@@ -273,18 +231,19 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
     check_state_names(proto, states)
     pad_frames = encoder.stack.lookahead_frames()
     info = ExportInfo(
-        export_id=hashlib.sha256(json.dumps([config.to_dict(), states, chunk_samples, int8]).encode()).hexdigest()[:16],
+        format_version=FORMAT_VERSION, export_id=hashlib.sha256(json.dumps([config.to_dict(), states, chunk_samples, int8]).encode()).hexdigest()[:16],
         sample_rate=config.sample_rate, chunk_samples=chunk_samples, chunk_ms=chunk_ms,
         frame_ms=config.frame_ms, hop_samples=hop, window_samples=hop + geometry.lookahead,
         frames_per_chunk=frames_per_chunk,
         flush_calls=math.ceil(pad_frames / frames_per_chunk),
         latency=model.latency().to_dict(), vocabulary=list(model.vocab.symbols),
+        word_boundary=model.vocab.word_boundary,
         inputs=input_specs,
         outputs=[{"name": "log_probs", "shape": ["batch", log_probs.shape[1], len(model.vocab)], "dtype": "float32"},
                  {"name": "emitted", "shape": ["batch"], "dtype": "int64"}],
         states=states, features=features)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "streamssl", info.to_json()
+    entry.key, entry.value = METADATA_KEY, info.to_json()
     data = proto.SerializeToString()
     if out is not None:
         Path(out).write_bytes(data)
@@ -292,7 +251,11 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
 
 
 def _quantize(data: bytes) -> bytes:
-    """Dynamic int8 quantisation of the weights (onnxruntime.quantization)."""
+    """Dynamic int8 quantisation of the weight matrix products (onnxruntime.quantization): int8 weights,
+    per tensor, activations quantised at run time. Only products with a constant weight are quantised:
+    attention's products of two activations stay in float32, where quantising both sides at every step
+    costs more than it saves. Chosen by measurement (docs/benchmarks.md): per-channel weights and uint8
+    weights were slower on this CPU, and the same file runs everywhere (VNNI where the CPU has it)."""
     import tempfile
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -300,196 +263,5 @@ def _quantize(data: bytes) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
         source.write_bytes(data)
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
         return target.read_bytes()
-
-
-@dataclass
-class OnnxState:
-    """A batch of streams' state for one :class:`OnnxModel`: name -> array ``(B, ...)``."""
-
-    export_id: str
-    tensors: dict[str, np.ndarray]
-
-    @property
-    def batch_size(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
-
-    def select(self, indices: Sequence[int]) -> "OnnxState":
-        index = np.asarray(indices, dtype=np.int64)
-        return OnnxState(self.export_id, {k: v[index] for k, v in self.tensors.items()})
-
-
-class OnnxModel:
-    """An exported step run by ONNX Runtime, with the streaming API the recogniser uses.
-
-    Args:
-        source: ONNX bytes or a path, as written by :func:`export_model`.
-        threads: intra-op threads of the session.
-    """
-
-    def __init__(self, source: bytes | str | Path, threads: int = 1):
-        import onnx
-        import onnxruntime
-
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
-        proto = onnx.load_from_string(data)
-        meta = {p.key: p.value for p in proto.metadata_props}
-        if "streamssl" not in meta:
-            raise ValueError("this ONNX model has no streamssl metadata; export it with `streamssl export`")
-        self.info = ExportInfo.from_json(meta["streamssl"])
-        check_state_names(proto, self.info.states)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        self._inputs = {i.name for i in self.session.get_inputs()}
-        self._outputs = [o.name for o in self.session.get_outputs()]
-        self.vocab = CharVocab(self.info.vocabulary)
-        features = self.info.features
-        self._log_mel = None if features is None else OnlineLogMel(FbankOptions(**features["options"]),
-                                                                    self.info.sample_rate)
-        self._latency = Latency(**{k: v for k, v in self.info.latency.items()
-                                   if k in {f.name for f in dataclasses.fields(Latency)}})
-
-    # ------------------------------------------------------------ RecognitionModel
-    @property
-    def sample_rate(self) -> int:
-        return self.info.sample_rate
-
-    @property
-    def takes_frames(self) -> bool:
-        return self.info.features is None and len(self.info.inputs[0]["shape"]) == 3
-
-    @property
-    def hop_samples(self) -> int | None:
-        return None if self.takes_frames else self.info.hop_samples
-
-    @property
-    def window_samples(self) -> int | None:
-        return None if self.takes_frames else self.info.window_samples
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    def eval(self) -> "OnnxModel":
-        return self
-
-    def latency(self) -> Latency:
-        return self._latency
-
-    def stream_error(self) -> str | None:
-        return None
-
-    def init_state(self, batch_size: int) -> OnnxState:
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        return OnnxState(self.info.export_id, {
-            s["name"]: np.full([batch_size, *s["shape"][1:]], s["initial"], dtype=np.dtype(s["dtype"]))
-            for s in self.info.states})
-
-    def stack_states(self, states: Sequence[OnnxState]) -> OnnxState:
-        for state in states:
-            self._check_state(state)
-        return OnnxState(self.info.export_id, {
-            name: np.concatenate([s.tensors[name] for s in states]) for name in states[0].tensors})
-
-    def _check_state(self, state: Any) -> None:
-        if not isinstance(state, OnnxState):
-            raise ValueError(f"state must be an OnnxState from this model's init_state, got {type(state).__name__}")
-        if state.export_id != self.info.export_id:
-            raise ValueError(f"state belongs to export {state.export_id}, this model is export {self.info.export_id}")
-        batch = state.batch_size
-        for spec in self.info.states:
-            tensor = state.tensors.get(spec["name"])
-            expected = (batch, *spec["shape"][1:])
-            if tensor is None:
-                raise ValueError(f"state has no tensor {spec['name']!r}")
-            if tensor.shape != expected or tensor.dtype != np.dtype(spec["dtype"]):
-                raise ValueError(f"state tensor {spec['name']!r} has shape {tensor.shape} and dtype {tensor.dtype}; "
-                                 f"this export expects {expected} and {spec['dtype']}")
-
-    def _run(self, inputs: dict[str, np.ndarray], state: OnnxState) -> tuple[np.ndarray, np.ndarray, OnnxState]:
-        feeds = dict(inputs)
-        feeds.update({STATE_PREFIX + name: value for name, value in state.tensors.items()
-                      if STATE_PREFIX + name in self._inputs})
-        results = dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
-        # Host-side states and empty caches (a layer without look-ahead) are no graph inputs: they stay.
-        new = {name: results.get(NEW_STATE_PREFIX + name, value) for name, value in state.tensors.items()}
-        return results["log_probs"], results["emitted"], OnnxState(state.export_id, new)
-
-    def _inputs_of(self, chunk: np.ndarray, counts: np.ndarray, flush: np.ndarray,
-                   state: OnnxState) -> tuple[dict[str, np.ndarray], OnnxState]:
-        """The graph inputs of one step of right-aligned ``chunk`` (``(B, chunk_samples[, dim])``); with
-        host-side features, the log-mel frames made from it, and the state with the new pending samples."""
-        if self._log_mel is None:
-            return {"samples": chunk, "samples_count": counts, "flush": flush}, state
-        samples, waiting = (state.tensors[HOST_PREFIX + key] for key in HOST_STATE_KEYS)
-        mel, mel_counts, samples, waiting = self._log_mel.step(torch.from_numpy(chunk), torch.from_numpy(counts),
-                                                               torch.from_numpy(samples), torch.from_numpy(waiting))
-        tensors = {**state.tensors, HOST_PREFIX + "samples": samples.numpy(),
-                   HOST_PREFIX + "samples_count": waiting.numpy()}
-        inputs = {"features": mel.numpy(), "features_count": mel_counts.numpy(), "samples_count": counts,
-                  "flush": flush}
-        return inputs, OnnxState(state.export_id, tensors)
-
-    @property
-    def _sample_dims(self) -> tuple[int, ...]:
-        """The chunk's dimensions past batch and time: ``(input_dim,)`` for frame input, else none."""
-        return tuple(self.info.inputs[0]["shape"][2:]) if self.takes_frames else ()
-
-    def step_window(self, chunk: Tensor | np.ndarray, state: OnnxState, counts: Tensor | np.ndarray | None = None,
-                    flush: Tensor | np.ndarray | None = None) -> tuple[Tensor, Tensor, OnnxState]:
-        """One exported step: ``chunk`` ``(B, n)`` right-aligned, ``n <= chunk_samples``, ``counts``
-        ``(B,)`` real samples; ``flush`` ``(B,)`` bool marks the streams whose call is padding past
-        their end (their samples are ignored; ``flush_calls`` such calls finish a stream)."""
-        self._check_state(state)
-        chunk = np.asarray(chunk, dtype=np.float32)
-        batch = state.batch_size
-        expected = self._sample_dims
-        if chunk.ndim != 2 + len(expected) or chunk.shape[0] != batch or chunk.shape[2:] != expected:
-            raise ValueError(f"chunk must be (batch={batch}, samples{''.join(f', {d}' for d in expected)}), "
-                             f"got shape {chunk.shape}")
-        if chunk.shape[1] > self.info.chunk_samples:
-            raise ValueError(f"chunk has {chunk.shape[1]} samples but this export takes chunks of "
-                             f"{self.info.chunk_samples} ({self.info.chunk_ms:g} ms)")
-        if not np.isfinite(chunk).all():
-            raise ValueError("chunk contains NaN or infinite values")
-        counts = np.full(batch, chunk.shape[1]) if counts is None else np.asarray(counts)
-        flush = np.zeros(batch, dtype=bool) if flush is None else np.asarray(flush)
-        if flush.dtype != bool or flush.shape != (batch,):
-            raise ValueError(f"flush must be a bool array of shape ({batch},), got dtype {flush.dtype}, "
-                             f"shape {flush.shape}")
-        # The graph ignores a flushing stream's samples; the host-side log-mel must not consume them either.
-        counts = np.where(flush, 0, counts).astype(np.int64)
-        pad = self.info.chunk_samples - chunk.shape[1]
-        chunk = np.pad(chunk, ((0, 0), (pad, 0)) + ((0, 0),) * (chunk.ndim - 2))
-        inputs, state = self._inputs_of(chunk, counts, flush, state)
-        log_probs, emitted, state = self._run(inputs, state)
-        return torch.from_numpy(log_probs), torch.from_numpy(emitted), state
-
-    def step(self, chunk: Tensor | np.ndarray, state: OnnxState) -> tuple[Tensor, OnnxState]:
-        log_probs, emitted, state = self.step_window(chunk, state)
-        return log_probs[:, :int(emitted.max())], state
-
-    def flush(self, state: OnnxState) -> tuple[Tensor, OnnxState]:
-        """End every stream: its remaining frames ``(B, m, V)``, real ones first."""
-        log_probs, emitted, state = self.flush_window(state)
-        return log_probs[:, :int(emitted.max())], state
-
-    def flush_window(self, state: OnnxState) -> tuple[Tensor, Tensor, OnnxState]:
-        """``flush_calls`` :meth:`step_window` calls with every stream flushing, joined: log-probabilities
-        ``(B, m, V)`` with each stream's real frames first, how many ``(B,)``, and the state."""
-        self._check_state(state)
-        batch = state.batch_size
-        padding = np.zeros((batch, self.info.chunk_samples, *self._sample_dims), dtype=np.float32)
-        flush, counts = np.ones(batch, dtype=bool), np.zeros(batch, dtype=np.int64)
-        rows: list[list[Tensor]] = [[] for _ in range(batch)]
-        for _ in range(self.info.flush_calls):
-            log_probs, emitted, state = self.step_window(padding, state, counts, flush)
-            for b in range(batch):
-                rows[b].append(log_probs[b, :int(emitted[b])])
-        joined = [torch.cat(r) if r else torch.zeros(0, len(self.vocab)) for r in rows]
-        emitted = torch.tensor([len(r) for r in joined], dtype=torch.long)
-        return pad_sequence(joined, batch_first=True), emitted, state

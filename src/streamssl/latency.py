@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import Tensor
+# Latency is what the torch-free runtime reports from an export's metadata; only the probe needs torch.
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass
@@ -84,6 +85,8 @@ def _dependency_ends(fn: Callable[[Tensor], Tensor], x: Tensor, probes: list[int
     """For each output frame in ``probes``, the last input index it depends on (``None``: the last one
     of ``x``, i.e. unbounded). Binary search on the start of a perturbation of the input's tail; all
     probes are searched at once, one batched forward per halving."""
+    import torch
+
     n_units = x.shape[1]
     with torch.no_grad():
         reference = fn(x)[0]
@@ -116,6 +119,8 @@ def measure_lookahead(encoder, probe_frames: int = 16, seed: int = 0) -> Measure
     Output frames ``4 .. 4 + probe_frames - 1`` are probed; use at least one segment's worth of frames
     for segment-based mixers, whose look-ahead varies with the position in the segment.
     """
+    import torch
+
     model = copy.deepcopy(encoder).to(torch.float64).eval()
     geometry = model.frontend.geometry
     declared = model.stack.lookahead_frames()

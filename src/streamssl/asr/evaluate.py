@@ -123,7 +123,7 @@ def transcribe_streaming(model: RecognitionModel, dataset, chunk_ms: float, prog
                disable=not progress, leave=False)
     while True:
         while len(running) < batch_size and (index := next(waiting, None)) is not None:
-            running[index] = (engine.stream(), dataset[index]["audio"].to(model.dtype), 0)
+            running[index] = (engine.stream(), dataset[index]["audio"], 0)
         if not running:
             break
         start = time.perf_counter()

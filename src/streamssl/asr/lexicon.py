@@ -48,13 +48,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-import torch
+import numpy as np
 from flashlight.lib.text import decoder as fl
-from torch import Tensor
 
-from streamssl.asr.ctc import CharVocab
+from streamssl.asr.vocab import CharVocab
 from streamssl.asr.lm import UNKNOWN, arpa_words, english_words
 from streamssl.data.text import normalize_text
 
@@ -409,15 +408,16 @@ class LexiconDecoder:
         self._open_stable = [0] * batch_size
         self._stable_words: list[list[DecodedWord]] = [[] for _ in range(batch_size)]
         self._spelling = [""] * batch_size
-        self._rows: list[list[Tensor]] = [[] for _ in range(batch_size)]
+        self._rows: list[list[np.ndarray]] = [[] for _ in range(batch_size)]
         self._rows_from = [0] * batch_size
 
-    def push(self, log_probs: Tensor, lengths: Tensor | None = None) -> None:
-        """Feed ``log_probs`` ``(B, m, V)`` of newly final frames (the first ``lengths[b]`` of row ``b``)."""
+    def push(self, log_probs: Any, lengths: Any = None) -> None:
+        """Feed ``log_probs`` ``(B, m, V)`` of newly final frames (the first ``lengths[b]`` of row ``b``): a
+        numpy array or a torch tensor (read on the CPU as float32); ``lengths`` ``(B,)`` likewise."""
         if log_probs.shape[0] != len(self._decoders) or log_probs.shape[-1] != len(self.vocab):
             raise ValueError(f"log_probs of shape {tuple(log_probs.shape)} do not fit {len(self._decoders)} streams "
                              f"of a {len(self.vocab)}-symbol vocabulary")
-        emissions = log_probs.detach().to("cpu", torch.float32).contiguous()
+        emissions = _float32_rows(log_probs)
         counts = [emissions.shape[1]] * len(self._decoders) if lengths is None else lengths.tolist()
         for b, (decoder, count) in enumerate(zip(self._decoders, counts)):
             if count == 0:
@@ -425,12 +425,12 @@ class LexiconDecoder:
             if self._finished[b]:
                 raise ValueError(f"stream {b} was finished; it takes no more frames")
             row = emissions[b, :count]
-            self._rows[b].append(row.clone())
+            self._rows[b].append(row.copy())
             # A constrained search depends on when words became stable: decide after every frame, so that
             # the search does not depend on how the frames were chunked.
             steps = [(t, 1) for t in range(count)] if self._constrained else [(0, count)]
             for start, frames in steps:
-                decoder.decode_step(row[start:].data_ptr(), frames, row.shape[1])
+                decoder.decode_step(row[start:].ctypes.data, frames, row.shape[1])
                 self.frames[b] += frames
                 paths = self._settle(b)
             self._report(b, paths)
@@ -565,7 +565,7 @@ class LexiconDecoder:
 
     def _trim_rows(self, b: int, frame: int) -> None:
         """Drop the emissions of frames before ``frame`` (no word can start there any more)."""
-        rows = torch.cat(self._rows[b]) if len(self._rows[b]) > 1 else self._rows[b][0]
+        rows = np.concatenate(self._rows[b]) if len(self._rows[b]) > 1 else self._rows[b][0]
         drop = max(0, frame - self._rows_from[b])
         self._rows[b] = [rows[drop:]]
         self._rows_from[b] += drop
@@ -575,7 +575,7 @@ class LexiconDecoder:
         start; its ``get_best_hypothesis`` would stop at the last word boundary), with their letters'
         frames and confidences."""
         tokens = path.tokens
-        rows = torch.cat(self._rows[b]) if len(self._rows[b]) > 1 else (self._rows[b][0] if self._rows[b] else None)
+        rows = np.concatenate(self._rows[b]) if len(self._rows[b]) > 1 else (self._rows[b][0] if self._rows[b] else None)
         space, blank = self.vocab.index[" "], self.vocab.blank
         words: list[DecodedWord] = []
         letters: list[tuple[int, int]] = []
@@ -596,3 +596,10 @@ class LexiconDecoder:
                 letters = []
         return words
 
+
+def _float32_rows(log_probs: Any) -> np.ndarray:
+    """``log_probs`` as a C-contiguous float32 numpy array (flashlight reads its memory); a torch tensor is
+    taken off its graph and device without importing torch here."""
+    if hasattr(log_probs, "detach"):
+        log_probs = log_probs.detach().cpu().float().numpy()
+    return np.ascontiguousarray(log_probs, dtype=np.float32)

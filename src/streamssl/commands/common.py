@@ -3,7 +3,7 @@ line, the ``--threads``, ``--chunk-ms``, ``--quiet`` and decoder flags with thei
 recogniser.
 
 Nothing here imports torch at module level: ``streamssl --help`` and ``streamssl stream --help`` only
-build parsers, and should answer at once.
+build parsers, and should answer at once; ``stream --model`` and ``serve --model`` never import it.
 """
 
 from __future__ import annotations
@@ -78,10 +78,17 @@ class ChunkMs(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_chunk_ms(parser: argparse.ArgumentParser, what: str = "audio per model step") -> None:
-    """``--chunk-ms`` (default 40 ms); :func:`check_chunk` checks it against the model's frame hop."""
-    parser.add_argument("--chunk-ms", type=float, default=40.0, action=ChunkMs,
-                        help=f"{what} in milliseconds, at least one frame hop of the model (default 40)")
+DEFAULT_CHUNK_MS = 40.0
+
+
+def add_chunk_ms(parser: argparse.ArgumentParser, what: str = "audio per model step",
+                 export_default: bool = False) -> None:
+    """``--chunk-ms`` (default 40 ms; with ``export_default`` ``None``: an export's own chunk, 40 ms for a
+    checkpoint); :func:`check_chunk` checks it against the model's frame hop."""
+    default = "40, or an export's own chunk with --model" if export_default else "40"
+    parser.add_argument("--chunk-ms", type=float, default=None if export_default else DEFAULT_CHUNK_MS,
+                        action=ChunkMs,
+                        help=f"{what} in milliseconds, at least one frame hop of the model (default {default})")
 
 
 def check_chunk(chunk_ms: float, hop_samples: int | None, sample_rate: int) -> None:
@@ -107,13 +114,18 @@ def add_threads(parser: argparse.ArgumentParser, default: int | None = DEFAULT_T
                         help=f"CPU threads for the model (default {shown})")
 
 
+def check_threads(threads: int | None) -> None:
+    """``ValueError`` for fewer than one thread (``None``: the library's default)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+
+
 def use_threads(threads: int | None) -> None:
     """Give torch ``threads`` intra-op threads (``None``: leave its default), or a ``ValueError`` for
     fewer than one."""
+    check_threads(threads)
     if threads is None:
         return
-    if threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {threads}")
     import torch
 
     torch.set_num_threads(threads)
@@ -144,7 +156,7 @@ def add_decoder_arguments(parser: argparse.ArgumentParser, default: str) -> None
     group.add_argument("--stable-margin", type=float, default=math.inf, metavar="NATS",
                        help="a word is final once every hypothesis within this score of the best has it; the "
                             "search is then kept to the final words (0: as soon as the best hypothesis ends it; "
-                            "sooner, slightly higher WER); default inf: once every hypothesis has it")
+                            "sooner, a higher WER: docs/decoding.md); default inf: once every hypothesis has it")
 
 
 def beam_config(args: argparse.Namespace) -> "BeamSearchConfig | None":
@@ -161,19 +173,58 @@ def beam_config(args: argparse.Namespace) -> "BeamSearchConfig | None":
                             stable_margin=args.stable_margin)
 
 
-def load_recognizer(checkpoint: str, chunk_ms: float, backend: str, threads: int,
-                    clock: "Clock" = time.perf_counter, beam: "BeamSearchConfig | None" = None) -> "Recognizer":
-    """The :class:`~streamssl.streaming.recognizer.Recognizer` of a fine-tuned ``checkpoint`` (file or run
-    folder) stepping in chunks of ``chunk_ms`` milliseconds (checked by :func:`check_chunk` before any
-    export), on ``backend`` ``"torch"`` or ``"onnx"`` (ONNX Runtime on ``threads`` threads), decoding
-    greedily or, with ``beam``, with the lexicon beam search."""
-    from streamssl.export import OnnxModel, export_model
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint DIR`` (PyTorch, or ``--backend onnx``: exported at start) or ``--model FILE.onnx``
+    (an export run by ONNX Runtime, without PyTorch): one of them; :func:`load_recognizer` reads them."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="fine-tuned checkpoint (file or run folder); needs PyTorch")
+    source.add_argument("--model", metavar="FILE.onnx",
+                        help="a model exported by `streamssl export`, run by ONNX Runtime without PyTorch")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default=None,
+                        help="with --checkpoint: run it in PyTorch (default), or export its step at --chunk-ms "
+                             "at start and run that in ONNX Runtime (--model runs an export already made)")
+
+
+def load_recognizer(args: argparse.Namespace, clock: "Clock" = time.perf_counter,
+                    beam: "BeamSearchConfig | None" = None) -> "Recognizer":
+    """The :class:`~streamssl.streaming.recognizer.Recognizer` of :func:`add_model_arguments`' flags,
+    stepping in chunks of ``args.chunk_ms`` (checked by :func:`check_chunk` before any export) on
+    ``args.threads`` threads, decoding greedily or, with ``beam``, with the lexicon beam search.
+
+    ``--model`` loads the export and imports no torch; ``--checkpoint`` loads the checkpoint (torch) and
+    with ``--backend onnx`` exports its step and runs that in ONNX Runtime."""
     from streamssl.streaming.engine import decoder_factory
     from streamssl.streaming.recognizer import Recognizer
+
+    if args.model is not None:
+        if args.backend is not None:
+            raise ValueError("--backend applies to --checkpoint; an export (--model) runs in ONNX Runtime")
+        from streamssl.runtime.model import OnnxModel
+
+        check_threads(args.threads)
+        model = OnnxModel(args.model, threads=args.threads or 1)
+        chunk_ms = model.info.chunk_ms if args.chunk_ms is None else args.chunk_ms
+        check_chunk(chunk_ms, model.hop_samples, model.sample_rate)
+        return Recognizer(model, chunk_ms, clock=clock, decoder=decoder_factory(model.vocab, beam))
+    if args.checkpoint.endswith(".onnx"):
+        raise ValueError(f"--checkpoint {args.checkpoint} is an ONNX export; pass it with --model")
+    use_threads(args.threads)
+    from streamssl.export import export_model
+    from streamssl.runtime.model import OnnxModel
     from streamssl.train.checkpoint import load_checkpoint
 
-    model = load_checkpoint(checkpoint, kind="finetune").model
+    chunk_ms = DEFAULT_CHUNK_MS if args.chunk_ms is None else args.chunk_ms
+    model = load_checkpoint(args.checkpoint, kind="finetune").model
     check_chunk(chunk_ms, model.hop_samples, model.sample_rate)
+    backend = args.backend or "torch"
     if backend == "onnx":
-        model = OnnxModel(export_model(model, chunk_ms)[0], threads=threads)
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():
+            # The tracer warns at every Python branch on a shape; the step's shapes are fixed by design
+            # (tests/test_export.py checks the graph against the PyTorch step), so at start they are noise.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            model = OnnxModel(export_model(model, chunk_ms)[0], threads=args.threads)
     return Recognizer(model, chunk_ms, clock=clock, backend=backend, decoder=decoder_factory(model.vocab, beam))

@@ -58,8 +58,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from streamssl.data.synth import synthesize_corpus
 
     summary = synthesize_corpus(args.out, args.hours, args.seed, text_file=args.text, noise_snr_db=args.snr_db,
-                                varied_noise=args.varied_noise,
-                                workers=args.workers)
+                                varied_noise=args.varied_noise, workers=args.workers, sentences=args.sentences,
+                                splits=tuple(args.splits) if args.splits else None)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -111,7 +111,14 @@ def _corpus_arguments(corpus: argparse.ArgumentParser) -> None:
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--hours", type=float, required=True, help="hours of audio to produce")
     synth.add_argument("--seed", type=int, required=True, help="the same seed gives byte-identical output")
-    synth.add_argument("--text", help="UTF-8 text file whose lines are spoken (default: generated sentences)")
+    text = synth.add_mutually_exclusive_group()
+    text.add_argument("--text", help="UTF-8 text file whose lines are spoken (default: generated sentences)")
+    text.add_argument("--sentences", action="store_true",
+                      help="speak coherent English sentences from chatterbot-corpus, each at most once while they "
+                           "last (pip install 'streamssl[sentences]')")
+    synth.add_argument("--splits", nargs="+", choices=("train", "dev", "test"),
+                       help="synthesise only these splits of the corpus that --hours and --seed describe (same "
+                            "speakers and amounts; e.g. --splits test: a tenth of --hours)")
     synth.add_argument("--snr-db", type=float, help="add white noise at this signal-to-noise ratio (dB)")
     synth.add_argument("--varied-noise", action="store_true",
                        help="add white, pink or brown noise at 5-25 dB SNR to half of the utterances")

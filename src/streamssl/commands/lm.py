@@ -16,6 +16,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if not args.text and not args.english:
         raise ValueError("give the text to learn from: --text FILE... and/or --english")
     files = [*args.text, *(english_prose_files() if args.english else [])]
+    # Made before the minutes of counting, so a bad --out fails at once instead of after them.
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     vocabulary = None
     if args.vocab is not None:
         path = Path(args.vocab)

@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, TextIO
 
 from streamssl.commands.common import (
-    Subcommands, add_chunk_ms, add_decoder_arguments, add_threads, beam_config, load_recognizer, use_threads)
+    Subcommands, add_chunk_ms, add_decoder_arguments, add_model_arguments, add_threads, beam_config, load_recognizer)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -83,7 +83,6 @@ def stream_file(recognizer: Recognizer, clock: PacedClock, blocks: Iterable[np.n
     """Feed the audio of ``blocks`` in chunks of ``chunk_samples`` at real-time pace (slept or simulated by
     ``clock``); returns the finished stream. Only one block and one chunk are held at a time."""
     import numpy as np
-    import torch
 
     stream = recognizer.stream(hotwords=hotwords)
     clock.start()
@@ -94,7 +93,7 @@ def stream_file(recognizer: Recognizer, clock: PacedClock, blocks: Iterable[np.n
         nonlocal fed
         fed += piece.size
         clock.wait_until(fed / recognizer.sample_rate)
-        update = stream.accept(torch.from_numpy(piece))
+        update = stream.accept(piece)
         if display is not None:
             display.show(update)
 
@@ -138,13 +137,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from streamssl.streaming.pacing import PacedClock
     from streamssl.streaming.report import build_report
 
-    use_threads(args.threads)
     beam = beam_config(args)
     hotwords = read_hotwords(args.hotwords) if args.hotwords else ()
     if hotwords and beam is None:
         raise ValueError("--hotwords needs --decoder lexicon; greedy decoding writes the model's own spelling")
     clock = PacedClock(simulate=not args.realtime)
-    recognizer = load_recognizer(args.checkpoint, args.chunk_ms, args.backend, args.threads, clock.now, beam)
+    recognizer = load_recognizer(args, clock.now, beam)
     chunk_samples = recognizer.chunk_samples
     streams, results, failed = [], [], []
     for path in args.files:
@@ -180,12 +178,10 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (any rate or channel count)")
-    parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint (file or run folder)")
-    add_chunk_ms(parser)
+    add_model_arguments(parser)
+    add_chunk_ms(parser, export_default=True)
     parser.add_argument("--realtime", action="store_true", help="feed at real-time pace, sleeping between chunks")
     add_threads(parser)
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                        help="run the model in PyTorch, or export its step at --chunk-ms and run it in ONNX Runtime")
     parser.add_argument("--json", action="store_true",
                         help="machine-readable transcripts and report on stdout (the partial transcripts go to "
                              "stderr)")
@@ -199,7 +195,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def add_commands(sub: Subcommands) -> None:
     sub.add_parser(
         "stream", arguments=_arguments, help="recognise audio files chunk by chunk and report latency",
-        description="Stream audio files through a fine-tuned CTC checkpoint chunk by chunk, show the partial "
+        description="Stream audio files through a fine-tuned CTC checkpoint (or its export, --model) chunk by chunk, show the partial "
                     "transcript as it grows, then print a latency report: declared algorithmic latency, "
                     "compute per chunk, real-time factor and emission delay per word. Without --realtime the "
                     "files are fed as fast as the CPU allows on a clock that skips the waits between chunks, "

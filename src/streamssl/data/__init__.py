@@ -1,14 +1,28 @@
-"""Speech data: corpus readers, manifests, validation, a synthetic eSpeak NG corpus, datasets and batching."""
+"""Speech data: corpus readers, manifests, validation, a synthetic eSpeak NG corpus, datasets and batching.
 
-from streamssl.data.audio import SAMPLE_RATE, audio_blocks, audio_info, load_audio
-from streamssl.data.check import check_corpus
-from streamssl.data.dataset import AdditiveNoise, AudioDataset, DurationBatchSampler, collate
-from streamssl.data.manifest import Utterance, read_manifest, write_manifest
-from streamssl.data.problems import CorpusError, Problem
-from streamssl.data.readers import load_utterances
-from streamssl.data.synth import synthesize_corpus
-from streamssl.data.text import normalize_text, spell_out
+The names are imported on first use: reading audio (:mod:`streamssl.data.audio`) and normalising text
+(:mod:`streamssl.data.text`) need no PyTorch, which the datasets do, and the torch-free runtime reads
+audio through this package.
+"""
 
-__all__ = ["AdditiveNoise", "AudioDataset", "DurationBatchSampler", "collate", "SAMPLE_RATE", "audio_blocks", "audio_info", "load_audio", "check_corpus", "Utterance", "read_manifest",
-           "write_manifest", "CorpusError", "Problem", "load_utterances", "synthesize_corpus", "normalize_text",
-           "spell_out"]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {"SAMPLE_RATE": "audio", "audio_blocks": "audio", "audio_info": "audio", "load_audio": "audio",
+            "check_corpus": "check", "AdditiveNoise": "dataset", "AudioDataset": "dataset",
+            "DurationBatchSampler": "dataset", "collate": "dataset", "Utterance": "manifest",
+            "read_manifest": "manifest", "write_manifest": "manifest", "CorpusError": "problems",
+            "Problem": "problems", "load_utterances": "readers", "synthesize_corpus": "synth",
+            "normalize_text": "text", "spell_out": "text"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f"streamssl.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'streamssl.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

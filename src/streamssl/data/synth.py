@@ -20,12 +20,13 @@ installed versions of espeakng-loader, faker, soxr and libsndfile, not on the nu
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import multiprocessing
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import espeakng_loader
@@ -37,6 +38,7 @@ from tqdm import tqdm
 from streamssl.data.audio import SAMPLE_RATE, resample
 from streamssl.data.manifest import Utterance, write_manifest
 from streamssl.data.prose import BigramChain
+from streamssl.data.sentences import english_sentences
 from streamssl.data.text import describe_characters, normalize_text, spell_out, unsupported_characters
 
 SPLITS = {"train": 0.8, "dev": 0.1, "test": 0.1}
@@ -183,6 +185,8 @@ class ChapterTask:
     noise_snr_db: float | None
     varied_noise: bool
     chain: BigramChain | None
+    # This chapter's share of the coherent sentences, spoken in this order (from the start again past its end).
+    sentences: tuple[str, ...] | None = None
 
 
 # Faker's day_of_week() and month_name() draw a date between 1970 and now, so their draws drift with the
@@ -326,7 +330,9 @@ def synthesize_chapter(task: ChapterTask) -> list[Utterance]:
     rng = np.random.default_rng(seed_words)
     # A separate stream for noise, so a noisy corpus has the same texts and voices as the clean one of its seed.
     noise_rng = np.random.default_rng([*seed_words, 1])
-    if task.text_file is None:
+    if task.sentences is not None:
+        next_text = itertools.cycle(task.sentences).__next__
+    elif task.text_file is None:
         next_text = SentenceGenerator(int(rng.integers(2**32)), task.chain)
     else:
         lines = read_text_file(task.text_file)
@@ -388,9 +394,22 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def deal_sentences(sentences: list[str], chapters: int, seed: int) -> list[tuple[str, ...]]:
+    """Shuffle ``sentences`` by ``seed`` and deal them out to ``chapters`` chapters in turn: disjoint shares,
+    so no sentence is spoken twice (nor in two splits) unless the corpus needs more utterances than there are
+    sentences (with fewer sentences than chapters, each chapter gets one)."""
+    if not sentences or chapters < 1:
+        raise ValueError(f"cannot deal {len(sentences)} sentence(s) to {chapters} chapter(s)")
+    order = np.random.default_rng([seed, 3]).permutation(len(sentences))
+    dealt = max(len(sentences), chapters)
+    return [tuple(sentences[order[i % len(sentences)]] for i in range(chapter, dealt, chapters))
+            for chapter in range(chapters)]
+
+
 def synthesize_corpus(out_dir: str | Path, hours: float, seed: int, text_file: str | Path | None = None,
                       noise_snr_db: float | None = None, varied_noise: bool = False, workers: int | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, sentences: bool = False, splits: tuple[str, ...] | None = None
+                      ) -> dict:
     """Build a synthetic spoken corpus of about ``hours`` hours (see the module docstring for the layout).
 
     Args:
@@ -399,6 +418,11 @@ def synthesize_corpus(out_dir: str | Path, hours: float, seed: int, text_file: s
             about half an utterance per chapter of ``hours``.
         seed: the same seed gives byte-identical files (with the same package versions), whatever ``workers``.
         text_file: speak random lines of this UTF-8 file instead of generated sentences.
+        sentences: speak coherent English sentences (:func:`~streamssl.data.sentences.english_sentences`, one
+            per utterance) instead, dealt out by :func:`deal_sentences` (not with ``text_file``).
+        splits: synthesise only these of ``train``, ``dev``, ``test``: the same speakers (voices, rates,
+            pitches) and amounts as in the full corpus of ``hours`` and ``seed``, the others left out (their
+            manifests, ``SPEAKERS.txt`` lines and summary entries too).
         noise_snr_db: add white Gaussian noise at this signal-to-noise ratio in dB to every utterance.
         varied_noise: add noise to a share ``NOISY_FRACTION`` of the utterances, of a colour drawn from
             ``NOISE_COLOURS`` at an SNR drawn from ``NOISE_SNR_DB`` (not with ``noise_snr_db``).
@@ -418,6 +442,12 @@ def synthesize_corpus(out_dir: str | Path, hours: float, seed: int, text_file: s
         raise ValueError(f"workers must be at least 1, got {workers}")
     if varied_noise and noise_snr_db is not None:
         raise ValueError("give noise_snr_db (one fixed SNR) or varied_noise, not both")
+    if sentences and text_file is not None:
+        raise ValueError("give text_file (lines of a file) or sentences (coherent English sentences), not both")
+    chosen_splits = tuple(SPLITS) if splits is None else tuple(splits)
+    unknown = [split for split in chosen_splits if split not in SPLITS]
+    if unknown or not chosen_splits:
+        raise ValueError(f"splits must be some of {', '.join(SPLITS)}, got {list(chosen_splits)}")
     out_dir = Path(out_dir)
     root = out_dir / "LibriSpeech"
     if root.exists():
@@ -426,14 +456,17 @@ def synthesize_corpus(out_dir: str | Path, hours: float, seed: int, text_file: s
         read_text_file(text_file)
         text_file = str(Path(text_file).resolve())
     started = time.perf_counter()
-    plan = plan_corpus(hours, seed)
-    chain = BigramChain.from_wordsegment() if text_file is None else None
+    plan = [(speaker, chapters) for speaker, chapters in plan_corpus(hours, seed) if speaker.split in chosen_splits]
+    chain = BigramChain.from_wordsegment() if text_file is None and not sentences else None
     tasks = [ChapterTask(speaker, chapter, target_s, seed, str((root / speaker.split).resolve()), text_file,
                          noise_snr_db, varied_noise, chain)
              for speaker, chapters in plan for chapter, target_s in chapters]
+    if sentences:
+        shares = deal_sentences(english_sentences(), len(tasks), seed)
+        tasks = [replace(task, sentences=share) for task, share in zip(tasks, shares)]
     root.mkdir(parents=True)
     utterances: list[Utterance] = []
-    with tqdm(total=round(hours * 3600), unit="s", desc="synthesising audio", disable=None if progress else True) as bar, \
+    with tqdm(total=round(hours * 3600 * sum(SPLITS[split] for split in chosen_splits)), unit="s", desc="synthesising audio", disable=None if progress else True) as bar, \
             _pool_context().Pool(min(workers, len(tasks)), maxtasksperchild=1) as pool:
         for chapter in pool.imap_unordered(synthesize_chapter, tasks):
             utterances.extend(chapter)
@@ -441,7 +474,7 @@ def synthesize_corpus(out_dir: str | Path, hours: float, seed: int, text_file: s
     utterances.sort(key=lambda utt: utt.id)
     split_of = {speaker.id: speaker.split for speaker, _ in plan}
     summary = {"out_dir": str(out_dir), "seconds": {}, "utterances": {}, "speakers": {}}
-    for split in SPLITS:
+    for split in chosen_splits:
         chosen = [utt for utt in utterances if split_of[utt.speaker] == split]
         write_manifest(chosen, out_dir / f"{split}.jsonl")
         summary["seconds"][split] = round(sum(utt.duration for utt in chosen), 3)

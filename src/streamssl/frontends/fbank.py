@@ -39,10 +39,9 @@ from torch import Tensor, nn
 
 from streamssl.frontends.base import FeatureAugment, FrameGeometry, Frontend, options_error, register_frontend
 from streamssl.mixers.window import keep_last, push, take
+from streamssl.runtime.logmel import LogMel
 
 SUBSAMPLINGS = (2, 4)
-# Samples in [-1, 1] times this are on the 16-bit scale Kaldi's features (and energy floor) assume.
-PCM_SCALE = 32768.0
 
 
 @dataclass
@@ -197,38 +196,31 @@ class CausalSubsampling(nn.Module):
 
 
 class OnlineLogMel:
-    """kaldi-native-fbank log-mel frames of a batch of streams, whose samples not yet framed wait in a
-    fixed-shape, right-aligned buffer ``(B, window_samples - 1)``: the host-side half of the fbank
-    frontend, run by the PyTorch step and, beside an exported graph, by the ONNX Runtime backend.
-
-    Each call runs knf once per stream on that stream's pending samples and new chunk (knf has no batch
-    form); a log-mel frame depends on its own window alone, so this equals :meth:`frames` of the whole
-    stream exactly.
+    """kaldi-native-fbank log-mel frames of a batch of streams, for the PyTorch step: torch tensors around
+    the numpy :class:`~streamssl.runtime.logmel.LogMel` (which the torch-free runtime runs beside an
+    exported graph). The samples not yet framed wait in a fixed-shape, right-aligned buffer
+    ``(B, window_samples - 1)``; a step equals :meth:`frames` of the whole stream exactly.
     """
 
     def __init__(self, options: FbankOptions, sample_rate: int):
         self.options, self.sample_rate = options, sample_rate
         self.knf = knf_options(options, sample_rate)
-        self.window_samples = options.samples(options.window_ms, sample_rate)
-        self.hop_samples = options.samples(options.hop_ms, sample_rate)
+        self.numpy = LogMel(self.knf)
+        self.window_samples = self.numpy.window_samples
+        self.hop_samples = self.numpy.hop_samples
 
     def frames(self, pcm: np.ndarray) -> np.ndarray:
         """Samples ``(S,)`` float32 in ``[-1, 1]`` -> log-mel ``(T_mel, num_mel_bins)`` float32."""
-        extractor = knf.OnlineFbank(self.knf)
-        extractor.accept_waveform(self.sample_rate, pcm * np.float32(PCM_SCALE))
-        n = extractor.num_frames_ready
-        if n == 0:
-            return np.zeros((0, self.options.num_mel_bins), dtype=np.float32)
-        return np.stack([extractor.get_frame(i) for i in range(n)])
+        return self.numpy.frames(pcm)
 
     def slots(self, n: int) -> int:
         """Log-mel frame slots of a step of ``n`` samples: the most frames ``n`` new samples can complete."""
-        return (n + self.hop_samples - 1) // self.hop_samples
+        return self.numpy.slots(n)
 
     @torch.no_grad()
     def step(self, chunk: Tensor, counts: Tensor, pending: Tensor,
              pending_count: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One step of every stream.
+        """One step of every stream (:meth:`LogMel.step <streamssl.runtime.logmel.LogMel.step>`).
 
         Args:
             chunk: ``(B, n)`` samples, row ``b``'s last ``counts[b]`` real.
@@ -240,23 +232,9 @@ class OnlineLogMel:
             log-mel ``(B, slots(n), num_mel_bins)`` in ``chunk``'s dtype, row ``b``'s last ``new[b]`` frames
             new; ``new`` ``(B,)``; the next ``pending`` and ``pending_count``.
         """
-        batch, n = chunk.shape
-        width = pending.shape[1]
-        mel = np.zeros((batch, self.slots(n), self.options.num_mel_bins), dtype=np.float32)
-        new = np.zeros(batch, dtype=np.int64)
-        rest = np.zeros((batch, width), dtype=np.float32)
-        rest_count = np.zeros(batch, dtype=np.int64)
-        chunk_np = chunk.detach().to("cpu", torch.float32).numpy()
-        pending_np = pending.detach().to("cpu", torch.float32).numpy()
-        for b, (count, waiting) in enumerate(zip(counts.tolist(), pending_count.tolist())):
-            samples = np.concatenate([pending_np[b, width - waiting:], chunk_np[b, n - count:]])
-            window, hop = self.window_samples, self.hop_samples
-            made = (samples.size - window) // hop + 1 if samples.size >= window else 0
-            if made:
-                mel[b, mel.shape[1] - made:] = self.frames(samples[:(made - 1) * hop + window])
-            left = samples[made * hop:]
-            rest[b, width - left.size:] = left
-            new[b], rest_count[b] = made, left.size
+        mel, new, rest, rest_count = self.numpy.step(
+            chunk.detach().to("cpu", torch.float32).numpy(), counts.cpu().numpy(),
+            pending.detach().to("cpu", torch.float32).numpy(), pending_count.cpu().numpy())
         device, dtype = chunk.device, chunk.dtype
         return (torch.from_numpy(mel).to(device, dtype), torch.from_numpy(new).to(device),
                 torch.from_numpy(rest).to(device, dtype), torch.from_numpy(rest_count).to(device))

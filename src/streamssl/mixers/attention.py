@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from streamssl.mixers.attention_core import KeySource, blocked_band_attention, dense_band_attention
+from streamssl.mixers.attention_core import (KeySource, biased_attention, blocked_band_attention,
+                                             dense_band_attention, hidden_bias)
 from streamssl.mixers.base import Block, LayerMixer, LayerStack, MixerStack, register_mixer
-from streamssl.mixers.window import Chunk, key_mask, keep_last, output_mask, push, streaming_state
+from streamssl.mixers.window import (Chunk, batch_dim, key_mask, keep_last, output_mask, positions, size,
+                                     streaming_state)
 
 
 @streaming_state
@@ -57,14 +59,24 @@ class SelfAttention(LayerMixer):
 
     def heads(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, T, D)`` -> q, k, v each ``(B, H, T, D/H)``."""
-        batch, frames, d_model = u.shape
-        qkv = self.qkv(u).view(batch, frames, 3, self.n_heads, d_model // self.n_heads).permute(2, 0, 3, 1, 4)
+        frames, d_model = size(u, 1), size(u, 2)
+        qkv = self.qkv(u).view(batch_dim(u), frames, 3, self.n_heads, d_model // self.n_heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
+
+    def query_kv(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, T, D)`` -> q ``(B, H, T, D/H)`` and keys and values ``(B, H, T, 2 D/H)`` concatenated on the
+        last dim (the streaming caches' layout), in one copy each."""
+        frames, d_model = size(u, 1), size(u, 2)
+        dh = d_model // self.n_heads
+        batch = batch_dim(u)
+        qkv = self.qkv(u).view(batch, frames, 3, self.n_heads, dh)
+        kv = qkv[:, :, 1:].permute(0, 3, 1, 2, 4).reshape(batch, self.n_heads, frames, 2 * dh)
+        return qkv[:, :, 0].transpose(1, 2), kv
 
     def merge(self, o: Tensor) -> Tensor:
         """``(B, H, T, dh)`` -> ``(B, T, D)`` through the output projection."""
-        batch, heads, frames, dh = o.shape
-        return self.proj(o.transpose(1, 2).reshape(batch, frames, heads * dh))
+        heads, frames, dh = size(o, 1), size(o, 2), size(o, 3)
+        return self.proj(o.transpose(1, 2).reshape(batch_dim(o), frames, heads * dh))
 
     def forward(self, u: Tensor, lengths: Tensor) -> Tensor:
         q, k, v = self.heads(u)
@@ -93,17 +105,26 @@ class SelfAttention(LayerMixer):
                               self._zeros(batch_size, self.right_frames, 1, device, dtype))
 
     def step(self, u: Tensor, chunk: Chunk, state: AttentionState) -> tuple[Tensor, AttentionState]:
-        n = u.shape[1]
-        q, k, v = self.heads(u)
-        kv = push(state.kv, torch.cat([k, v], dim=-1), chunk.count, dim=2)
-        queries = push(state.q, q, chunk.count, dim=2)
-        width, dh = kv.shape[2], q.shape[-1]
-        # Query slot o is at position end - R - n + o, key slot i at end - width + i.
-        src = KeySource(kv[..., :dh], kv[..., dh:], self.lo, self.right_frames, -(width - self.right_frames - n),
-                        key_mask(chunk.end, width, n, chunk))
-        out = self.merge(dense_band_attention(queries[:, :, :n], [src]))
+        n = size(u, 1)
+        q, kv = self.query_kv(u)
+        kv = chunk.push(state.kv, kv, dim=2)
+        queries = chunk.push(state.q, q, dim=2)
+        width, dh = size(kv, 2), size(q, 3)
+        bias = chunk.memo(("band", width, n, self.left_frames, self.right_frames, u.dtype),
+                          lambda: self._step_bias(chunk, width, n, u.dtype))
+        out = self.merge(biased_attention(queries[:, :, :n], kv[..., :dh], kv[..., dh:], bias))
         keep = None if self.left_frames is None else self.left_frames + self.right_frames
         return out, AttentionState(keep_last(kv, keep, dim=2), keep_last(queries, self.right_frames, dim=2))
+
+    def _step_bias(self, chunk: Chunk, width: int, n: int, dtype: torch.dtype) -> Tensor:
+        """``(B, 1, n, width)``: the step's band and key validity as an attention bias. Query slot ``o`` is at
+        position ``end - R - n + o``, key slot ``i`` at ``end - width + i``."""
+        rel = (positions(chunk.end, width).unsqueeze(1)
+               - positions(chunk.end - self.right_frames, n).unsqueeze(2))                # (B, n, width)
+        visible = (rel <= self.right_frames) & key_mask(chunk.end, width, n, chunk).unsqueeze(1)
+        if self.left_frames is not None:
+            visible = visible & (rel >= -self.left_frames)
+        return hidden_bias(~visible, dtype).unsqueeze(1)
 
 
 def attention_blocks(config, form: str, right: list[int | None], left: int | None) -> list[Block]:
@@ -196,36 +217,65 @@ class LLSAStack(MixerStack):
     def _layer_step(self, layer: int, c_new: Tensor, a_new: Tensor, chunk: Chunk, lag_in: int, lag_out: int,
                     st: "LLSALayerState") -> tuple[Tensor, Tensor, "LLSALayerState"]:
         """One layer of both streams. ``c_new`` is at the stack's positions, ``a_new`` ``lag_in`` frames and
-        the layer's output ``lag_out`` frames behind. Both streams' frames go through the shared projections
-        and feed-forward as one sequence, because with small chunks reading the weights is the cost."""
+        the layer's output ``lag_out`` frames behind. With small chunks a step's cost is its operator
+        count and reading the weights, so both streams' frames go through the shared projections and
+        feed-forward as one sequence, and their queries through one attention call over the look-ahead
+        stream's keys followed by the causal stream's, with the mask of both bands (made once per step)."""
         block = self.blocks[layer]
         att: SelfAttention = block.mixer
-        right, lo, n = self.right[layer], self._lo(), c_new.shape[1]
+        n = size(c_new, 1)
         delay = lag_out - lag_in
-        q, k, v = att.heads(block.norm1(torch.cat([c_new, a_new], dim=1)))
-        dh = q.shape[-1]
-        kv = torch.cat([k, v], dim=-1)
-        kv_c = push(st.kv_c, kv[:, :, :n], chunk.count, dim=2)
-        kv_a = push(st.kv_a, kv[:, :, n:], chunk.count, dim=2)
-        waiting_a = push(st.q_a, q[:, :, n:], chunk.count, dim=2)
-        residual_a = push(st.residual_a, a_new, chunk.count)
-        width_c, width_a = kv_c.shape[2], kv_a.shape[2]
-        valid_c = key_mask(chunk.end, width_c, n, chunk)
-        valid_a = key_mask(chunk.end - lag_in, width_a, n, chunk)
-        # Query slot o is at position end - n + o (causal) or end - lag_out - n + o (look-ahead); key slot
-        # i of a window of width W ending at e is at e - W + i.
-        sources = [KeySource(kv_a[..., :dh], kv_a[..., dh:], lo, 0, -(width_a - delay - n), valid_a),
-                   KeySource(kv_c[..., :dh], kv_c[..., dh:], 1, right, -(width_c - lag_out - n), valid_c)]
-        oa = dense_band_attention(waiting_a[:, :, :n], sources)
         # c^N is never read, so the last layer computes only the look-ahead stream.
         n_c = n if layer < len(self.blocks) - 1 else 0
-        oc = dense_band_attention(q[:, :, :n_c], [KeySource(kv_c[..., :dh], kv_c[..., dh:], lo, 0, -(width_c - n), valid_c)])
-        out = block.residual_feed_forward(torch.cat([c_new[:, :n_c], residual_a[:, :n]], dim=1), att.merge(torch.cat([oc, oa], dim=2)))
+        x = torch.cat([c_new, a_new], dim=1)
+        q, kv = att.query_kv(block.norm1(x))
+        kv_c = chunk.push(st.kv_c, kv[:, :, :n], dim=2)
+        kv_a = chunk.push(st.kv_a, kv[:, :, n:], dim=2)
+        if delay:
+            waiting_a = chunk.push(st.q_a, q[:, :, n:], dim=2)
+            residual_a = chunk.push(st.residual_a, a_new)
+            queries = torch.cat([q[:, :, :n_c], waiting_a[:, :, :n]], dim=2)
+            residual = torch.cat([c_new[:, :n_c], residual_a[:, :n]], dim=1)
+        else:  # the look-ahead queries are answered at once: both streams' rows are in place already
+            waiting_a, residual_a = q[:, :, n:], a_new
+            queries, residual = q[:, :, n - n_c:], x[:, n - n_c:]
+        keys = torch.cat([kv_a, kv_c], dim=2)
+        width_a, width_c, dh = size(kv_a, 2), size(kv_c, 2), size(q, 3)
+        right = self.right[layer]
+        bias = chunk.memo(("llsa", lag_in, lag_out, n, n_c, width_a, width_c, right, x.dtype),
+                          lambda: self._step_bias(chunk, lag_in, lag_out, n, n_c, width_a, width_c, right, x.dtype))
+        mixed = att.merge(biased_attention(queries, keys[..., :dh], keys[..., dh:], bias))
+        out = block.residual_feed_forward(residual, mixed)
         keep_a = None if self.left_frames is None else self.left_frames + delay
-        keep_c = None if self.left_frames is None else st.kv_c.shape[2]
+        keep_c = None if self.left_frames is None else size(st.kv_c, 2)
         new_state = LLSALayerState(keep_last(kv_c, keep_c, dim=2), keep_last(kv_a, keep_a, dim=2),
                                    keep_last(waiting_a, delay, dim=2), keep_last(residual_a, delay))
         return out[:, :n_c], out[:, n_c:], new_state
+
+    def _step_bias(self, chunk: Chunk, lag_in: int, lag_out: int, n: int, n_c: int, width_a: int, width_c: int,
+                   right: int, dtype: torch.dtype) -> Tensor:
+        """``(B, 1, n_c + n, width_a + width_c)``: which keys a layer step's queries see, as an attention bias.
+
+        Queries: ``n_c`` causal ones at ``end - n + o``, then ``n`` look-ahead ones at ``end - lag_out - n + o``.
+        Keys: the look-ahead stream's window (``width_a`` slots ending at ``end - lag_in``), then the causal
+        stream's (``width_c`` ending at ``end``). A causal query sees the causal keys of ``[t - L, t]``; a
+        look-ahead query its own stream's ``[t - L, t]`` and the causal stream's ``[t + 1, t + right]``.
+        """
+        end = chunk.end
+        key_pos = torch.cat([positions(end - lag_in, width_a), positions(end, width_c)], dim=1)
+        valid = torch.cat([key_mask(end - lag_in, width_a, n, chunk), key_mask(end, width_c, n, chunk)], dim=1)
+        query_pos = torch.cat([positions(end, n)[:, :n_c], positions(end - lag_out, n)], dim=1)
+        rel = key_pos.unsqueeze(1) - query_pos.unsqueeze(2)                                   # (B, Tq, Tk)
+        past = rel <= 0
+        if self.left_frames is not None:
+            past = past & (rel >= -self.left_frames)
+        future = (rel >= 1) & (rel <= right)
+        lookahead_key = (torch.arange(width_a + width_c, device=end.device) < width_a).view(1, 1, -1)
+        lookahead_query = (torch.arange(n_c + n, device=end.device) >= n_c).view(1, -1, 1)
+        # Boolean logic, not torch.where: ONNX Runtime has no Where over booleans.
+        causal_key = (lookahead_query & future) | (~lookahead_query & past)
+        visible = (lookahead_key & lookahead_query & past) | (~lookahead_key & causal_key)
+        return hidden_bias(~(visible & valid.unsqueeze(1)), dtype).unsqueeze(1)
 
     def step(self, x: Tensor, chunk: Chunk, state: "LLSAState") -> tuple[Tensor, Tensor, "LLSAState"]:
         c = a = x
@@ -234,7 +284,7 @@ class LLSAStack(MixerStack):
         for layer, st in enumerate(state.layers):
             c, a, st = self._layer_step(layer, c, a, chunk, lags[layer], lags[layer + 1], st)
             layers.append(st)
-        return a, output_mask(chunk.lagged(lags[-1]), a.shape[1]), LLSAState(layers)
+        return a, output_mask(chunk.lagged(lags[-1]), size(a, 1)), LLSAState(layers)
 
 
 @streaming_state

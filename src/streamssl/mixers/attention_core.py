@@ -28,6 +28,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def hidden_bias(hide: Tensor, dtype: torch.dtype) -> Tensor:
+    """The additive attention bias of a mask: 0 where a key is visible, the dtype's most negative finite
+    value where ``hide`` (as the dense form, so a row that sees no key averages instead of giving NaN)."""
+    return torch.zeros(hide.shape, dtype=dtype, device=hide.device).masked_fill(hide, torch.finfo(dtype).min)
+
+
+def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """``softmax(q k^T / sqrt(dh) + bias) v`` as one fused call: the streaming steps' attention, whose
+    masks are made once per step (:func:`hidden_bias`) and shared by the layers.
+
+    Args:
+        q: ``(B, H, Tq, dh)``; k, v: ``(B, H, Tk, dh)``; bias: broadcastable to ``(B, H, Tq, Tk)``.
+    Returns:
+        ``(B, H, Tq, dh)``.
+    """
+    # The scale as a constant: left to the call, an exported graph computes it from q's shape every time.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(int(q.shape[-1])))
+
+
 @dataclass
 class KeySource:
     """Keys and values ``(B, H, Tk, dh)`` whose first frame is at absolute frame ``start``.

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from streamssl.mixers.window import Chunk, keep_last, output_mask, push, streaming_state
+from streamssl.mixers.window import Chunk, keep_last, output_mask, size, streaming_state
 
 
 class MixerStack(nn.Module):
@@ -131,11 +131,11 @@ class Block(nn.Module):
 
     def step(self, x: Tensor, chunk: Chunk, state: "BlockState") -> tuple[Tensor, "BlockState"]:
         """``x`` ``(B, n, D)`` -> ``(B, n, D)``, ``lag`` frames later (see the module docstring)."""
-        n = x.shape[1]
-        residual = push(state.residual, x, chunk.count)
+        n = size(x, 1)
+        residual = chunk.push(state.residual, x)
         mixed, mixer_state = self.mixer.step(self.norm1(x), chunk, state.mixer)
         y = self.residual_feed_forward(residual[:, :n], mixed)
-        return y, BlockState(keep_last(residual, state.residual.shape[1]), mixer_state)
+        return y, BlockState(keep_last(residual, size(state.residual, 1)), mixer_state)
 
 
 @streaming_state
@@ -190,7 +190,7 @@ class LayerStack(MixerStack):
             x, block_state = block.step(x, chunk, block_state)
             chunk = chunk.lagged(block.mixer.lookahead_frames())
             new_states.append(block_state)
-        return x, output_mask(chunk, x.shape[1]), LayerStackState(new_states)
+        return x, output_mask(chunk, size(x, 1)), LayerStackState(new_states)
 
 
 @dataclass

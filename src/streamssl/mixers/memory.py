@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from streamssl.mixers.attention import SelfAttention
-from streamssl.mixers.attention_core import KeySource, dense_band_attention
+from streamssl.mixers.attention_core import KeySource, biased_attention, dense_band_attention, hidden_bias
 from streamssl.mixers.base import Block, MixerStack, register_mixer
 from streamssl.mixers.window import Chunk, keep_last, push, streaming_state, take_index
 
@@ -333,39 +333,73 @@ class EmformerStack(MemoryStack):
         memory = _masked_mean(main.view(batch, n_segments, c, d_model), centre_valid)
         context_slots, context_valid = self._context_layout(first, n_segments, kv[0].shape[2], valid_end)
         memory_slots, memory_valid = self._memory_layout(segments)
+        heads = self.n_heads
+        dh = d_model // heads
+        n_main, n_right = n_segments * c, n_segments * r
+        biases = {summarise: self._segment_bias(memory_valid if m > 0 else None, context_valid, right_valid, r, c,
+                                                summarise, main.dtype) for summarise in {m > 0, False}}
         new_kv, new_banks = [], []
         for layer, (block, kv_cached, bank) in enumerate(zip(self.blocks, kv, banks)):
             att: SelfAttention = block.mixer
             last = layer == len(self.blocks) - 1
-            u_main, u_right = block.norm1(main), block.norm1(right)
-            q_main, k_main, v_main = att.heads(u_main)
-            q_right, k_right, v_right = att.heads(_fold(u_right))
-            heads, dh = q_main.shape[1], q_main.shape[3]
-            kv_layer = torch.cat([kv_cached, torch.cat([k_main, v_main], dim=-1)], dim=2)
-            window_kv = _per_segment(kv_layer, context_slots)
-            context = [KeySource(window_kv[..., :dh], window_kv[..., dh:], None, None, 0, context_valid),
-                       KeySource(k_right, v_right, None, None, 0, right_valid)]
-            sources = list(context)
+            summarise = m > 0 and not last
+            # Every row this layer projects goes through one qkv product, the right-context blocks and
+            # the summaries beside the centre frames and the memory vectors (reading the weights once is
+            # what a small step costs); the summary rows are read only for q, the memory rows for k, v.
+            u = block.norm1(torch.cat([main, right.view(batch, n_right, d_model)], dim=1))
+            rows = [u]
+            if summarise:
+                rows.append(_masked_mean(u[:, :n_main].view(batch, n_segments, c, d_model), centre_valid))
             if m > 0:
                 bank = torch.cat([bank, memory], dim=1)
-                _, memory_k, memory_v = att.heads(bank[:, :-1])  # the newest vector is read only by later calls
-                sources.insert(0, KeySource(_per_segment(memory_k, memory_slots), _per_segment(memory_v, memory_slots),
-                                            None, None, 0, memory_valid))
-                if not last:
-                    summary = _masked_mean(u_main.view(batch, n_segments, c, d_model), centre_valid)
-                    q_summary, _, _ = att.heads(_fold(summary).unsqueeze(1))
-                    memory = torch.tanh(att.merge(dense_band_attention(q_summary, context))).view(
-                        batch, n_segments, d_model)
-            q_segments = q_main.view(batch, heads, n_segments, c, dh).transpose(1, 2).reshape(-1, heads, c, dh)
-            out = dense_band_attention(torch.cat([q_right, q_segments], dim=2), sources)
-            out_right, out_main = out[:, :, :r], out[:, :, r:]
-            out_main = out_main.reshape(batch, n_segments, heads, c, dh).transpose(1, 2).reshape(batch, heads, -1, dh)
-            main = block.residual_feed_forward(main, att.merge(out_main))
-            if not last:  # the top layer's right-context blocks feed nothing
-                right = block.residual_feed_forward(right, att.merge(out_right).view(batch, n_segments, r, d_model))
+                rows.append(bank[:, :-1])  # the newest vector is read only by later calls
+            qkv = att.qkv(torch.cat(rows, dim=1) if len(rows) > 1 else u).view(batch, -1, 3, heads, dh)
+            n_rows = n_main + n_right
+            kv_main = qkv[:, :n_main, 1:].permute(0, 3, 1, 2, 4).reshape(batch, heads, n_main, 2 * dh)
+            kv_layer = torch.cat([kv_cached, kv_main], dim=2)
+            # Per segment: queries [right context R; centre C; summary], keys [memory M; left context and
+            # centre W; right context R].
+            q_main = qkv[:, :n_main, 0].reshape(batch, n_segments, c, heads, dh)
+            q_right = qkv[:, n_main:n_rows, 0].reshape(batch, n_segments, r, heads, dh)
+            queries = [q_right, q_main]
+            keys = [_per_segment(kv_layer, context_slots),
+                    _fold(qkv[:, n_main:n_rows, 1:].reshape(batch, n_segments, r, 2, heads, dh)
+                          .permute(0, 1, 4, 2, 3, 5).reshape(batch, n_segments, heads, r, 2 * dh))]
+            if summarise:
+                queries.append(qkv[:, n_rows:n_rows + n_segments, 0].reshape(batch, n_segments, 1, heads, dh))
+            if m > 0:
+                memory_kv = qkv[:, -(m + n_segments - 1):, 1:].permute(0, 3, 1, 2, 4).reshape(batch, heads, -1, 2 * dh)
+                keys.insert(0, _per_segment(memory_kv, memory_slots))
+            q = _fold(torch.cat(queries, dim=2)).transpose(1, 2)                  # (B * S, H, R + C [+ 1], dh)
+            k_all = torch.cat(keys, dim=2)
+            bias = biases[summarise]
+            mixed = att.merge(biased_attention(q, k_all[..., :dh], k_all[..., dh:], bias))  # (B * S, R + C [+ 1], D)
+            mixed_main = mixed[:, r:r + c].reshape(batch, n_main, d_model)
+            if summarise:
+                memory = torch.tanh(mixed[:, r + c]).view(batch, n_segments, d_model)
+            if last:  # the top layer's right-context blocks feed nothing
+                main = block.residual_feed_forward(main, mixed_main)
+            else:
+                mixed_right = mixed[:, :r].reshape(batch, n_right, d_model)
+                both = block.residual_feed_forward(torch.cat([main, right.view(batch, n_right, d_model)], dim=1),
+                                                   torch.cat([mixed_main, mixed_right], dim=1))
+                main, right = both[:, :n_main], both[:, n_main:].view(batch, n_segments, r, d_model)
             new_kv.append(kv_layer)
             new_banks.append(bank)
         return main, new_kv, new_banks
+
+    @staticmethod
+    def _segment_bias(memory_valid: Tensor | None, context_valid: Tensor, right_valid: Tensor, r: int, c: int,
+                      summary: bool, dtype: torch.dtype) -> Tensor:
+        """``(B * S, 1, R + C [+ 1], M + W + R)``: the keys each query of a segment sees, as an attention
+        bias. Every query sees the keys that exist, except that the summary does not attend to memory."""
+        parts = [context_valid, right_valid] if memory_valid is None else [memory_valid, context_valid, right_valid]
+        valid = torch.cat(parts, dim=1).unsqueeze(1)                                 # (B * S, 1, K)
+        if summary and memory_valid is not None:
+            summary_row = torch.arange(r + c + 1, device=valid.device).view(-1, 1) == r + c
+            memory_key = torch.arange(valid.shape[2], device=valid.device) < memory_valid.shape[1]
+            valid = valid & ~(summary_row & memory_key)
+        return hidden_bias(~valid, dtype).unsqueeze(1)
 
     def _context_layout(self, first: Tensor, n_segments: int, cached: int, valid_end: Tensor) -> tuple[Tensor, Tensor]:
         """Where each segment's left context and centre lie among a layer's main-sequence keys (the ``cached``

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from streamssl.asr.lexicon import parse_hotwords
-from streamssl.streaming.recognizer import Token, Word
+from streamssl.streaming.engine import Token, Word
 
 FORMATS = {"pcm16": np.dtype("<i2"), "float32": np.dtype("<f4")}
 MIN_SAMPLE_RATE = 8000

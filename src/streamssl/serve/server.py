@@ -34,6 +34,7 @@ import math
 import mimetypes
 import socket
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -50,6 +51,7 @@ from streamssl.serve.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
+    CLOSE_POLICY,
     CLOSE_TRY_AGAIN,
     ProtocolError,
     StartMessage,
@@ -76,11 +78,14 @@ class ServeConfig:
     its tick; ``max_message_bytes``: largest client message (larger ones close with 1009);
     ``max_backlog_s``: unprocessed audio a session may hold before it is closed (a client sending far
     faster than real time); ``max_queued_messages``: outgoing messages a client may leave unread before
-    it is closed; ``send_buffer_bytes``: the kernel send buffer of each connection and the high-water
-    mark of its user-space write buffer (``None``: the kernel's auto-tuned buffer, which can grow to
-    megabytes, and websockets' 32 KiB), so a stuck client pins a bounded amount of memory and is noticed
-    soon; ``start_timeout_s``: time to send the start message; ``close_timeout_s``: time a
-    closing handshake may take before the connection is dropped."""
+    it is closed (with 1008: the close frame waits behind what it left unread, ``close_timeout_s`` at
+    most, then the connection is dropped); ``send_buffer_bytes``: the kernel send buffer of each
+    connection and the high-water mark of its user-space write buffer (``None``: the kernel's auto-tuned
+    buffer, which can grow to megabytes, and websockets' 32 KiB), so a stuck client pins a bounded amount
+    of memory and is noticed soon; ``start_timeout_s``: time to send the start message;
+    ``close_timeout_s``: time a closing handshake may take before the connection is dropped;
+    ``shutdown_timeout_s``: time :meth:`StreamingServer.shutdown` gives the streams to finish (their
+    last final and ``done``) before the rest are closed as they are."""
 
     max_streams: int = 64
     max_batch: int = 64
@@ -91,6 +96,7 @@ class ServeConfig:
     send_buffer_bytes: int | None = 256 * 1024
     start_timeout_s: float = 10.0
     close_timeout_s: float = 2.0
+    shutdown_timeout_s: float = 10.0
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
 
     def __post_init__(self) -> None:
@@ -101,7 +107,7 @@ class ServeConfig:
         if self.send_buffer_bytes is not None and (not isinstance(self.send_buffer_bytes, int)
                                                    or self.send_buffer_bytes < 1024):
             raise ValueError(f"send_buffer_bytes must be None or an integer >= 1024, got {self.send_buffer_bytes!r}")
-        for name in ("max_backlog_s", "start_timeout_s", "close_timeout_s"):
+        for name in ("max_backlog_s", "start_timeout_s", "close_timeout_s", "shutdown_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not self.max_wait_ms >= 0 or not math.isfinite(self.max_wait_ms):
@@ -127,11 +133,20 @@ class Session:
         self.resampler: soxr.ResampleStream | None = None
         self.pending = np.zeros(0, dtype=np.float32)
         self.ready_since: float | None = None
+        # stopping: no more audio is taken; flushing: the stream's end is on the worker, no more ticks.
         self.stopping = False
+        self.flushing = False
         # closed: nothing more is queued for the client; lost: the connection is gone.
         self.closed = False
         self.lost = False
+        # Set when a stopping stream has no whole chunk left for the ticks, or the session closed.
+        self.drained = asyncio.Event()
         self.outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.sender: asyncio.Task | None = None
+        # The stop (or the server's shutdown) in progress, shared by whoever waits for it.
+        self.finishing: asyncio.Task | None = None
+        # The close of a client that stopped reading.
+        self.dropping: asyncio.Task | None = None
         self._received = 0
         self._tokens_seen = 0
         # Beam search: words of ``stream.words`` already sent in a final, and the last partial sent.
@@ -154,10 +169,11 @@ class Session:
         if start.sample_rate != recognizer.sample_rate:
             self.resampler = soxr.ResampleStream(start.sample_rate, recognizer.sample_rate, 1, dtype="float32")
 
-    def receive(self, samples: np.ndarray, now: float) -> None:
-        """Audio at the client's rate arrived at ``now``; resample it and queue it for the batcher."""
+    def receive(self, samples: np.ndarray, now: float) -> bool:
+        """Audio at the client's rate arrived at ``now``; resample it and queue it for the batcher.
+        True when the session has just become ready (it holds a whole chunk)."""
         if samples.size == 0:
-            return
+            return False
         self._received += samples.size
         # Appended here on the loop, read on the worker: one list append, an atomic step.
         self.stream.arrivals.record(self._received, now)
@@ -171,6 +187,8 @@ class Session:
                                 "than real time")
         if self.ready_since is None and self.pending.size >= self.server.chunk_samples:
             self.ready_since = now
+            return True
+        return False
 
     def take_ready(self) -> np.ndarray:
         """Whole chunks of pending audio (at most the core's :data:`MAX_TICK_S` of a call) for this tick."""
@@ -180,27 +198,40 @@ class Session:
         self.ready_since = time.perf_counter() if self.pending.size >= chunk else None
         return taken
 
-    def take_rest(self) -> np.ndarray:
-        """Everything left, the resampler's tail included: the stream is ending."""
-        rest = self.pending
+    def end_input(self) -> bool:
+        """No more audio comes: the resampler's tail joins the pending audio. True when whole chunks are left
+        for the ticks to work off (with the other streams, not in calls of their own)."""
+        self.stopping = True
         if self.resampler is not None:
-            rest = np.concatenate([rest, self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)])
-        self.pending = np.zeros(0, dtype=np.float32)
+            self.pending = np.concatenate([self.pending,
+                                           self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)])
+        if self.pending.size < self.server.chunk_samples or self.closed:
+            self.drained.set()
+            return False
+        if self.ready_since is None:
+            self.ready_since = time.perf_counter()
+        return True
+
+    def take_rest(self) -> np.ndarray:
+        """What is left, less than a chunk: the stream is ending."""
+        rest, self.pending = self.pending, np.zeros(0, dtype=np.float32)
         self.ready_since = None
         return rest
+
+    def mark_closed(self, lost: bool = False) -> None:
+        """Nothing more is queued for the client (``lost``: its connection is gone)."""
+        self.closed = True
+        self.lost = self.lost or lost
+        self.drained.set()
 
     def post(self, kind: str, payload: Any) -> None:
         """Queue an outgoing message (``"send"``, text) or the close (``"close"``, (code, reason))."""
         if self.closed:
             return
         if kind == "close":
-            self.closed = True
+            self.mark_closed()
         elif self.outbox.qsize() >= self.server.config.max_queued_messages:
-            # The client reads nothing, so it could not read a close frame either: drop the connection.
-            logger.warning("session %d: client is not reading (%d messages unread); dropping it",
-                           self.id, self.outbox.qsize())
-            self.closed = self.lost = True
-            self.websocket.transport.abort()
+            self.server.drop_unread(self)
             return
         self.outbox.put_nowait((kind, payload))
 
@@ -295,8 +326,19 @@ class StreamingServer:
         self.declared = {"declared_latency_ms": round(lookahead_ms + recognizer.chunk_ms, 3),
                          "lookahead_ms": round(lookahead_ms, 3), "chunk_ms": recognizer.chunk_ms}
         self.sessions: dict[int, Session] = {}
+        # Sessions holding a whole chunk, in the order they became ready: the batcher reads this rather
+        # than scanning every session at every audio message, which at 128 streams cost more than a tick.
+        self._ready_sessions: dict[Session, None] = {}
         self.ticks = 0
-        self.batch_sizes: list[int] = []
+        # Streams per tick of the last ticks (bounded: a server runs for days), and the worker's CPU
+        # seconds in the model call and in building the sessions' messages, summed over all ticks (CPU
+        # time, not wall time: on a shared machine the thread is also preempted).
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)
+        self.model_cpu_s = 0.0
+        self.messages_cpu_s = 0.0
+        self.refused = 0
+        self.dropped_unread = 0
+        self.shutting_down = False
         self._wake = asyncio.Event()
         self._worker: ThreadPoolExecutor | None = None
         self._batcher: asyncio.Task | None = None
@@ -314,7 +356,26 @@ class StreamingServer:
                                    ping_interval=20, ping_timeout=20)
         self.port = self._server.sockets[0].getsockname()[1]
 
+    async def shutdown(self) -> None:
+        """Stop as a server should on SIGTERM or Ctrl-C: refuse new clients (1001), end every stream as its
+        stop message would (the rest of its audio, the look-ahead flushed, its last ``final``, ``done``),
+        close each with 1001, and stop. Streams not done within ``shutdown_timeout_s`` are closed as
+        they are."""
+        self.shutting_down = True
+        sessions = list(self.sessions.values())
+        ends = [asyncio.ensure_future(self._finish(s, CLOSE_GOING_AWAY, "server shutting down")) for s in sessions]
+        if ends:
+            done, late = await asyncio.wait(ends, timeout=self.config.shutdown_timeout_s)
+            for task in late:
+                task.cancel()
+            if late:
+                logger.warning("%d streams did not finish within %g s; closing them as they are",
+                               len(late), self.config.shutdown_timeout_s)
+            await asyncio.gather(*ends, return_exceptions=True)
+        await self.stop()
+
     async def stop(self) -> None:
+        """Close every connection at once (1001, no last final) and stop; :meth:`shutdown` finishes first."""
         if self._server is not None:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
@@ -337,6 +398,30 @@ class StreamingServer:
     def wake(self) -> None:
         self._wake.set()
 
+    def drop_unread(self, session: Session) -> None:
+        """``session``'s client left ``max_queued_messages`` unread: queue nothing more for it, forget what
+        waits, and close it with 1008. The close frame waits behind its unread bytes, so it reaches a client
+        that reads again; one that never does is dropped after ``close_timeout_s``."""
+        logger.warning("session %d: client is not reading (%d messages unread); closing it",
+                       session.id, session.outbox.qsize())
+        self.dropped_unread += 1
+        session.mark_closed()
+        while not session.outbox.empty():
+            session.outbox.get_nowait()
+        session.dropping = asyncio.ensure_future(self._close_unread(session))
+
+    async def _close_unread(self, session: Session) -> None:
+        # The sender is blocked on the client's full buffer: stop it and close the connection from here.
+        if session.sender is not None:
+            session.sender.cancel()
+            await asyncio.gather(session.sender, return_exceptions=True)
+        websocket = session.websocket
+        reason = f"client is not reading: {self.config.max_queued_messages} messages unread"
+        try:
+            await asyncio.wait_for(websocket.close(CLOSE_POLICY, reason), self.config.close_timeout_s)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            websocket.transport.abort()
+
     # ------------------------------------------------------------------ HTTP: the page and its files
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == WEBSOCKET_PATH:
@@ -356,17 +441,29 @@ class StreamingServer:
         return Response(200, "OK", headers, body)
 
     # ------------------------------------------------------------------ one connection
+    async def _refuse(self, websocket: ServerConnection, code: int, message: str) -> None:
+        """An error message naming why, then the close (1013 at capacity, 1001 while shutting down)."""
+        self.refused += 1
+        try:
+            await websocket.send(error_json(message))
+            await websocket.close(code, message[:120])
+        except ConnectionClosed:
+            pass
+
     async def _handle(self, websocket: ServerConnection) -> None:
+        if self.shutting_down:
+            await self._refuse(websocket, CLOSE_GOING_AWAY, "server is shutting down")
+            return
         if len(self.sessions) >= self.config.max_streams:
-            await websocket.close(CLOSE_TRY_AGAIN, f"server is at capacity ({self.config.max_streams} streams); "
-                                                   "try again later")
+            await self._refuse(websocket, CLOSE_TRY_AGAIN,
+                               f"server is at capacity ({self.config.max_streams} streams); try again later")
             return
         session = Session(self, websocket)
         self.sessions[session.id] = session
         if self.config.send_buffer_bytes is not None:
             sock = websocket.transport.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
-        sender = asyncio.create_task(self._send_loop(session), name=f"streamssl-send-{session.id}")
+        session.sender = asyncio.create_task(self._send_loop(session), name=f"streamssl-send-{session.id}")
         try:
             try:
                 first = await asyncio.wait_for(websocket.recv(), self.config.start_timeout_s)
@@ -385,8 +482,11 @@ class StreamingServer:
                 if session.closed:
                     break
                 if isinstance(message, bytes):
-                    session.receive(decode_audio(message, session.start.sample_format), self.recognizer.clock())
-                    self._wake.set()
+                    samples = decode_audio(message, session.start.sample_format)
+                    # Audio after the stop (or the shutdown) began is not part of the stream.
+                    if not session.stopping and session.receive(samples, self.recognizer.clock()):
+                        self._ready_sessions[session] = None
+                        self._wake.set()
                 else:
                     parse_control(message)
                     await self._finish(session)
@@ -395,7 +495,7 @@ class StreamingServer:
             session.post("send", error_json(str(error)))
             session.post("close", (error.close_code, str(error)[:120]))
         except ConnectionClosed:
-            session.closed = session.lost = True
+            session.mark_closed(lost=True)
         except Exception as error:
             logger.exception("session %d failed", session.id)
             session.post("send", error_json(f"internal error: {error}"))
@@ -403,14 +503,18 @@ class StreamingServer:
         finally:
             session.stopping = True
             self.sessions.pop(session.id, None)
+            self._ready_sessions.pop(session, None)
+            if session.finishing is not None:
+                # The shutdown may be finishing this stream: its last final goes out before the close.
+                await asyncio.gather(session.finishing, return_exceptions=True)
             if session.lost:
-                sender.cancel()
+                session.sender.cancel()
             elif not session.closed:
                 session.post("close", (CLOSE_GOING_AWAY, "session ended"))
             if session.stream is not None and not session.stream.finished:
                 # On the worker, after any tick already queued with this stream in it.
                 await self._loop.run_in_executor(self._worker, self.recognizer.close, session.stream)
-            await asyncio.gather(sender, return_exceptions=True)
+            await asyncio.gather(session.sender, *filter(None, [session.dropping]), return_exceptions=True)
 
     async def _send_loop(self, session: Session) -> None:
         websocket = session.websocket
@@ -423,14 +527,31 @@ class StreamingServer:
                 await websocket.close(*payload)
                 return
         except ConnectionClosed:
-            session.closed = session.lost = True
+            session.mark_closed(lost=True)
 
-    async def _finish(self, session: Session) -> None:
-        """Stop message: feed the rest, flush the look-ahead, send the last final and ``done``, close."""
-        session.stopping = True
+    async def _finish(self, session: Session, code: int = CLOSE_NORMAL, reason: str = "done") -> None:
+        """Stop message or shutdown: feed the rest, flush the look-ahead, send the last final and ``done``,
+        close with ``code``. Runs once per session; a second caller waits for the first."""
+        if session.finishing is None:
+            session.finishing = asyncio.ensure_future(self._finish_once(session, code, reason))
+        await asyncio.shield(session.finishing)
+
+    async def _finish_once(self, session: Session, code: int, reason: str) -> None:
+        if session.stream is None or session.closed:
+            # Not started (or already closed): nothing to flush.
+            session.post("close", (code, reason))
+            return
+        if session.end_input():
+            self._ready_sessions[session] = None
+            self._wake.set()
+        await session.drained.wait()
+        if session.closed:
+            return
+        session.flushing = True
+        self._ready_sessions.pop(session, None)
         rest = session.take_rest()
         await self._loop.run_in_executor(self._worker, self._finish_on_worker, session, rest)
-        session.post("close", (CLOSE_NORMAL, "done"))
+        session.post("close", (code, reason))
 
     def _finish_on_worker(self, session: Session, rest: np.ndarray) -> None:
         if rest.size:
@@ -440,7 +561,9 @@ class StreamingServer:
 
     # ------------------------------------------------------------------ the batcher
     def _ready(self) -> list[Session]:
-        return [s for s in self.sessions.values() if s.ready_since is not None and not s.stopping and not s.closed]
+        """Sessions holding a whole chunk, in the order they became ready (stopping ones too: their last
+        whole chunks are worked off in the ticks)."""
+        return [s for s in self._ready_sessions if not s.flushing and not s.closed]
 
     async def _batch_loop(self) -> None:
         while True:
@@ -455,7 +578,7 @@ class StreamingServer:
         ready = self._ready()
         if not ready:
             return
-        deadline = min(s.ready_since for s in ready) + self.config.max_wait_ms / 1000
+        deadline = ready[0].ready_since + self.config.max_wait_ms / 1000
         while len(ready) < min(self.config.max_batch, len(self.sessions)):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -470,12 +593,21 @@ class StreamingServer:
         ready = sorted(self._ready(), key=lambda s: s.ready_since)
         # Taking the audio and submitting the call happen with no await between them, so a stop
         # message handled meanwhile finds this tick already queued ahead of its flush.
-        feeds = {session: session.take_ready() for session in ready[: self.config.max_batch]}
+        feeds = {}
+        for session in ready[: self.config.max_batch]:
+            feeds[session] = session.take_ready()
+            if session.ready_since is None:
+                del self._ready_sessions[session]
+                if session.stopping:
+                    session.drained.set()
+            else:  # still a whole chunk left: to the back, behind the streams that waited longer
+                self._ready_sessions[session] = self._ready_sessions.pop(session)
         self.ticks += 1
         self.batch_sizes.append(len(feeds))
         await self._loop.run_in_executor(self._worker, self._tick_on_worker, feeds)
 
     def _tick_on_worker(self, feeds: dict[Session, np.ndarray]) -> None:
+        started = time.thread_time()
         try:
             self.recognizer.accept({session.stream: audio for session, audio in feeds.items()})
         except Exception as error:
@@ -483,8 +615,11 @@ class StreamingServer:
             for session in feeds:
                 self._deliver(session, [error_json(f"internal error in the model call: {error}")], close=True)
             return
+        computed = time.thread_time()
         for session in feeds:
             self._deliver(session, session.messages_after(ended=False))
+        self.model_cpu_s += computed - started
+        self.messages_cpu_s += time.thread_time() - computed
 
     def _deliver(self, session: Session, messages: list[str], close: bool = False) -> None:
         def post() -> None:

@@ -23,23 +23,30 @@ streaming row) and the contract tests. What it does, once:
   evenly among its streams, so a real-time factor summed over streams is right at any batch size.
 
 Results never depend on which other streams share a call, nor on how the input was chunked.
+
+The core is numpy and imports no PyTorch, so an exported model runs without it
+(:class:`~streamssl.runtime.model.OnnxModel`). A PyTorch model is stepped through
+:class:`~streamssl.streaming.torch_model.TorchStepModel` (numpy in and out, no copies), which the engine
+builds for any ``torch.nn.Module`` it is given.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import sys
 import time
 from array import array
 from time import thread_time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from streamssl.asr.ctc import GreedyDecoder
-from streamssl.asr.lexicon import BeamSearchConfig, DecodedWord, LexiconDecoder
+from streamssl.asr.vocab import GreedyDecoder
+
+if TYPE_CHECKING:
+    from streamssl.asr.lexicon import BeamSearchConfig, DecodedWord
 
 Clock = Callable[[], float]
 
@@ -113,7 +120,7 @@ class StreamDecoder(Protocol):
     endpoint) and start afresh. The stream's words then come from it instead of from the tokens.
     """
 
-    def push(self, outputs: Tensor) -> list[tuple[int, int]]: ...
+    def push(self, outputs: np.ndarray) -> list[tuple[int, int]]: ...
 
     def finish(self) -> list[tuple[int, int]]: ...
 
@@ -135,7 +142,7 @@ class GreedyStreamDecoder:
         self._boundary_pending = False
         self.cpu_s = 0.0
 
-    def push(self, log_probs: Tensor) -> list[tuple[int, int]]:
+    def push(self, log_probs: np.ndarray) -> list[tuple[int, int]]:
         started = thread_time()
         new = self._decoder.push(log_probs[None])[0]
         pieces = []
@@ -167,11 +174,13 @@ class LexiconStreamDecoder:
     thread spent decoding (the beam search, its stable words, the greedy tokens)."""
 
     def __init__(self, vocab, config: BeamSearchConfig, hotwords: Sequence[Sequence[str]] = ()):
+        from streamssl.asr.lexicon import LexiconDecoder
+
         self._decoder = LexiconDecoder(vocab, 1, config, hotwords)
         self._greedy = GreedyDecoder(vocab, 1)
         self.cpu_s = 0.0
 
-    def push(self, log_probs: Tensor) -> list[tuple[int, int]]:
+    def push(self, log_probs: np.ndarray) -> list[tuple[int, int]]:
         started = thread_time()
         if log_probs.shape[0]:
             self._decoder.push(log_probs[None])
@@ -292,11 +301,10 @@ class Stream:
     def __init__(self, engine: "StreamingEngine", arrival_units_per_sample: float | None = None,
                  hotwords: Sequence[Sequence[str]] = ()):
         self.engine = engine
-        model = engine.model
-        self._state: Any = model.init_state(1)
+        self._state: Any = engine.stepper.init_state(1)
         # The stream's state lives in the engine's current batch (row ``_row``) while it is a member.
         self._row: int | None = None
-        self._pending_parts: list[Tensor] = []
+        self._pending_parts: list[np.ndarray] = []
         self.decoder = engine.decoder(hotwords) if hotwords else engine.decoder()
         # A beam search finds the words itself; greedy CTC's come from its tokens. Its words become final
         # later than their frames, so the arrival times of the frames from the last final word on are kept
@@ -383,8 +391,8 @@ class Stream:
         n = self.pending_samples
         return n if final or chunk is None else n - n % chunk
 
-    def _take(self, n: int) -> Tensor:
-        pending = torch.cat(self._pending_parts) if len(self._pending_parts) > 1 else self._pending_parts[0]
+    def _take(self, n: int) -> np.ndarray:
+        pending = np.concatenate(self._pending_parts) if len(self._pending_parts) > 1 else self._pending_parts[0]
         taken, rest = pending[:n], pending[n:]
         self._pending_parts = [rest] if rest.shape[0] else []
         return taken
@@ -438,7 +446,9 @@ class StreamingEngine:
     CTC model, its ONNX export, or a bare :class:`~streamssl.Encoder`.
 
     Args:
-        model: the model, in eval mode.
+        model: the model, in eval mode: one with that API in numpy (an ONNX export), or a
+            ``torch.nn.Module``, which is stepped through :class:`~streamssl.streaming.torch_model.TorchStepModel`
+            (:attr:`stepper`).
         decoder: a factory of one stream's :class:`StreamDecoder` (default: greedy CTC over ``model.vocab``);
             called with the stream's hotwords when it has some.
         chunk_samples: ``None`` steps on whatever is fed; a number buffers input and steps in whole chunks of
@@ -455,6 +465,7 @@ class StreamingEngine:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         self.model = model
+        self.stepper = _numpy_stepper(model)
         self.chunk_samples = chunk_samples
         self.max_tick_samples = max_tick_samples
         self.clock = clock
@@ -475,21 +486,23 @@ class StreamingEngine:
         phrases, for a beam search decoder (:func:`decoder_factory`)."""
         return Stream(self, arrival_units_per_sample, hotwords)
 
-    def feed(self, stream: Stream, samples: Tensor, at: float) -> None:
-        """Buffer ``samples`` ``(n, ...)`` for ``stream``, arrived at clock reading ``at`` (not recorded for a
-        stream whose caller records arrivals itself)."""
+    def feed(self, stream: Stream, samples: Any, at: float) -> None:
+        """Buffer ``samples`` ``(n, ...)`` (a numpy array, or anything ``numpy.asarray`` takes: a CPU tensor)
+        for ``stream``, arrived at clock reading ``at`` (not recorded for a stream whose caller records
+        arrivals itself)."""
         if stream.engine is not self:
             raise ValueError("a stream of another engine was given")
         if stream.finished:
             raise ValueError("stream already finished; start a new one")
+        samples = np.asarray(samples, dtype=self.stepper.dtype)
         if samples.shape[0] == 0:
             return
-        stream._pending_parts.append(samples.to(getattr(self.model, "dtype", samples.dtype)))
+        stream._pending_parts.append(samples)
         stream.samples_in += samples.shape[0]
         if stream.records_arrivals:
             stream.arrivals.record(stream.samples_in, at)
 
-    def accept(self, feeds: Mapping[Stream, Tensor]) -> dict[Stream, Update]:
+    def accept(self, feeds: Mapping[Stream, Any]) -> dict[Stream, Update]:
         """Feed several streams at once (arrived now) and advance them."""
         now = self.clock()
         for stream, samples in feeds.items():
@@ -500,15 +513,14 @@ class StreamingEngine:
         """Step ``streams`` over their ready input, in as few calls as possible; ``final`` also steps a
         last partial chunk."""
         updates = {s: Update([], [], "") for s in streams}
-        with torch.inference_mode():
-            while True:
-                ready = [(s, n) for s in updates if (n := s._ready(final)) > 0]
-                if not ready:
-                    break
-                width = max(n for _, n in ready)
-                if self.max_tick_samples is not None:
-                    width = min(width, self.max_tick_samples)
-                self._tick([s for s, _ in ready], [min(n, width) for _, n in ready], width, updates)
+        while True:
+            ready = [(s, n) for s in updates if (n := s._ready(final)) > 0]
+            if not ready:
+                break
+            width = max(n for _, n in ready)
+            if self.max_tick_samples is not None:
+                width = min(width, self.max_tick_samples)
+            self._tick([s for s, _ in ready], [min(n, width) for _, n in ready], width, updates)
         for stream, update in updates.items():
             update.partial, update.stable, update.unstable = stream.text, stream.stable_text, stream.unstable_text
         return updates
@@ -521,16 +533,15 @@ class StreamingEngine:
             if stream.finished:
                 raise ValueError("stream already finished")
         self.advance(streams, final=True)
-        with torch.inference_mode():
-            started, started_cpu = time.perf_counter(), time.process_time()
-            state = self._state_of(list(streams))
-            outputs, emitted, _ = self.model.flush_window(state)
-            finals = []
-            for row, (stream, count) in enumerate(zip(streams, emitted.tolist())):
-                new = stream.decoder.push(outputs[row, :count])
-                finals.append((new + stream.decoder.finish(), stream.frames_out, count))
-                stream.frames_out += count
-            wall, cpu = time.perf_counter() - started, time.process_time() - started_cpu
+        started, started_cpu = time.perf_counter(), time.process_time()
+        state = self._state_of(list(streams))
+        outputs, emitted, _ = self.stepper.flush_window(state)
+        finals = []
+        for row, (stream, count) in enumerate(zip(streams, emitted.tolist())):
+            new = stream.decoder.push(outputs[row, :count])
+            finals.append((new + stream.decoder.finish(), stream.frames_out, count))
+            stream.frames_out += count
+        wall, cpu = time.perf_counter() - started, time.process_time() - started_cpu
         emitted_at = self.clock()
         self._release(streams)
         results = {}
@@ -555,11 +566,12 @@ class StreamingEngine:
         """One ``step_window`` call: stream ``i`` gives ``counts[i]`` samples, right-aligned in ``width``."""
         started, started_cpu = time.perf_counter(), time.process_time()
         pieces = [s._take(n) for s, n in zip(streams, counts)]
-        chunk = torch.zeros((len(pieces), width, *pieces[0].shape[1:]), dtype=pieces[0].dtype)
+        # A fresh array each call: a model may keep views of its input in its state.
+        chunk = np.zeros((len(pieces), width, *pieces[0].shape[1:]), dtype=pieces[0].dtype)
         for row, piece in enumerate(pieces):
             chunk[row, width - piece.shape[0]:] = piece
         state = self._state_of(streams)
-        outputs, emitted, state = self.model.step_window(chunk, state, torch.tensor(counts))
+        outputs, emitted, state = self.stepper.step_window(chunk, state, np.array(counts, dtype=np.int64))
         self._members, self._batch_state = tuple(streams), state
         self.calls += 1
         decoded = []
@@ -581,7 +593,7 @@ class StreamingEngine:
         self._release(self._members)
         if len(streams) == 1:
             return streams[0]._state
-        return self.model.stack_states([s._state for s in streams])
+        return self.stepper.stack_states([s._state for s in streams])
 
     def _release(self, streams: Iterable[Stream]) -> None:
         """Give members of the current batch their own state again (the batch is about to change)."""
@@ -595,6 +607,17 @@ class StreamingEngine:
                 stream._row = None
         if all(s._row is None for s in members):
             self._members, self._batch_state = (), None
+
+
+def _numpy_stepper(model: Any) -> Any:
+    """``model`` itself, or for a ``torch.nn.Module`` its numpy :class:`~streamssl.streaming.torch_model.TorchStepModel`.
+    A PyTorch model exists only once torch is imported, so asking ``sys.modules`` keeps this torch-free."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        from streamssl.streaming.torch_model import TorchStepModel
+
+        return TorchStepModel(model)
+    return model
 
 
 def _frame_geometry(model: Any) -> tuple[int, int, int]:

@@ -14,7 +14,8 @@ Usage::
 
 A :class:`Recognizer` is the batched streaming core (:class:`~streamssl.streaming.engine.StreamingEngine`:
 batching, decoding, words, emission delay) with what live audio needs on top: checks of the samples, a
-checkpoint loader, and the ONNX Runtime backend. Emission delay (docs/methods.md section 5.3) runs from the
+checkpoint loader, and the ONNX Runtime backend (:meth:`Recognizer.from_export`: an exported file, run
+without PyTorch). Emission delay (docs/methods.md section 5.3) runs from the
 clock reading of the :meth:`Stream.accept` call that completed a frame's window to the clock reading once its
 tokens were decoded: waiting for a chunk to fill, for look-ahead audio, and compute are all inside it.
 """
@@ -23,16 +24,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from streamssl.asr.ctc import RecognitionModel
 from streamssl.data.audio import MAX_FLOAT_PEAK
-from streamssl.export import OnnxModel, export_model
 from streamssl.latency import Latency
+from streamssl.runtime.model import OnnxModel
 from streamssl.streaming.engine import (
     Clock,
     Stream,
@@ -44,6 +42,9 @@ from streamssl.streaming.engine import (
     Word,
 )
 
+if TYPE_CHECKING:
+    from streamssl.asr.ctc import RecognitionModel
+
 __all__ = ["BACKENDS", "Recognizer", "Stream", "Token", "Transcript", "Update", "Word"]
 
 BACKENDS = ("torch", "onnx")
@@ -52,20 +53,25 @@ BACKENDS = ("torch", "onnx")
 MAX_TICK_S = 1.0
 
 
-def _as_samples(samples: Any) -> Tensor:
-    """A 1-D float tensor, or ``ValueError`` saying what is wrong with ``samples``."""
-    if isinstance(samples, np.ndarray):
-        samples = torch.from_numpy(np.ascontiguousarray(samples))
-    if not isinstance(samples, Tensor):
+def _as_samples(samples: Any) -> np.ndarray:
+    """A 1-D float numpy array, or ``ValueError`` saying what is wrong with ``samples``. A torch tensor is
+    read on the CPU (without a copy there), without importing torch here."""
+    if hasattr(samples, "detach") and hasattr(samples, "numpy"):
+        if not samples.is_floating_point():
+            raise ValueError(f"samples must be floating point in [-1, 1], got dtype {samples.dtype}; "
+                             "convert integer PCM with x / 32768")
+        samples = samples.detach().cpu()
+        samples = (samples if str(samples.dtype) in ("torch.float32", "torch.float64") else samples.float()).numpy()
+    if not isinstance(samples, np.ndarray):
         raise ValueError(f"samples must be a 1-D numpy array or torch tensor, got {type(samples).__name__}")
-    if samples.dim() != 1:
+    if samples.ndim != 1:
         raise ValueError(f"samples must be 1-D (mono), got shape {tuple(samples.shape)}")
-    if not samples.is_floating_point():
+    if not np.issubdtype(samples.dtype, np.floating):
         raise ValueError(f"samples must be floating point in [-1, 1], got dtype {samples.dtype}; "
                          "convert integer PCM with x / 32768")
-    if not torch.isfinite(samples).all():
+    if not np.isfinite(samples).all():
         raise ValueError("samples contain NaN or infinite values")
-    peak = float(samples.abs().max()) if samples.numel() else 0.0
+    peak = float(np.abs(samples).max()) if samples.size else 0.0
     if peak > MAX_FLOAT_PEAK:
         raise ValueError(f"samples must be floats in [-1, 1], got a peak magnitude of {peak:g}; integer PCM "
                          "values stored as floats (int16 range) need dividing by 32768")
@@ -85,14 +91,15 @@ class Recognizer(StreamingEngine):
             simulated clock (see :mod:`streamssl.streaming.pacing`) can be passed in.
         backend: ``"torch"``, or ``"onnx"``: the model's step exported at ``chunk_ms``
             (:func:`streamssl.export.export_model`) and run by ONNX Runtime on one thread; an
-            :class:`~streamssl.export.OnnxModel` may also be passed as ``model``.
+            :class:`~streamssl.runtime.model.OnnxModel` may also be passed as ``model`` (with either
+            backend: it is ONNX Runtime's), and needs no PyTorch.
         decoder: a factory of one stream's decoder (:func:`~streamssl.streaming.engine.decoder_factory`:
             greedy CTC, the default, or the lexicon beam search with a word LM); with a beam search, each
             update's partial is its best hypothesis with the stable words marked (``update.stable``,
             ``update.unstable``), and a word is emitted when it becomes stable.
     """
 
-    def __init__(self, model: RecognitionModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter,
+    def __init__(self, model: RecognitionModel | OnnxModel, chunk_ms: float | None = None, clock: Clock = time.perf_counter,
                  backend: str = "torch", decoder: Callable[..., StreamDecoder] | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -101,6 +108,8 @@ class Recognizer(StreamingEngine):
         if backend == "onnx" and not isinstance(model, OnnxModel):
             if chunk_ms is None:
                 raise ValueError("backend='onnx' runs an export at a fixed chunk size; give chunk_ms")
+            from streamssl.export import export_model
+
             model = OnnxModel(export_model(model, chunk_ms)[0])
         error = model.stream_error()
         if error is not None:
@@ -118,10 +127,24 @@ class Recognizer(StreamingEngine):
     @classmethod
     def from_checkpoint(cls, path: str | Path, chunk_ms: float | None = None, clock: Clock = time.perf_counter,
                         backend: str = "torch", decoder: Callable[..., StreamDecoder] | None = None) -> "Recognizer":
-        """Load a fine-tuned CTC checkpoint (file or run folder) made by ``streamssl finetune``."""
+        """Load a fine-tuned CTC checkpoint (file or run folder) made by ``streamssl finetune``; an ONNX
+        export is refused with a pointer to :meth:`from_export`."""
+        if Path(path).suffix == ".onnx":
+            raise ValueError(f"{path} is an ONNX export, not a checkpoint: load it with Recognizer.from_export "
+                             "(on the command line: --model)")
         from streamssl.train.checkpoint import load_checkpoint
 
         return cls(load_checkpoint(path, kind="finetune").model, chunk_ms, clock, backend, decoder)
+
+    @classmethod
+    def from_export(cls, path: str | Path | bytes, chunk_ms: float | None = None, threads: int = 1,
+                    clock: Clock = time.perf_counter,
+                    decoder: Callable[..., StreamDecoder] | None = None) -> "Recognizer":
+        """Load a file written by ``streamssl export`` and run it in ONNX Runtime on ``threads`` threads,
+        without PyTorch. ``chunk_ms`` defaults to the export's chunk (any other steps its chunks in
+        several calls or partial ones; transcripts do not change)."""
+        model = OnnxModel(path, threads=threads)
+        return cls(model, model.info.chunk_ms if chunk_ms is None else chunk_ms, clock, "onnx", decoder)
 
     def latency(self) -> Latency:
         """The model's declared look-ahead (the chunk wait is :attr:`chunk_ms` on top)."""
