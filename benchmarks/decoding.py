@@ -16,16 +16,20 @@ against the goals (>= 25 % over greedy, >= 10 % over unigram).
 Part 2, hotwords: per utterance, its reference words that are rare (outside the 20 000 most frequent
 English words of wordfreq) or outside the decoder's lexicon are its hotwords, next to as many distractor
 rare words from other utterances. Recall of the hotwords (the share of their occurrences in the
-hypothesis, matched as a multiset) without and with them, against the goal (>= 90 %), and the WER of
-every other word with and without (the margin: it may grow by at most 1 point absolute).
+hypothesis, matched as a multiset) without them, with boost 40 wholly in the look-ahead (before), and
+with ``--hotword-boost``/``--hotword-lookahead``, against the goal (>= 90 %), and the WER of every other
+word (the margin: it may grow by at most 1 point absolute).
 
-Part 3, how long the beam takes to agree on a word (its emission delay apart from compute and queueing):
-the log-probabilities pushed in 40 ms chunks, from a word's last letter's frame to the push after which
-every hypothesis had it.
+Part 3, how long a word takes to become stable (its emission delay apart from compute and queueing), for
+each stability rule (``stable_margin``: inf, a word is stable once every hypothesis has it; a finite
+margin, once every hypothesis within the margin of the best has it, the search then kept to the stable
+words): the log-probabilities pushed in 40 ms chunks, from a word's last letter's frame to the push after
+which it was stable; and the WER of the transcripts (the constraint can change them), the times no
+hypothesis agreed with the stable words any more (``fallbacks``), and the decoding CPU.
 
 Part 4, the server: ``--clients`` clients each stream ``--seconds`` of test utterances (1 s of silence
 between them, so the endpointer cuts) at real-time pace to a ``streamssl serve --decoder lexicon --lm``
-process (one torch thread) in 40 ms PCM16 messages; the p95 emission delay of the words of the finals
+process (one torch thread, ``--stable-margin``) in 40 ms PCM16 messages; the p95 emission delay of the words of the finals
 (the server's figure: from receiving the audio that completes a word's last frame to the moment the word
 became stable) against declared latency + 300 ms, the greedy tokens' p95 delay in the same run (compute
 and queueing alone), the server process' cores, and its decoders' CPU share.
@@ -38,12 +42,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +155,9 @@ def part_wer(model, utterances, lm: str, beams: dict[str, BeamSearchConfig]) -> 
     return rows, {"log_probs": log_probs, "refs": refs}
 
 
-def part_hotwords(model, utterances, log_probs, refs, beam: BeamSearchConfig) -> dict:
+def part_hotwords(model, log_probs, refs, beam: BeamSearchConfig, boosts: list[tuple[float, float]]) -> dict:
+    """Hotword recall and the other words' WER without hotwords and with each ``(hotword_boost,
+    hotword_lookahead)`` of ``boosts``."""
     import wordfreq
 
     lexicon = set(LexiconDecoder(model.vocab, 1, beam).words)
@@ -165,24 +173,31 @@ def part_hotwords(model, utterances, log_probs, refs, beam: BeamSearchConfig) ->
     sub = [log_probs[i] for i in keep]
     words = [targets[i] for i in keep]
     plain, _ = beam_decode(model.vocab, sub, beam)
-    boosted, cpu = beam_decode(model.vocab, sub, beam, [phrases[i] for i in keep])
     rest = [refs[i] for i in keep]
     other_plain = score(without(words, rest), without(words, plain))[0]
-    other_boosted = score(without(words, rest), without(words, boosted))[0]
+    rows = []
+    for boost, lookahead in boosts:
+        boosted, _ = beam_decode(model.vocab, sub, replace(beam, hotword_boost=boost, hotword_lookahead=lookahead),
+                                 [phrases[i] for i in keep])
+        other = score(without(words, rest), without(words, boosted))[0]
+        rows.append({"hotword_boost": boost, "hotword_lookahead": lookahead, "recall_with": recall(words, boosted),
+                     "other_words_wer_with": other, "recall_goal_met": recall(words, boosted) >= 0.9,
+                     "margin_kept": other <= other_plain + WER_MARGIN})
     return {"utterances": len(keep), "hotword_occurrences": sum(len(w) for w in words),
             "out_of_lexicon": sum(w not in lexicon for t in words for w in t),
-            "recall_without": recall(words, plain), "recall_with": recall(words, boosted),
-            "other_words_wer_without": other_plain, "other_words_wer_with": other_boosted,
-            "margin": WER_MARGIN, "recall_goal_met": recall(words, boosted) >= 0.9,
-            "margin_kept": other_boosted <= other_plain + WER_MARGIN}
+            "recall_without": recall(words, plain), "other_words_wer_without": other_plain, "margin": WER_MARGIN,
+            "with": rows}
 
 
-def part_stability(model, log_probs: list[torch.Tensor], beam: BeamSearchConfig) -> dict:
-    """How long the beam takes to agree on a word, apart from any compute or queueing: frames pushed in
-    40 ms chunks; for each word, from its last letter's frame to the frame after which it was stable."""
+def part_stability(model, log_probs: list[torch.Tensor], refs: list[str], beam: BeamSearchConfig) -> dict:
+    """How long a word takes to become stable, apart from any compute or queueing: frames pushed in 40 ms
+    chunks; for each word, from its last letter's frame to the frame after which it was stable; and the
+    WER, fallbacks and CPU of that streamed decoding."""
     frame_ms = 1000 * model.hop_samples / model.sample_rate
     step = max(1, round(40 / frame_ms))
-    lags = []
+    lags, hyps, fallbacks = [], [], 0
+    LexiconDecoder(model.vocab, 1, beam)  # build the search graph before timing
+    started = time.process_time()
     for rows in log_probs:
         decoder, seen = LexiconDecoder(model.vocab, 1, beam), 0
         for start in range(0, rows.shape[0], step):
@@ -193,8 +208,15 @@ def part_stability(model, log_probs: list[torch.Tensor], beam: BeamSearchConfig)
             seen = max(seen, stable)
         decoder.finish()
         lags += [frame_ms * (rows.shape[0] - w.last_frame) for w in decoder.hypothesis(0)[0][seen:]]
-    return {"words": len(lags), "lag_p50_ms": float(np.percentile(lags, 50)) if lags else None,
-            "lag_p95_ms": float(np.percentile(lags, 95)) if lags else None}
+        hyps.append(decoder.texts()[0])
+        fallbacks += decoder.fallbacks
+    cpu_s = time.process_time() - started
+    return {"stable_margin": beam.stable_margin if math.isfinite(beam.stable_margin) else None,  # None: inf
+            "words": len(lags),
+            "lag_p50_ms": float(np.percentile(lags, 50)) if lags else None,
+            "lag_p95_ms": float(np.percentile(lags, 95)) if lags else None,
+            "wer": score(refs, hyps)[0], "fallbacks": fallbacks,
+            "decode_rtf": cpu_s / (sum(r.shape[0] for r in log_probs) * frame_ms / 1000)}
 
 
 def client_audio(utterances, index: int, seconds: float) -> np.ndarray:
@@ -285,6 +307,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="first N utterances of --data")
     parser.add_argument("--lm-weight", type=float, default=0.5, help="the 3-gram decoder's LM weight")
     parser.add_argument("--word-score", type=float, default=-1.0, help="the 3-gram decoder's word score")
+    parser.add_argument("--stable-margin", type=float, default=0.0,
+                        help="the stability rule measured against 'every hypothesis agrees' (part 3), and the "
+                             "server's (part 4; default 0: a word is stable once the best hypothesis ends it)")
+    parser.add_argument("--hotword-boost", type=float, default=BeamSearchConfig.hotword_boost,
+                        help="hotword boost measured next to 40 with the whole boost in the look-ahead (part 2)")
+    parser.add_argument("--hotword-lookahead", type=float, default=BeamSearchConfig.hotword_lookahead)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="audio per server client")
     parser.add_argument("--skip-serve", action="store_true", help="parts 1 and 2 only")
@@ -315,23 +343,33 @@ def main() -> None:
     print(f"\n3-gram: {100 * goals['vs_greedy']:.1f} % relative WER reduction over greedy (goal 25 %: "
           f"{'met' if goals['vs_greedy'] >= 0.25 else 'missed'}), {100 * goals['vs_unigram']:.1f} % over unigram "
           f"(goal 10 %: {'met' if goals['vs_unigram'] >= 0.10 else 'missed'})\n")
-    hot = part_hotwords(model, utterances, shared["log_probs"], shared["refs"], beams["lexicon, 3-gram"])
-    print(markdown_table(["hotwords", "utterances", "occurrences", "out of lexicon", "recall without", "recall with",
-                          "other words' WER without", "with"],
-                         [["3-gram", hot["utterances"], hot["hotword_occurrences"], hot["out_of_lexicon"],
-                           f"{100 * hot['recall_without']:.1f} %", f"{100 * hot['recall_with']:.1f} %",
-                           f"{100 * hot['other_words_wer_without']:.1f} %",
-                           f"{100 * hot['other_words_wer_with']:.1f} %"]]))
-    print(f"\nhotword recall goal (90 %): {'met' if hot['recall_goal_met'] else 'missed'}; other words within "
-          f"{100 * WER_MARGIN:g} point(s): {'yes' if hot['margin_kept'] else 'no'}\n")
-    stability = {name: part_stability(model, shared["log_probs"], beam) for name, beam in beams.items()}
-    print(markdown_table(["decoder", "words", "beam agrees after p50 ms", "p95 ms"],
-                         [[name, r["words"], f"{r['lag_p50_ms'] or 0:.0f}", f"{r['lag_p95_ms'] or 0:.0f}"]
+    boosts = [(40.0, 1.0), (args.hotword_boost, args.hotword_lookahead)]
+    hot = part_hotwords(model, shared["log_probs"], shared["refs"], beams["lexicon, 3-gram"],
+                        list(dict.fromkeys(boosts)))
+    print(f"hotwords (3-gram): {hot['utterances']} utterances, {hot['hotword_occurrences']} occurrences, "
+          f"{hot['out_of_lexicon']} outside the lexicon\n")
+    print(markdown_table(["boost", "look-ahead share", "hotword recall", "other words' WER", "recall goal 90 %",
+                          f"other words within {100 * WER_MARGIN:g} point"],
+                         [["none", "", f"{100 * hot['recall_without']:.1f} %",
+                           f"{100 * hot['other_words_wer_without']:.1f} %", "", ""]]
+                         + [[f"{r['hotword_boost']:g}", f"{r['hotword_lookahead']:g}", f"{100 * r['recall_with']:.1f} %",
+                             f"{100 * r['other_words_wer_with']:.1f} %", "met" if r["recall_goal_met"] else "missed",
+                             "yes" if r["margin_kept"] else "no"] for r in hot["with"]]))
+    print()
+    rules = {f"{name}, {label}": replace(beam, stable_margin=margin) for name, beam in beams.items()
+             for label, margin in (("every hypothesis agrees", math.inf), (f"margin {args.stable_margin:g}",
+                                                                            args.stable_margin))}
+    stability = {name: part_stability(model, shared["log_probs"], shared["refs"], beam) for name, beam in rules.items()}
+    print(markdown_table(["decoder, stable when", "words", "stable after p50 ms", "p95 ms", "WER %", "fallbacks",
+                          "decode CPU / audio"],
+                         [[name, r["words"], f"{r['lag_p50_ms'] or 0:.0f}", f"{r['lag_p95_ms'] or 0:.0f}",
+                           f"{100 * r['wer']:.1f}", r["fallbacks"], f"{r['decode_rtf']:.3f}"]
                           for name, r in stability.items()]))
     print()
     serve = None
     if not args.skip_serve:
-        serve = part_serve(args.checkpoint, utterances, beams["lexicon, 3-gram"], args.clients, args.seconds)
+        serve = part_serve(args.checkpoint, utterances, replace(beams["lexicon, 3-gram"], stable_margin=args.stable_margin),
+                           args.clients, args.seconds)
         print(markdown_table(["clients", "audio/client s", "declared ms", "words", "stable p50 ms", "stable p95 ms",
                               "goal ms", "token p95 ms", "server cores", "decoder cores", "load"],
                              [[serve["clients"], serve["audio_s_per_client"], f"{serve['declared_ms']:g}", serve["words"],

@@ -4,7 +4,9 @@ a segment, hotwords per stream."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import pytest
 import torch
@@ -30,26 +32,28 @@ def audio(seconds: float = 2.0) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def offline(seconds: float = 2.0):
+def offline(seconds: float = 2.0, beam: BeamSearchConfig = BEAM):
     """The offline beam search over the whole utterance: its words (with frames) and its text."""
     with torch.no_grad():
         log_probs, lengths = model()(audio(seconds)[None])
-    decoder = LexiconDecoder(model().vocab, 1, BEAM)
+    decoder = LexiconDecoder(model().vocab, 1, beam)
     decoder.push(log_probs, lengths)
     decoder.finish()
     return decoder.hypothesis(0)[0], decoder.texts()[0]
 
 
-def recognizer(chunk_ms=None, clock=None) -> Recognizer:
+def recognizer(chunk_ms=None, clock=None, beam: BeamSearchConfig = BEAM) -> Recognizer:
     kwargs = {} if clock is None else {"clock": clock}
-    return Recognizer(model(), chunk_ms=chunk_ms, decoder=decoder_factory(model().vocab, BEAM), **kwargs)
+    return Recognizer(model(), chunk_ms=chunk_ms, decoder=decoder_factory(model().vocab, beam), **kwargs)
 
 
+@pytest.mark.parametrize("margin", [math.inf, 0.0])
 @settings(max_examples=8, deadline=None)
 @given(pieces=st.lists(st.integers(160, 9000), min_size=1, max_size=5), chunk_ms=st.sampled_from([None, 20.0, 50.0]))
-def test_streamed_beam_search_equals_offline_for_any_chunking(pieces, chunk_ms):
-    words, text = offline()
-    stream = recognizer(chunk_ms).stream()
+def test_streamed_beam_search_equals_offline_for_any_chunking(margin, pieces, chunk_ms):
+    beam = dataclasses.replace(BEAM, stable_margin=margin)
+    words, text = offline(beam=beam)
+    stream = recognizer(chunk_ms, beam=beam).stream()
     samples, fed, i, stable = audio(), 0, 0, []
     while fed < samples.numel():
         n = pieces[i % len(pieces)]

@@ -1,5 +1,7 @@
 """Lexicon beam search: writes only lexicon words, corrects a misspelling greedy CTC keeps, streams exactly."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -53,16 +55,18 @@ def test_lexicon_writes_only_its_words_and_its_size_is_the_option():
     assert text and set(text.split()) <= set(decoder.words)
 
 
+@pytest.mark.parametrize("margin", [math.inf, 0.0, 2.0])
 @settings(max_examples=25, deadline=None)
 @given(cuts=st.lists(st.integers(0, 60), max_size=8), seed=st.integers(0, 3))
-def test_chunked_decoding_equals_whole(cuts, seed):
+def test_chunked_decoding_equals_whole(margin, cuts, seed):
     generator = torch.Generator().manual_seed(seed)
     log_probs = torch.randn(2, 60, len(VOCAB), generator=generator).mul(3).log_softmax(-1)
     lengths = torch.tensor([60, 41])
-    whole = LexiconDecoder(VOCAB, 2)
+    config = BeamSearchConfig(stable_margin=margin)
+    whole = LexiconDecoder(VOCAB, 2, config)
     whole.push(log_probs, lengths)
     whole.finish()
-    chunked = LexiconDecoder(VOCAB, 2)
+    chunked = LexiconDecoder(VOCAB, 2, config)
     bounds = [0, *sorted(cuts), 60]
     stable_seen = [[], []]
     for start, end in zip(bounds, bounds[1:]):
@@ -80,6 +84,33 @@ def test_chunked_decoding_equals_whole(cuts, seed):
         assert chunked.hypothesis(b) == (words, stable) and stable == len(words)
         assert words[:len(stable_seen[b])] == stable_seen[b]
         assert all(0 <= w.first_frame <= w.last_frame < lengths[b] and 0 < w.confidence <= 1 for w in words)
+
+
+def test_a_margin_makes_words_stable_sooner_and_keeps_them(tmp_path):
+    from streamssl.asr.lm import estimate, sentences_of, write_arpa
+
+    # MAT sounds likelier than MAP, but "MAP IS OLD" is what the LM knows: the beam changes its mind at OLD
+    write_arpa(estimate(sentences_of("THE MAT IS RED. THE MAP IS OLD. " * 3), order=3), tmp_path / "lm.arpa")
+    log_probs = spelt("THE MAT IS OLD", {6: {"T": 0.45, "P": 0.35}})
+
+    def stable_after_each_frame(margin):
+        decoder = LexiconDecoder(VOCAB, 1, BeamSearchConfig(lm=str(tmp_path / "lm.arpa"), lm_weight=1.0, word_score=0.0,
+                                                            stable_margin=margin))
+        stable = []
+        for t in range(log_probs.shape[1]):
+            decoder.push(log_probs[:, t:t + 1])
+            words, count = decoder.hypothesis(0)
+            stable.append(" ".join(w.text for w in words[:count]))
+        decoder.finish()
+        return stable, decoder.texts()[0]
+
+    every, every_text = stable_after_each_frame(math.inf)
+    best, best_text = stable_after_each_frame(0.0)
+    # every hypothesis agrees on THE only after IS (frame 22); MAT is stable once the best closes it (14) ...
+    assert every.index("THE") == 22 and every_text == "THE MAP IS OLD"
+    assert best.index("THE") == 6 and best.index("THE MAT") == 14 and best.index("THE MAT IS") == 20
+    # ... and the search is kept to it: MAP, which the LM prefers later, is never written
+    assert best_text == "THE MAT IS OLD"
 
 
 def test_word_frames_and_confidence():
@@ -166,7 +197,9 @@ def test_offline_and_streaming_evaluation_agree_with_the_lexicon(tmp_path):
     (dict(lexicon_words=0), "lexicon_words"), (dict(beam_size=2.5), "beam_size"),
     (dict(lm_weight=float("nan")), "lm_weight"), (dict(lm_weight=-1.0), "lm_weight"),
     (dict(beam_threshold=0.0), "beam_threshold"), (dict(word_score=float("inf")), "word_score"),
-    (dict(hotword_boost=-1.0), "hotword_boost"),
+    (dict(hotword_boost=-1.0), "hotword_boost"), (dict(hotword_lookahead=1.5), "hotword_lookahead"),
+    (dict(stable_margin=-1.0), "stable_margin"), (dict(stable_margin=float("nan")), "stable_margin"),
+    (dict(stable_margin=1.0, lm_weight=0.0), "lm_weight > 0"),
 ])
 def test_bad_options_are_named(options, name):
     with pytest.raises(ValueError, match=name):

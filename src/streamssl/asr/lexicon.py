@@ -16,14 +16,22 @@ cannot be written, except hotwords.
 
 **Hotwords** (context biasing): phrases of one or more words given per stream. Words of a phrase that are
 not in the lexicon are added to it (with the language model's ``<unk>`` probability); every word that
-continues a phrase earns ``hotword_boost`` (added to its LM log-probability, so weighed by ``lm_weight``),
-also in the spelling trie's look-ahead so that a boosted word is not pruned before it ends; a phrase left
-unfinished gives its earned boost back, so only whole phrases gain.
+continues a phrase earns ``hotword_boost`` (added to its LM log-probability, so weighed by ``lm_weight``);
+a phrase left unfinished gives its earned boost back, so only whole phrases gain. A share of the boost
+(``hotword_lookahead``) is in the spelling trie's look-ahead, so that a boosted word is not pruned before
+it ends; the whole boost there let a hypothesis spelling a boosted prefix push the others out of the beam
+(``docs/decoding.md``).
 
 **Streaming.** The decoder is frame-synchronous: fed chunk by chunk (:meth:`LexiconDecoder.push`) it keeps
-the same beam as when fed a whole utterance, so streamed transcripts equal offline ones. After each push
-the words that every hypothesis in the beam has in common are *stable*: every later hypothesis extends one
-in the beam, so they can no longer change (:meth:`LexiconDecoder.hypothesis`). Once every hypothesis has
+the same beam as when fed a whole utterance, so streamed transcripts equal offline ones. A word of the best
+hypothesis is *stable* (final, :meth:`LexiconDecoder.hypothesis`) once every hypothesis scoring within
+``stable_margin`` of the best has it too. With an infinite margin that is every hypothesis of the beam:
+every later hypothesis extends one of them, so the words cannot change. With a finite margin, a hypothesis
+further behind may disagree, so the search is constrained to the stable words: the word LM gives a
+hypothesis that writes another word at a stable word's place (or ends without one) a score no other can
+fall below (:data:`DISAGREE_LOG_PROB`), and the best hypothesis reported is the best that agrees. Then the
+stable words depend on when the rule was applied, so it is applied after every frame, never at the ends of
+pushes: any chunking gives the same search, and still streamed equals offline. Once every hypothesis has
 written the stable words by the frame where the best one did, the history before that frame is pruned
 (flashlight's ``prune``), which bounds memory and work by the unstable stretch; pruning alone, at fixed
 look-backs, would commit to the best path so far and change transcripts. Usage::
@@ -50,6 +58,10 @@ from streamssl.asr.lm import UNKNOWN, arpa_words, english_words
 from streamssl.data.text import normalize_text
 
 LN10 = math.log(10)
+# The word LM's log-probability for a word that contradicts a stable word: far below any real score, so the
+# beam drops the hypothesis at once whenever one that agrees is left, yet finite, so that a beam where none
+# agrees (possible in principle, never seen) still ends with a hypothesis (see LexiconDecoder._report).
+DISAGREE_LOG_PROB = -1e9
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,11 @@ class BeamSearchConfig:
     ``word_score``: added per written word (negative: fewer, longer words).
     ``beam_size``: hypotheses kept per frame; ``beam_size_token``: tokens tried per hypothesis and frame;
     ``beam_threshold``: hypotheses scoring this far below the best are dropped.
-    ``hotword_boost``: added to the LM log-probability of each word that continues a hotword phrase.
+    ``hotword_boost``: added to the LM log-probability of each word that continues a hotword phrase;
+    ``hotword_lookahead``: the share of it the letters of a hotword already earn (the trie's look-ahead).
+    ``stable_margin``: a word is stable (final) once every hypothesis scoring within this much of the best
+    (natural log, the search's score) has it; ``math.inf``: once every hypothesis of the beam has it (the
+    search is then never constrained). A finite margin needs ``lm_weight > 0`` (the constraint is an LM score).
     The defaults were chosen on the demo's dev split (``docs/results.md``, ``docs/decoding.md``).
     """
 
@@ -74,12 +90,14 @@ class BeamSearchConfig:
     beam_size_token: int = 12
     beam_threshold: float = 20.0
     hotword_boost: float = 40.0
+    hotword_lookahead: float = 0.75
+    stable_margin: float = math.inf
 
     def __post_init__(self):
         for name in ("lexicon_words", "beam_size", "beam_size_token"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("lm_weight", "word_score", "beam_threshold", "hotword_boost"):
+        for name in ("lm_weight", "word_score", "beam_threshold", "hotword_boost", "hotword_lookahead"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}")
         if self.lm_weight < 0 or self.beam_threshold <= 0:
@@ -87,6 +105,14 @@ class BeamSearchConfig:
                              f"{self.beam_threshold!r}")
         if self.hotword_boost < 0:
             raise ValueError(f"hotword_boost must be >= 0, got {self.hotword_boost!r}")
+        if not 0 <= self.hotword_lookahead <= 1:
+            raise ValueError(f"hotword_lookahead must be in [0, 1], got {self.hotword_lookahead!r}")
+        if not self.stable_margin >= 0:
+            raise ValueError(f"stable_margin must be >= 0 (math.inf: every hypothesis agrees), got "
+                             f"{self.stable_margin!r}")
+        if math.isfinite(self.stable_margin) and self.lm_weight == 0:
+            raise ValueError("a finite stable_margin needs lm_weight > 0: the beam is kept to the stable words "
+                             "through the LM score")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -191,51 +217,88 @@ class _Phrases:
         return owed, ()
 
 
+_DISAGREES = -1  # the ``checked`` count of a hypothesis that contradicted a stable word
+
+
 class _WordLM(fl.LM):
-    """The decoder's LM: an inner word model plus hotword boosts.
+    """The decoder's LM: an inner word model plus hotword boosts, and, when ``constrain``, the stable words.
 
     flashlight merges hypotheses whose LM states are the same object, so there is one state per
-    ``(last order-1 words, matched hotword prefix)``; the inner model's score depends on nothing else.
+    ``(last order-1 words, matched hotword prefix, checked, unchecked)``; the inner model's score depends on
+    nothing else. ``stable`` holds the labels of the segment's stable words (the decoder appends to it);
+    ``checked`` is the position of a hypothesis' first word not yet compared with them (or ``_DISAGREES``),
+    ``unchecked`` its last words from there on, at most order-1 of them (one for a unigram LM), the words
+    the LM tells apart already: keeping more would keep apart
+    hypotheses the plain search merges (the same last words, another word long before), and the beam would
+    fill with near-copies that disagree on an old word. A word dropped unchecked is taken to agree, so a
+    hypothesis that disagrees may survive the LM; the decoder never reports one (``LexiconDecoder._best``).
+    Without ``constrain`` both stay ``0, ()``, so the states, and the search, are those of the plain LM.
     """
 
-    def __init__(self, inner: _Unigram | _Ngram, phrases: _Phrases, boost: float):
+    def __init__(self, inner: _Unigram | _Ngram, phrases: _Phrases, boost: float, constrain: bool):
         fl.LM.__init__(self)
         self.inner = inner
         self.phrases = phrases
         self.boost = boost
+        self.constrain = constrain
+        self.stable: list[int] = []
         self._history = max(inner.order - 1, 0)
+        self._checkable = max(self._history, 1)
         self._unknown = getattr(inner, "unknown", None)
         self._states: dict[tuple, fl.LMState] = {}
-        self._info: dict[fl.LMState, tuple[tuple[int, ...], tuple[int, ...], object]] = {}
+        self._info: dict[fl.LMState, tuple] = {}
 
-    def _state(self, history: tuple[int, ...], prefix: tuple[int, ...], inner: object) -> fl.LMState:
-        key = (history, prefix)
+    def _state(self, history: tuple[int, ...], prefix: tuple[int, ...], checked: int, unchecked: tuple[int, ...],
+               inner: object) -> fl.LMState:
+        key = (history, prefix, checked, unchecked)
         state = self._states.get(key)
         if state is None:
             state = self._states[key] = fl.LMState()
-            self._info[state] = (history, prefix, inner)
+            self._info[state] = (history, prefix, checked, unchecked, inner)
         return state
 
     def start(self, start_with_nothing: bool) -> fl.LMState:
-        return self._state((), (), self.inner.start())
+        return self._state((), (), 0, (), self.inner.start())
 
     def forget(self) -> None:
-        """Drop every state: the search that used them ended (an endpoint), and the next one starts afresh."""
+        """Drop every state and the stable words: the search that used them ended (an endpoint), and the
+        next one starts afresh."""
         self._states.clear()
         self._info.clear()
+        self.stable = []
+
+    def _check(self, checked: int, unchecked: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+        """Compare a hypothesis' unchecked words with the stable words known by now."""
+        while unchecked and checked < len(self.stable):
+            if unchecked[0] != self.stable[checked]:
+                return _DISAGREES, ()
+            checked, unchecked = checked + 1, unchecked[1:]
+        return checked, unchecked
 
     def score(self, state: fl.LMState, word: int) -> tuple[fl.LMState, float]:
-        history, prefix, inner = self._info[state]
+        history, prefix, checked, unchecked, inner = self._info[state]
         inner, log_prob = self.inner.score(inner, word)
         boosts, prefix = self.phrases.step(prefix, word) if self.phrases.prefixes else (0, ())
         if self._history:
             lm_word = word if self._unknown is None else min(word, self._unknown)
             history = (history + (lm_word,))[-self._history:]
-        return self._state(history, prefix, inner), log_prob + self.boost * boosts
+        if self.constrain and checked != _DISAGREES:
+            checked, unchecked = self._check(checked, unchecked + (word,))
+            if checked == _DISAGREES:
+                log_prob = DISAGREE_LOG_PROB
+            elif len(unchecked) > self._checkable:
+                checked, unchecked = checked + 1, unchecked[1:]
+        return self._state(history, prefix, checked, unchecked, inner), log_prob + self.boost * boosts
 
     def finish(self, state: fl.LMState) -> tuple[fl.LMState, float]:
-        history, prefix, inner = self._info[state]
-        return state, self.inner.finish(inner) - self.boost * self.phrases.unfinished(prefix)
+        history, prefix, checked, unchecked, inner = self._info[state]
+        log_prob = self.inner.finish(inner) - self.boost * self.phrases.unfinished(prefix)
+        # a hypothesis that ends before a stable word, or contradicts one it has not been checked against
+        if self.constrain and checked != _DISAGREES:
+            checked, unchecked = self._check(checked, unchecked)
+            if checked == _DISAGREES or checked < len(self.stable):
+                log_prob = DISAGREE_LOG_PROB
+        return state, log_prob
 
 
 @lru_cache(maxsize=4)
@@ -256,8 +319,8 @@ def _base_graph(lm: str | None, n_words: int, letters: str) -> tuple[tuple[str, 
 
 
 @lru_cache(maxsize=16)
-def _search_graph(lm: str | None, n_words: int, symbols: tuple[str, ...], hotwords: Hotwords, boost: float
-                  ) -> tuple[dict[int, str], int, _Unigram | _Ngram, _Phrases, fl.Trie]:
+def _search_graph(lm: str | None, n_words: int, symbols: tuple[str, ...], hotwords: Hotwords,
+                  lookahead_boost: float) -> tuple[dict[int, str], int, _Unigram | _Ngram, _Phrases, fl.Trie]:
     """The words by label (the lexicon's ``0..n-1``, then added hotwords after the reserved ``<unk>`` label
     ``n``), ``n``, the inner LM, the hotword phrases as labels and the spelling trie (each word ending in a
     space, scored by its boosted unigram log-probability)."""
@@ -278,7 +341,7 @@ def _search_graph(lm: str | None, n_words: int, symbols: tuple[str, ...], hotwor
     trie = fl.Trie(len(vocab), space)
     for word, label in label_of.items():
         trie.insert([vocab.index[c] for c in word] + [space], label,
-                    log_prob_of[word] + (boost if word in boosted else 0.0))
+                    log_prob_of[word] + (lookahead_boost if word in boosted else 0.0))
     trie.smear(fl.SmearingMode.MAX)
     phrases = _Phrases(tuple(label_of[w] for w in phrase) for phrase in hotwords)
     return {label: w for w, label in label_of.items()}, unknown, inner, phrases, trie
@@ -294,11 +357,18 @@ class _Path:
     tokens: list[int]
 
 
+def _agrees(words: Sequence[int], stable: Sequence[int]) -> bool:
+    """Whether a hypothesis' words contradict none of the stable words (it may not have reached them all)."""
+    return all(mine == theirs for mine, theirs in zip(words, stable))
+
+
 class LexiconDecoder:
     """Lexicon beam search for a batch of streams, whole utterances or chunk by chunk.
 
     ``vocab`` must have a space symbol (the word boundary); ``batch_size`` streams are decoded independently,
     each with the ``hotwords`` phrases (tuples of upper-case words, see :func:`parse_hotwords`).
+    ``fallbacks`` counts the times a finite ``stable_margin`` left no hypothesis in a beam that agreed with
+    the stable words (the words shown were then the stable ones, then the best hypothesis' later words).
     """
 
     def __init__(self, vocab: CharVocab, batch_size: int, config: BeamSearchConfig | None = None,
@@ -310,7 +380,7 @@ class LexiconDecoder:
         self.hotwords: Hotwords = tuple(tuple(w.upper() for w in phrase) for phrase in hotwords if phrase)
         self._labels, unknown, inner, phrases, self._trie = _search_graph(
             self.config.lm, self.config.lexicon_words, tuple(vocab.symbols), self.hotwords,
-            self.config.hotword_boost)
+            self.config.hotword_boost * self.config.hotword_lookahead)
         self.words = tuple(self._labels.values())
         space = vocab.index[" "]
         options = fl.LexiconDecoderOptions(
@@ -318,20 +388,25 @@ class LexiconDecoder:
             beam_threshold=self.config.beam_threshold, lm_weight=self.config.lm_weight,
             word_score=self.config.word_score, unk_score=-math.inf, sil_score=0.0, log_add=False,
             criterion_type=fl.CriterionType.CTC)
-        self._lms = [_WordLM(inner, phrases, self.config.hotword_boost) for _ in range(batch_size)]
+        self._constrained = math.isfinite(self.config.stable_margin)
+        self._lms = [_WordLM(inner, phrases, self.config.hotword_boost, self._constrained) for _ in range(batch_size)]
         self._decoders = [fl.LexiconDecoder(options, self._trie, lm, space, vocab.blank, unknown, [], False)
                           for lm in self._lms]
         for decoder in self._decoders:
             decoder.decode_begin()
         self.frames = [0] * batch_size
+        self.fallbacks = 0
         self._finished = [False] * batch_size
         # Per stream: frame of array index 1 of flashlight's buffer (it moves on at each prune), the words
-        # committed before it, the best hypothesis after it, how many of those are stable, and the
-        # emissions from the buffer's start on (for confidences).
+        # committed before it (and how many of them are this segment's), the best hypothesis after it, how
+        # many of those are stable, the stable ones as they were written when they became stable, and the
+        # emissions from the buffer's start on (for confidences). The stable words' labels are the LM's.
         self._origin = [0] * batch_size
         self._committed: list[list[DecodedWord]] = [[] for _ in range(batch_size)]
+        self._segment_committed = [0] * batch_size
         self._open: list[list[DecodedWord]] = [[] for _ in range(batch_size)]
         self._open_stable = [0] * batch_size
+        self._stable_words: list[list[DecodedWord]] = [[] for _ in range(batch_size)]
         self._spelling = [""] * batch_size
         self._rows: list[list[np.ndarray]] = [[] for _ in range(batch_size)]
         self._rows_from = [0] * batch_size
@@ -350,10 +425,15 @@ class LexiconDecoder:
             if self._finished[b]:
                 raise ValueError(f"stream {b} was finished; it takes no more frames")
             row = emissions[b, :count]
-            decoder.decode_step(row.ctypes.data, count, row.shape[1])
             self._rows[b].append(row.copy())
-            self.frames[b] += count
-            self._settle(b)
+            # A constrained search depends on when words became stable: decide after every frame, so that
+            # the search does not depend on how the frames were chunked.
+            steps = [(t, 1) for t in range(count)] if self._constrained else [(0, count)]
+            for start, frames in steps:
+                decoder.decode_step(row[start:].ctypes.data, frames, row.shape[1])
+                self.frames[b] += frames
+                paths = self._settle(b)
+            self._report(b, paths)
 
     def finish(self) -> None:
         """End every stream: the words still open at the last frame are closed and scored; all are final."""
@@ -361,8 +441,7 @@ class LexiconDecoder:
             if not self._finished[b]:
                 decoder.decode_end()
                 self._finished[b] = True
-                self._open[b] = self._words_of(b, self._paths(b)[0])
-                self._open_stable[b], self._spelling[b] = len(self._open[b]), ""
+                self._report(b, self._paths(b), final=True)
 
     def end_segment(self, b: int) -> None:
         """End stream ``b``'s segment here (an endpoint): its words are closed, scored and final, and the
@@ -371,8 +450,10 @@ class LexiconDecoder:
             raise ValueError(f"stream {b} was finished")
         decoder = self._decoders[b]
         decoder.decode_end()
-        self._committed[b] += self._words_of(b, self._paths(b)[0])
-        self._open[b], self._open_stable[b], self._spelling[b] = [], 0, ""
+        self._report(b, self._paths(b), final=True)
+        self._committed[b] += self._open[b]
+        self._open[b], self._open_stable[b], self._spelling[b], self._stable_words[b] = [], 0, "", []
+        self._segment_committed[b] = 0
         self._lms[b].forget()
         decoder.decode_begin()
         self._origin[b] = self._rows_from[b] = self.frames[b]
@@ -392,53 +473,95 @@ class LexiconDecoder:
 
     # ------------------------------------------------------------ stable words and pruning
     def _paths(self, b: int) -> list[_Path]:
-        """The beam's hypotheses, best first (ties: the first in flashlight's order, as its prune takes)."""
+        """The beam's hypotheses, in flashlight's order."""
         paths = []
         for result in self._decoders[b].get_all_final_hypothesis():
             words = result.words
             emitted = [i for i, w in enumerate(words) if w >= 0]
             paths.append(_Path(result.score, [words[i] for i in emitted], emitted, result.tokens))
-        best = max(range(len(paths)), key=lambda i: (paths[i].score, -i))
-        return [paths[best]] + paths[:best] + paths[best + 1:]
+        return paths
 
-    def _settle(self, b: int) -> None:
-        """Find the stable words after a push, and prune the history where every hypothesis agrees."""
-        decoder = self._decoders[b]
+    def _stable_labels(self, b: int) -> list[int]:
+        """The labels of the stable words after the committed ones."""
+        return self._lms[b].stable[self._segment_committed[b]:]
+
+    @staticmethod
+    def _best(paths: list[_Path], stable: list[int]) -> _Path | None:
+        """The best hypothesis that agrees with the stable words (ties: the first, as flashlight's prune takes)."""
+        agreeing = [i for i, p in enumerate(paths) if _agrees(p.word_ids, stable)]
+        return paths[max(agreeing, key=lambda i: (paths[i].score, -i))] if agreeing else None
+
+    def _settle(self, b: int) -> list[_Path]:
+        """Extend the stable words after a step, and prune the history where every hypothesis agrees;
+        returns the beam's hypotheses (read after the prune)."""
         paths = self._paths(b)
-        best = paths[0]
-        stable = len(best.word_ids)
-        for path in paths[1:]:
-            common = 0
-            for mine, theirs in zip(best.word_ids, path.word_ids):
-                if mine != theirs:
-                    break
-                common += 1
-            stable = min(stable, common)
-        self._open[b] = self._words_of(b, best)
-        self._open_stable[b] = stable
-        space = self.vocab.index[" "]
-        start = best.emitted_at[-1] + 1 if best.emitted_at else 0
-        letters = [t for i, t in enumerate(best.tokens[start:], start=start)
-                   if t not in (self.vocab.blank, space) and t != (best.tokens[i - 1] if i else space)]
-        self._spelling[b] = "".join(self.vocab.symbols[t] for t in letters)
-        # Prune after the last stable word that no hypothesis wrote later than the best one did (flashlight
-        # prunes back to the frame after a word of the best path), if frames follow it.
+        stable = self._stable_labels(b)
+        best = self._best(paths, stable)
+        if best is None:
+            return paths
+        floor = best.score - self.config.stable_margin
+        agreed = len(best.word_ids)
+        for path in paths:
+            if path.score >= floor and _agrees(path.word_ids, stable):
+                common = 0
+                for mine, theirs in zip(best.word_ids, path.word_ids):
+                    if mine != theirs:
+                        break
+                    common += 1
+                agreed = min(agreed, common)
+        if agreed > len(stable):
+            self._lms[b].stable += best.word_ids[len(stable):agreed]
+            self._stable_words[b] = self._words_of(b, best)[:agreed]
+        return self._prune(b, paths, best, max(agreed, len(stable)))
+
+    def _prune(self, b: int, paths: list[_Path], best: _Path, stable: int) -> list[_Path]:
+        """Prune after the last stable word that every hypothesis has, written no later than the best one
+        did, and no later word before it (flashlight prunes back to the frame after a word of the best path),
+        if frames follow it."""
         buffer_end = len(best.tokens) - 1
         cut = 0
-        for j in range(stable, 0, -1):
+        for j in range(min(stable, len(best.word_ids)), 0, -1):
             at = best.emitted_at[j - 1]
-            if at + 1 <= buffer_end and all(p.emitted_at[j - 1] <= at for p in paths[1:]):
+            if at + 1 <= buffer_end and all(
+                    p.word_ids[:j] == best.word_ids[:j] and p.emitted_at[j - 1] <= at
+                    and (len(p.emitted_at) == j or p.emitted_at[j] > at) for p in paths):
                 cut = j
                 break
         if not cut:
-            return
+            return paths
+        words = self._words_of(b, best)  # read before the prune drops the frames they were written at
         prune_index = best.emitted_at[cut - 1] + 1
-        decoder.prune(buffer_end - prune_index)
-        self._committed[b] += self._open[b][:cut]
-        self._open[b] = self._open[b][cut:]
-        self._open_stable[b] -= cut
+        self._decoders[b].prune(buffer_end - prune_index)
+        self._committed[b] += words[:cut]
+        self._segment_committed[b] += cut
+        self._stable_words[b] = self._stable_words[b][cut:]
         self._origin[b] += prune_index
         self._trim_rows(b, self._origin[b] - 1)
+        return self._paths(b)
+
+    def _report(self, b: int, paths: list[_Path], final: bool = False) -> None:
+        """Set stream ``b``'s best hypothesis after the committed words, and its stable count and spelling."""
+        stable = self._stable_labels(b)
+        best = self._best(paths, stable)
+        spelling = ""
+        if best is None:
+            # no hypothesis agrees any more: keep the stable words and show what the best one says after them
+            self.fallbacks += 1
+            last = self._stable_words[b][-1].last_frame
+            overall = max(paths, key=lambda p: p.score)
+            words = self._stable_words[b] + [w for w in self._words_of(b, overall) if w.first_frame > last]
+        elif len(best.word_ids) < len(stable):  # it has not written every stable word yet
+            words = list(self._stable_words[b])
+        else:
+            words = self._words_of(b, best)
+            space = self.vocab.index[" "]
+            start = best.emitted_at[-1] + 1 if best.emitted_at else 0
+            letters = [t for i, t in enumerate(best.tokens[start:], start=start)
+                       if t not in (self.vocab.blank, space) and t != (best.tokens[i - 1] if i else space)]
+            spelling = "".join(self.vocab.symbols[t] for t in letters)
+        self._open[b] = words
+        self._open_stable[b] = len(words) if final else len(stable)
+        self._spelling[b] = "" if final else spelling
 
     def _trim_rows(self, b: int, frame: int) -> None:
         """Drop the emissions of frames before ``frame`` (no word can start there any more)."""

@@ -153,6 +153,10 @@ def add_decoder_arguments(parser: argparse.ArgumentParser, default: str) -> None
     group.add_argument("--beam-size", type=int, default=64, help="hypotheses kept per frame (default 64)")
     group.add_argument("--hotword-boost", type=float, default=40.0,
                        help="LM log-probability added per word of a hotword phrase (default 40)")
+    group.add_argument("--stable-margin", type=float, default=math.inf, metavar="NATS",
+                       help="a word is final once every hypothesis within this score of the best has it; the "
+                            "search is then kept to the final words (0: as soon as the best hypothesis ends it; "
+                            "sooner, a higher WER: docs/decoding.md); default inf: once every hypothesis has it")
 
 
 def beam_config(args: argparse.Namespace) -> "BeamSearchConfig | None":
@@ -165,7 +169,8 @@ def beam_config(args: argparse.Namespace) -> "BeamSearchConfig | None":
             raise ValueError("--lm needs --decoder lexicon; greedy decoding uses no language model")
         return None
     return BeamSearchConfig(lexicon_words=args.lexicon_words, lm=args.lm, lm_weight=args.lm_weight,
-                            word_score=args.word_score, beam_size=args.beam_size, hotword_boost=args.hotword_boost)
+                            word_score=args.word_score, beam_size=args.beam_size, hotword_boost=args.hotword_boost,
+                            stable_margin=args.stable_margin)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
