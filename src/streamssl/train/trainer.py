@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from streamssl.mixers import checkpoint_blocks
 from streamssl.train.checkpoint import (encoder_record, naming, read_payload, rng_state, save_checkpoint,
-                                        set_rng_state)
+                                        set_rng_state, vocab_entries)
 from streamssl.train.data import CutSplit, training_batches
 from streamssl.train.dist import World
 from streamssl.train.health import health_summary, health_warnings
@@ -237,7 +237,7 @@ class Trainer:
                 "kind": self.task.kind,
                 "encoder_config": self.task.encoder_config.to_dict(),
                 "task_config": self.config.to_dict(),
-                "vocab": self.task.vocab.symbols if self.task.vocab is not None else None,
+                **vocab_entries(self.task.vocab),
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
