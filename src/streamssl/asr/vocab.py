@@ -135,9 +135,9 @@ class SentencePieceVocab:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        """The text of ``ids``: blanks (and ``<unk>``) dropped, pieces joined, single spaces between words."""
-        unknown = self.index[PIECE_UNKNOWN]
-        text = "".join(self.symbols[i] for i in ids if i not in (self.blank, unknown))
+        """The text of ``ids``: blanks dropped, pieces joined, single spaces between words (the streaming
+        engine's words are the same split)."""
+        text = "".join(self.symbols[i] for i in ids if i != self.blank)
         return " ".join(word for word in text.split(self.word_boundary) if word)
 
     @property
