@@ -1,15 +1,19 @@
 """Subword units: a sentencepiece vocabulary trained on the training transcripts, saved in the checkpoint,
 decoded by greedy CTC, the streaming engine's words and the lexicon search exactly as characters are."""
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from train_corpus import WORDS, make_corpus
 
-from streamssl.asr.ctc import CharVocab, greedy_decode
+from streamssl import EncoderConfig
+from streamssl.asr.ctc import CharVocab, CTCModel, greedy_decode
 from streamssl.asr.lexicon import BeamSearchConfig, LexiconDecoder
 from streamssl.asr.vocab import PIECE_BOUNDARY, SentencePieceVocab, make_vocab, split_word_start, train_sentencepiece
+from streamssl.export import ExportInfo, OnnxModel, export_model
 from streamssl.streaming.engine import GreedyStreamDecoder, Token, words_of
 from streamssl.train.api import build_config, run_training
 from streamssl.train.checkpoint import load_checkpoint
@@ -157,3 +161,16 @@ def test_characters_stay_the_default_and_bad_vocab_settings_are_named(corpus, tm
         build_config("finetune", "tiny", None, [("vocab.pieces", 3)], train_data=corpus)
     with pytest.raises(ValueError, match="could not train 5000 pieces"):
         run_training("finetune", sp_config(corpus, 1, size=5000), str(tmp_path / "ft"), progress=False)
+
+
+def test_an_export_carries_the_pieces_and_an_older_one_reads_as_characters(vocab):
+    torch.manual_seed(0)
+    model = CTCModel(EncoderConfig.tiny(mixer="llsa"), vocab=vocab).eval()
+    data, info = export_model(model, 40)
+    assert info.vocabulary_kind == "sentencepiece" and info.vocabulary == vocab.symbols
+    runtime = OnnxModel(data)
+    assert isinstance(runtime.vocab, SentencePieceVocab) and runtime.vocab.model_proto == vocab.model_proto
+    assert runtime.vocab.encode("THE CAT") == vocab.encode("THE CAT")
+    record = {k: v for k, v in info.__dict__.items() if k not in ("vocabulary_kind", "vocabulary_model")}
+    older = ExportInfo.from_json(json.dumps(record))
+    assert older.vocabulary_kind == "characters" and older.vocabulary_model is None
