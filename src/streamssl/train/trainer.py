@@ -169,7 +169,7 @@ class Trainer:
         self.progress, self.log = progress and world.is_main, log if world.is_main else (lambda *a, **k: None)
         self.model: nn.Module = task.model.to(world.device)
         cfg = self.config
-        # The fused kernel: one pass over every parameter instead of a dozen small ops each, 3-5 % of a
+        # The fused kernel: one pass over every parameter instead of a dozen small ops each, 3-11 % of a
         # demo-size CPU step (benchmarks/train_throughput.py, "fused").
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
