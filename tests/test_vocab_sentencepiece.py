@@ -13,7 +13,8 @@ from streamssl import EncoderConfig
 from streamssl.asr.ctc import CharVocab, CTCModel, greedy_decode
 from streamssl.asr.lexicon import BeamSearchConfig, LexiconDecoder
 from streamssl.asr.vocab import PIECE_BOUNDARY, SentencePieceVocab, make_vocab, split_word_start, train_sentencepiece
-from streamssl.export import ExportInfo, OnnxModel, export_model
+from streamssl.export import export_model
+from streamssl.runtime.model import ExportInfo, OnnxModel
 from streamssl.streaming.engine import GreedyStreamDecoder, Token, words_of
 from streamssl.train.api import build_config, run_training
 from streamssl.train.checkpoint import load_checkpoint
