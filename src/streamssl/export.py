@@ -21,6 +21,7 @@ declared latency, vocabulary and word boundary, and the log-mel settings.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import io
@@ -41,6 +42,13 @@ from streamssl.frontends.fbank import FbankFrontend
 from streamssl.runtime.logmel import PCM_SCALE, knf_settings
 from streamssl.runtime.model import (FORMAT_VERSION, HOST_PREFIX, HOST_STATE_KEYS, METADATA_KEY, NEW_STATE_PREFIX,
                                      STATE_PREFIX, ExportInfo)
+
+
+def _vocabulary_model(vocab) -> str | None:
+    """A sentencepiece vocabulary's serialised model as base64 text (metadata values are strings), so the
+    lexicon search can spell its words in pieces beside the export too."""
+    proto = getattr(vocab, "model_proto", None)
+    return base64.b64encode(proto).decode("ascii") if proto is not None else None
 
 
 def state_names(state: Any) -> tuple[list[str], list[Tensor], TreeSpec]:
@@ -237,7 +245,8 @@ def export_model(model: CTCModel, chunk_ms: float, out: str | Path | None = None
         frames_per_chunk=frames_per_chunk,
         flush_calls=math.ceil(pad_frames / frames_per_chunk),
         latency=model.latency().to_dict(), vocabulary=list(model.vocab.symbols),
-        word_boundary=model.vocab.word_boundary,
+        word_boundary=model.vocab.word_boundary, vocabulary_kind=model.vocab.kind,
+        vocabulary_model=_vocabulary_model(model.vocab),
         inputs=input_specs,
         outputs=[{"name": "log_probs", "shape": ["batch", log_probs.shape[1], len(model.vocab)], "dtype": "float32"},
                  {"name": "emitted", "shape": ["batch"], "dtype": "int64"}],

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from streamssl.asr.vocab import BLANK, CharVocab, GreedyDecoder
+from streamssl.asr.vocab import BLANK, CharVocab, GreedyDecoder, SentencePieceVocab
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder, EncoderState
 from streamssl.frontends import FeatureAugment
@@ -105,7 +105,7 @@ class CTCState:
 
 
 class CTCModel(nn.Module):
-    """Encoder + CTC head over :class:`CharVocab`.
+    """Encoder + CTC head over ``vocab`` (:class:`CharVocab`, the default, or :class:`SentencePieceVocab`).
 
     Args:
         encoder_config: the encoder to build (weights may then be loaded from a pretraining run).
@@ -117,7 +117,8 @@ class CTCModel(nn.Module):
 
     def __init__(self, encoder_config: EncoderConfig, head: str = "linear", lstm_hidden: int = 320,
                  lstm_layers: int = 1, bidirectional: bool = False, mask_prob: float = 0.0,
-                 mask_length: int = 10, freeze_frontend: bool = False, vocab: CharVocab | None = None):
+                 mask_length: int = 10, freeze_frontend: bool = False,
+                 vocab: CharVocab | SentencePieceVocab | None = None):
         super().__init__()
         self.vocab = vocab or CharVocab()
         self.encoder = Encoder(encoder_config)

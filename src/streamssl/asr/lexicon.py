@@ -53,7 +53,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from flashlight.lib.text import decoder as fl
 
-from streamssl.asr.vocab import CharVocab
+from streamssl.asr.vocab import CharVocab, SentencePieceVocab, make_vocab, split_word_start
 from streamssl.asr.lm import UNKNOWN, arpa_words, english_words
 from streamssl.data.text import normalize_text
 
@@ -319,14 +319,16 @@ def _base_graph(lm: str | None, n_words: int, letters: str) -> tuple[tuple[str, 
 
 
 @lru_cache(maxsize=16)
-def _search_graph(lm: str | None, n_words: int, symbols: tuple[str, ...], hotwords: Hotwords,
-                  lookahead_boost: float) -> tuple[dict[int, str], int, _Unigram | _Ngram, _Phrases, fl.Trie]:
+def _search_graph(lm: str | None, n_words: int, vocab_key: tuple[str, tuple[str, ...], bytes | None],
+                  hotwords: Hotwords, lookahead_boost: float
+                  ) -> tuple[dict[int, str], int, _Unigram | _Ngram, _Phrases, fl.Trie]:
     """The words by label (the lexicon's ``0..n-1``, then added hotwords after the reserved ``<unk>`` label
-    ``n``), ``n``, the inner LM, the hotword phrases as labels and the spelling trie (each word ending in a
-    space, scored by its boosted unigram log-probability)."""
-    vocab = CharVocab(list(symbols))
-    space = vocab.index[" "]
-    letters = "".join(s for s in symbols[1:] if len(s) == 1 and s != " ")
+    ``n``), ``n``, the inner LM, the hotword phrases as labels and the spelling trie (each word spelt by
+    ``vocab.spell``: its letters and a space, or its sentencepiece pieces; scored by its boosted unigram
+    log-probability). ``vocab_key``: the vocabulary's kind, symbols and sentencepiece model."""
+    vocab = make_vocab(*vocab_key)
+    space = vocab.separator
+    letters = vocab.letters
     base_words, base_log_probs, inner = _base_graph(lm, n_words, letters)
     for phrase in hotwords:
         for word in phrase:
@@ -340,7 +342,7 @@ def _search_graph(lm: str | None, n_words: int, symbols: tuple[str, ...], hotwor
     boosted = {w for phrase in hotwords for w in phrase}
     trie = fl.Trie(len(vocab), space)
     for word, label in label_of.items():
-        trie.insert([vocab.index[c] for c in word] + [space], label,
+        trie.insert(vocab.spell(word), label,
                     log_prob_of[word] + (lookahead_boost if word in boosted else 0.0))
     trie.smear(fl.SmearingMode.MAX)
     phrases = _Phrases(tuple(label_of[w] for w in phrase) for phrase in hotwords)
@@ -365,24 +367,26 @@ def _agrees(words: Sequence[int], stable: Sequence[int]) -> bool:
 class LexiconDecoder:
     """Lexicon beam search for a batch of streams, whole utterances or chunk by chunk.
 
-    ``vocab`` must have a space symbol (the word boundary); ``batch_size`` streams are decoded independently,
+    ``vocab``: characters with a space symbol (the word boundary), or sentencepiece pieces (with the model
+    that spells the lexicon's words); ``batch_size`` streams are decoded independently,
     each with the ``hotwords`` phrases (tuples of upper-case words, see :func:`parse_hotwords`).
     ``fallbacks`` counts the times a finite ``stable_margin`` left no hypothesis in a beam that agreed with
     the stable words (the words shown were then the stable ones, then the best hypothesis' later words).
     """
 
-    def __init__(self, vocab: CharVocab, batch_size: int, config: BeamSearchConfig | None = None,
+    def __init__(self, vocab: CharVocab | SentencePieceVocab, batch_size: int, config: BeamSearchConfig | None = None,
                  hotwords: Sequence[Sequence[str]] = ()):
-        if " " not in vocab.index:
+        if vocab.kind == "characters" and vocab.word_boundary not in vocab.index:
             raise ValueError(f"lexicon decoding needs a space symbol in the vocabulary, got {vocab.symbols}")
         self.vocab = vocab
         self.config = config or BeamSearchConfig()
         self.hotwords: Hotwords = tuple(tuple(w.upper() for w in phrase) for phrase in hotwords if phrase)
         self._labels, unknown, inner, phrases, self._trie = _search_graph(
-            self.config.lm, self.config.lexicon_words, tuple(vocab.symbols), self.hotwords,
+            self.config.lm, self.config.lexicon_words,
+            (vocab.kind, tuple(vocab.symbols), getattr(vocab, "model_proto", None)), self.hotwords,
             self.config.hotword_boost * self.config.hotword_lookahead)
         self.words = tuple(self._labels.values())
-        space = vocab.index[" "]
+        space = vocab.separator
         options = fl.LexiconDecoderOptions(
             beam_size=self.config.beam_size, beam_size_token=self.config.beam_size_token,
             beam_threshold=self.config.beam_threshold, lm_weight=self.config.lm_weight,
@@ -554,11 +558,12 @@ class LexiconDecoder:
             words = list(self._stable_words[b])
         else:
             words = self._words_of(b, best)
-            space = self.vocab.index[" "]
+            space = self.vocab.separator
             start = best.emitted_at[-1] + 1 if best.emitted_at else 0
             letters = [t for i, t in enumerate(best.tokens[start:], start=start)
                        if t not in (self.vocab.blank, space) and t != (best.tokens[i - 1] if i else space)]
-            spelling = "".join(self.vocab.symbols[t] for t in letters)
+            spelling = "".join(split_word_start(self.vocab.symbols[t], self.vocab.word_boundary)[1]
+                                   for t in letters)
         self._open[b] = words
         self._open_stable[b] = len(words) if final else len(stable)
         self._spelling[b] = "" if final else spelling
@@ -576,7 +581,7 @@ class LexiconDecoder:
         frames and confidences."""
         tokens = path.tokens
         rows = np.concatenate(self._rows[b]) if len(self._rows[b]) > 1 else (self._rows[b][0] if self._rows[b] else None)
-        space, blank = self.vocab.index[" "], self.vocab.blank
+        space, blank = self.vocab.separator, self.vocab.blank
         words: list[DecodedWord] = []
         letters: list[tuple[int, int]] = []
         emitted = dict(zip(path.emitted_at, path.word_ids))

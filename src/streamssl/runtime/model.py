@@ -18,6 +18,7 @@ metadata, and says what is wrong.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from streamssl.asr.vocab import CharVocab
+from streamssl.asr.vocab import CharVocab, SentencePieceVocab, make_vocab
 from streamssl.latency import Latency
 from streamssl.runtime.logmel import LogMel, knf_options_from
 
@@ -77,6 +78,10 @@ class ExportInfo:
     outputs: list[dict[str, Any]]
     states: list[dict[str, Any]]
     features: dict[str, Any] | None = None
+    # "characters" or "sentencepiece" (exports before subword units: characters); a sentencepiece
+    # vocabulary also carries its model (base64), which the lexicon search spells its words with.
+    vocabulary_kind: str = "characters"
+    vocabulary_model: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -361,12 +366,14 @@ class OnnxModel:
         return out, emitted, state
 
 
-def _vocabulary(info: ExportInfo, what: str) -> CharVocab:
-    """The export's vocabulary, rebuilt from its symbols and word boundary."""
-    if info.word_boundary != CharVocab.word_boundary:
-        raise ExportError(f"{what}: its word boundary {info.word_boundary!r} is not the character vocabulary's "
-                          f"{CharVocab.word_boundary!r}; this runtime rebuilds character vocabularies only")
+def _vocabulary(info: ExportInfo, what: str) -> CharVocab | SentencePieceVocab:
+    """The export's vocabulary, rebuilt from its kind, symbols and (sentencepiece) model."""
     try:
-        return CharVocab(info.vocabulary)
+        model_proto = base64.b64decode(info.vocabulary_model) if info.vocabulary_model is not None else None
+        vocab = make_vocab(info.vocabulary_kind, info.vocabulary, model_proto)
     except ValueError as error:
         raise ExportError(f"{what}: {error}") from None
+    if info.word_boundary != vocab.word_boundary:
+        raise ExportError(f"{what}: its word boundary {info.word_boundary!r} is not the {vocab.kind} vocabulary's "
+                          f"{vocab.word_boundary!r}")
+    return vocab

@@ -148,4 +148,5 @@ class Endpointer:
         return segment
 
     def _text(self, tokens: list[Token]) -> str:
-        return "".join(t.text for t in tokens).strip(self.word_boundary)
+        # The words are the tokens' text split at the boundary (a token of its own, or a piece's first mark).
+        return " ".join(word for word in "".join(t.text for t in tokens).split(self.word_boundary) if word)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Se
 
 import numpy as np
 
-from streamssl.asr.vocab import GreedyDecoder
+from streamssl.asr.vocab import GreedyDecoder, split_word_start
 
 if TYPE_CHECKING:
     from streamssl.asr.lexicon import BeamSearchConfig, DecodedWord
@@ -147,14 +147,15 @@ class GreedyStreamDecoder:
         new = self._decoder.push(log_probs[None])[0]
         pieces = []
         for _, token_id in new:
-            symbol = self._symbols[token_id]
-            if symbol == self._boundary:
+            starts_word, letters = split_word_start(self._symbols[token_id], self._boundary)
+            if starts_word:
                 self._boundary_pending = bool(self._text or pieces)
+            if not letters:
                 continue
             if self._boundary_pending:
-                pieces.append(self._boundary)
+                pieces.append(" ")
                 self._boundary_pending = False
-            pieces.append(symbol)
+            pieces.append(letters)
         if pieces:
             self._text += "".join(pieces)
         self.cpu_s += thread_time() - started
@@ -262,18 +263,21 @@ class WordBuilder:
         return list(self._open)
 
     def push(self, token: Token) -> Word | None:
-        """Take the next token; returns the word it completed, if any."""
-        if token.text != self.boundary:
+        """Take the next token; returns the word it completed, if any (a token that starts a word, the
+        space of characters or a piece beginning with U+2581, completes the one before)."""
+        starts_word, letters = split_word_start(token.text, self.boundary)
+        word = self.close() if starts_word else None
+        if letters:
             self._open.append(token)
-            return None
-        return self.close()
+        return word
 
     def close(self) -> Word | None:
         """The stream (or segment) ended: the word in progress, if any."""
         if not self._open:
             return None
         chars, self._open = self._open, []
-        return Word("".join(t.text for t in chars), chars[0].start_s, chars[-1].end_s, chars[-1].delay_s)
+        text = "".join(split_word_start(t.text, self.boundary)[1] for t in chars)
+        return Word(text, chars[0].start_s, chars[-1].end_s, chars[-1].delay_s)
 
 
 def words_of(tokens: Iterable[Token], boundary: str) -> list[Word]:

@@ -22,7 +22,7 @@ import yaml
 from streamssl.train.config import PRESETS, FinetuneConfig, PretrainConfig, RunConfig
 
 # Mapping fields that ``KEY.SUBKEY=VALUE`` pairs set one entry of.
-NESTED_FIELDS = ("encoder", "objective_options")
+NESTED_FIELDS = ("encoder", "objective_options", "vocab")
 
 
 def build_config(kind: str, preset_name: str, config_path: str | None = None,
@@ -84,9 +84,9 @@ def run_training(kind: str, config: RunConfig, out: str, device: str | None = No
     of a CPU run depend on.
     """
     from streamssl.asr.ctc import CharVocab
-    from streamssl.train.data import CutSplit, load_split
+    from streamssl.train.data import CutSplit, load_split, spellable
     from streamssl.train.dist import close_world, init_world
-    from streamssl.train.tasks import FinetuneTask, PretrainTask
+    from streamssl.train.tasks import FinetuneTask, PretrainTask, finetune_vocab
     from streamssl.train.trainer import Trainer, reproducible, seed_everything
 
     if config.train_data is None:
@@ -94,14 +94,20 @@ def run_training(kind: str, config: RunConfig, out: str, device: str | None = No
     world = init_world(device)
     try:
         say = print if world.is_main else (lambda *a, **k: None)
-        vocab = CharVocab() if kind == "finetune" else None
+        characters = kind == "finetune" and config.vocab_options().kind == "characters"
+        vocab = CharVocab() if characters else None
         # Lhotse data stays lazy (a CutSplit): a large corpus is never read into one list.
         train = load_split(config.train_data, config.skip_bad, "training data", vocab, say, lazy=True,
                            sample_size=config.normalizer_utterances, seed=config.seed)
+        if kind == "finetune" and not characters:
+            # Subword pieces are learnt from the training transcripts, so they can spell every one of them.
+            vocab = finetune_vocab(config, train, out, say)
+            if not isinstance(train, CutSplit):
+                train = spellable(train, vocab, config.skip_bad, "training data", config.train_data, say)
         dev = load_split(config.dev_data, config.skip_bad, "dev data", vocab, say) if config.dev_data else None
         with reproducible(world.device):
             seed_everything(config.seed, world.rank)
-            task = PretrainTask(config) if kind == "pretrain" else FinetuneTask(config, say)
+            task = PretrainTask(config) if kind == "pretrain" else FinetuneTask(config, say, vocab)
             n_params = sum(p.numel() for p in task.model.parameters())
             count, seconds = ((train.utterances, train.seconds) if isinstance(train, CutSplit)
                               else (len(train), sum(u.duration for u in train)))

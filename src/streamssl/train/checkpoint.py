@@ -7,6 +7,8 @@ A checkpoint is one ``torch.save`` file holding a dict::
     encoder_config EncoderConfig.to_dict()
     task_config    PretrainConfig / FinetuneConfig .to_dict()
     vocab          CTC output symbols (finetune only)
+    vocab_kind     "characters" or "sentencepiece" (absent in older checkpoints: characters)
+    vocab_model    the serialised sentencepiece model (bytes) of a sentencepiece vocabulary, else None
     model          state_dict of the whole model
     optimizer, scheduler   their state_dicts
     progress       {"step", "epoch", "batch_in_epoch"}: updates done, epoch, batches of it consumed
@@ -102,17 +104,34 @@ def encoder_record(config: RunConfig, encoder_config) -> dict[str, Any]:
     return record
 
 
-def build_model(kind: str, config: RunConfig, encoder_config: EncoderConfig,
-                vocab: list[str] | None = None) -> nn.Module:
+def payload_vocab(payload: dict[str, Any]):
+    """The CTC vocabulary a finetune checkpoint's payload holds (:class:`CharVocab` or
+    :class:`SentencePieceVocab`), rebuilt from the checkpoint alone; ``None`` for pretraining."""
+    from streamssl.asr.vocab import make_vocab
+
+    if payload.get("vocab") is None:
+        return None
+    return make_vocab(payload.get("vocab_kind", "characters"), payload["vocab"], payload.get("vocab_model"))
+
+
+def vocab_entries(vocab) -> dict[str, Any]:
+    """What a checkpoint stores of ``vocab`` (see :func:`payload_vocab`)."""
+    if vocab is None:
+        return {"vocab": None, "vocab_kind": None, "vocab_model": None}
+    return {"vocab": list(vocab.symbols), "vocab_kind": vocab.kind, "vocab_model": getattr(vocab, "model_proto", None)}
+
+
+def build_model(kind: str, config: RunConfig, encoder_config: EncoderConfig, vocab=None) -> nn.Module:
     """A freshly initialised model of ``kind`` for ``config``, with ``encoder_config`` as its encoder
-    (and ``vocab`` as the CTC symbols of a finetune model; default :class:`CharVocab`)."""
+    (and ``vocab``, a :class:`CharVocab` or :class:`SentencePieceVocab`, as the output of a finetune model;
+    default :class:`CharVocab`)."""
     if kind == "pretrain":
         from streamssl.objectives import OBJECTIVES
 
         assert isinstance(config, PretrainConfig)
         return OBJECTIVES[config.objective](encoder_config, config.parsed_objective_options())
     if kind == "finetune":
-        from streamssl.asr.ctc import CharVocab, CTCModel
+        from streamssl.asr.ctc import CTCModel
 
         assert isinstance(config, FinetuneConfig)
         from streamssl.selective.finetune import HFCTCModel, HFEncoderSpec
@@ -123,12 +142,12 @@ def build_model(kind: str, config: RunConfig, encoder_config: EncoderConfig,
                                  or FRONTENDS[encoder_config.frontend].frozen_when_fine_tuned)
             freeze = config.init is not None and frozen_by_default
         if isinstance(encoder_config, HFEncoderSpec):
-            return HFCTCModel(encoder_config, CharVocab(vocab) if vocab is not None else None,
+            return HFCTCModel(encoder_config, vocab,
                               mask_prob=config.mask_prob, mask_length=config.mask_length, freeze_frontend=freeze)
         return CTCModel(encoder_config, head=config.head, lstm_hidden=config.lstm_hidden,
                         lstm_layers=config.lstm_layers, bidirectional=config.bidirectional,
                         mask_prob=config.mask_prob, mask_length=config.mask_length, freeze_frontend=freeze,
-                        vocab=CharVocab(vocab) if vocab is not None else None)
+                        vocab=vocab)
     raise ValueError(f"unknown checkpoint kind {kind!r}; kinds: {KINDS}")
 
 
@@ -243,7 +262,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
     with naming(path):
         config = cls.from_dict(payload["task_config"])
         encoder_config = encoder_config_from_dict(payload["encoder_config"])
-        model = build_model(payload["kind"], config, encoder_config, payload.get("vocab"))
+        model = build_model(payload["kind"], config, encoder_config, payload_vocab(payload))
         if payload["kind"] == "finetune":
             apply_train_mode(model, config.train_mode, config.replace_layers, config.replace_mixer,
                              config.replace_options)

@@ -33,6 +33,36 @@ def _encoder_from(value: Any) -> EncoderConfig | None:
 
 
 @dataclass
+class VocabOptions:
+    """The ``vocab`` mapping of a fine-tuning run: ``kind`` ``characters`` (default) or ``sentencepiece``
+    (``size`` pieces, ``<unk>`` included, of a ``model_type`` ``unigram`` or ``bpe`` model trained on the
+    training transcripts when the run starts, and saved in its checkpoint)."""
+
+    kind: str = "characters"
+    size: int = 256
+    model_type: str = "unigram"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("characters", "sentencepiece"):
+            raise ValueError(f"vocab.kind must be 'characters' or 'sentencepiece', got {self.kind!r}")
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 2:
+            raise ValueError(f"vocab.size must be an integer of at least 2, got {self.size!r}")
+        if self.model_type not in ("unigram", "bpe"):
+            raise ValueError(f"vocab.model_type must be 'unigram' or 'bpe', got {self.model_type!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VocabOptions":
+        if not isinstance(data, dict):
+            raise ValueError(f"vocab must be a mapping (e.g. {{kind: sentencepiece, size: 256}}), "
+                             f"got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"vocab has unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
 class RunConfig:
     """Fields shared by every training task: data, optimisation, schedule, bookkeeping."""
 
@@ -262,7 +292,7 @@ def check_train_mode(train_mode: str, replace_layers: str | None, replace_mixer:
 
 @dataclass
 class FinetuneConfig(RunConfig):
-    """CTC fine-tuning over characters. Defaults follow wav2vec 2.0 BASE fine-tuned on 100 h
+    """CTC fine-tuning over characters, or sentencepiece pieces (``vocab``). Defaults follow wav2vec 2.0 BASE fine-tuned on 100 h
     (peak lr 3e-5, 80 k updates, 10 % warm-up and 40 % hold, 3.2 M samples per batch in all, time masks
     of 10 frames at p = 0.65, frontend frozen). A BASE-size encoder needs an ``init`` checkpoint.
 
@@ -302,6 +332,7 @@ class FinetuneConfig(RunConfig):
     max_batch_seconds: float = 200.0
     crop_seconds: float | None = None    # never crop: the transcript covers the whole utterance
     weight_decay: float = 0.0
+    vocab: dict[str, Any] = field(default_factory=dict)  # VocabOptions fields; empty: characters
 
     def __post_init__(self) -> None:
         self.encoder = _encoder_from(self.encoder)
@@ -329,7 +360,14 @@ class FinetuneConfig(RunConfig):
                              f"got {self.freeze_encoder_steps!r}")
         if self.crop_seconds is not None:
             raise ValueError("FinetuneConfig.crop_seconds must be null: a crop would cut the transcript")
+        try:
+            self.vocab_options()
+        except ValueError as error:
+            raise ValueError(f"FinetuneConfig.{error}") from None
         check_train_mode(self.train_mode, self.replace_layers, self.replace_mixer, self.replace_options)
+
+    def vocab_options(self) -> VocabOptions:
+        return VocabOptions.from_dict(self.vocab)
 
 
 def _cpu_encoder(**overrides: Any) -> dict[str, Any]:

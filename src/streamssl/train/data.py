@@ -222,6 +222,15 @@ def load_cut_split(src: str, skip_bad: bool, what: str, vocab=None, log=print, s
     return split
 
 
+def cut_texts(split: CutSplit) -> list[str]:
+    """The transcripts of the utterances a :class:`CutSplit` uses (its cut manifests read once more)."""
+    texts = []
+    for _, utt, _ in checked_cuts(_usable(open_cuts(split.src, audio=False), split), split.src):
+        if utt is not None:
+            texts.append(utt.text)
+    return texts
+
+
 class _Usable:
     """Lazy CutSet filter: the cuts a :class:`CutSplit` uses (a repeated id only the first time)."""
 

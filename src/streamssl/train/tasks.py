@@ -8,16 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pathlib import Path
+
 from streamssl.asr.ctc import CharVocab, CTCModel
+from streamssl.asr.vocab import SentencePieceVocab, train_sentencepiece
 from streamssl.asr.evaluate import evaluate_model
 from streamssl.config import EncoderConfig
 from streamssl.encoder import Encoder
 from streamssl.masking import utterance_seed
 from streamssl.objectives import code_perplexity
-from streamssl.train.checkpoint import build_model, mixer_label
+from streamssl.train.checkpoint import build_model, mixer_label, payload_vocab, read_payload
 from streamssl.train.augment import SpecAugment
 from streamssl.train.config import FinetuneConfig, PretrainConfig, RunConfig
-from streamssl.train.data import crop_batch
+from streamssl.train.data import CutSplit, crop_batch, cut_texts
 from streamssl.train.sources import resolve_init
 from streamssl.train.dist import World
 
@@ -47,6 +50,26 @@ def fit_frontend_statistics(encoder: nn.Module, utterances: list, config: RunCon
 
     frames = encoder.frontend.fit_normalizer(batches())
     log(f"frontend statistics: {frames} frames of {len(dataset)} training utterances")
+
+
+def finetune_vocab(config: FinetuneConfig, train: "list | CutSplit", run_dir: str | Path,
+                   log=print) -> CharVocab | SentencePieceVocab:
+    """The CTC vocabulary of a fine-tuning run (``config.vocab``): characters; or a sentencepiece model
+    trained on the transcripts of ``train`` (a fresh run), or the one in ``run_dir``'s checkpoint (a
+    resumed run, which must go on with the pieces it started with)."""
+    options = config.vocab_options()
+    if options.kind == "characters":
+        return CharVocab()
+    checkpoint = Path(run_dir) / "checkpoint.pt"
+    if checkpoint.exists():
+        saved = payload_vocab(read_payload(checkpoint))
+        if isinstance(saved, SentencePieceVocab):
+            return saved
+    texts = cut_texts(train) if isinstance(train, CutSplit) else [u.text for u in train]
+    vocab = SentencePieceVocab(model_proto=train_sentencepiece(texts, options.size, options.model_type))
+    log(f"sentencepiece vocabulary: {options.model_type}, {len(vocab) - 1} pieces, from {len(texts)} "
+        "training transcripts")
+    return vocab
 
 
 class PretrainTask:
@@ -114,17 +137,18 @@ class PretrainTask:
 
 
 class FinetuneTask:
-    """CTC fine-tuning from ``config.init`` (or from scratch with ``config.encoder``)."""
+    """CTC fine-tuning from ``config.init`` (or from scratch with ``config.encoder``) over ``vocab``
+    (:func:`finetune_vocab`; default characters)."""
 
     kind = "finetune"
 
-    def __init__(self, config: FinetuneConfig, log=print):
+    def __init__(self, config: FinetuneConfig, log=print, vocab: CharVocab | SentencePieceVocab | None = None):
         self.config = config
-        self.vocab = CharVocab()
+        self.vocab = vocab if vocab is not None else CharVocab()
         init = resolve_init(config.init) if config.init is not None else None
         self.encoder_config = init.encoder_config if init is not None else config.encoder
         self.mixer_label = mixer_label(config, self.encoder_config)
-        self.model: CTCModel = build_model("finetune", config, self.encoder_config)
+        self.model: CTCModel = build_model("finetune", config, self.encoder_config, self.vocab)
         if init is not None:
             init.load_into(self.model)
             log(f"encoder initialised from {config.init}"
