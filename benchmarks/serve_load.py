@@ -1,12 +1,14 @@
 """Load test of ``streamssl serve``: N concurrent clients stream speech at real-time pace over loopback.
 
     python benchmarks/serve_load.py [--clients 1 16 32 64 128] [--seconds 30] [--chunks-ms 40]
-        [--checkpoint DIR] [--backend torch|onnx] [--corpus test.jsonl | --audio tones] [--smoke]
+        [--checkpoint DIR] [--backend torch|onnx|runtime] [--int8] [--corpus test.jsonl | --audio tones] [--smoke]
 
 Model: ``runs/demo/finetune`` when it exists (or ``--checkpoint``), otherwise a tiny CTC model (the
 ``tiny`` fine-tune preset, LLSA, 0.03 M parameters) trained for 300 steps (``--train-steps``) on the tone
 corpus of ``tests/train_corpus.py`` (each character a tone of its own pitch), so it really transcribes.
-``--backend onnx`` serves the model's step exported to ONNX Runtime (``streamssl serve --backend onnx``).
+``--backend onnx`` serves the model's step exported to ONNX Runtime (``streamssl serve --backend onnx``);
+``--backend runtime`` exports it once here (``--int8``: quantised) and serves the file in a server process that
+never imports PyTorch, as ``streamssl serve --model FILE.onnx`` does.
 ``--smoke`` always takes the tiny model, trained for 2 steps, tone audio, 2 clients and 1 s of audio each.
 
 Audio (``--audio speech``, the default): the demo's test utterances (``--corpus``, default
@@ -129,15 +131,21 @@ def offline_transcripts(checkpoint: Path, audios: list[np.ndarray]) -> list[str]
 
 
 # ------------------------------------------------------------------------------------------ server process
-# argv: checkpoint, chunk ms, backend, max streams. Prints the port, then, once stdin closes, its counters.
+# argv: checkpoint (an export for backend runtime), chunk ms, backend, max streams. Prints the port, then, once
+# stdin closes, its counters.
 SERVER_CODE = """
-import asyncio, json, sys, torch
-torch.set_num_threads(1)
+import asyncio, json, sys
 from streamssl.serve import ServeConfig, StreamingServer
 from streamssl.streaming import Recognizer
 
 async def main():
-    recognizer = Recognizer.from_checkpoint(sys.argv[1], chunk_ms=float(sys.argv[2]), backend=sys.argv[3])
+    if sys.argv[3] == "runtime":
+        recognizer = Recognizer.from_export(sys.argv[1], chunk_ms=float(sys.argv[2]))
+    else:
+        import torch
+        torch.set_num_threads(1)
+        recognizer = Recognizer.from_checkpoint(sys.argv[1], chunk_ms=float(sys.argv[2]), backend=sys.argv[3])
+    assert sys.argv[3] != "runtime" or "torch" not in sys.modules, "the runtime server imported torch"
     async with StreamingServer(recognizer, ServeConfig(max_streams=int(sys.argv[4])), port=0) as server:
         print(json.dumps({"port": server.port, "declared": server.declared}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -306,8 +314,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="audio per client (at least this long)")
     parser.add_argument("--checkpoint", type=Path, help="fine-tuned checkpoint (default: runs/demo/finetune "
                                                         "if present, else a tiny model trained here)")
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                        help="the server's model runtime, as streamssl serve --backend (default torch)")
+    parser.add_argument("--backend", choices=("torch", "onnx", "runtime"), default="torch",
+                        help="the server's model runtime: torch or onnx as streamssl serve --backend, runtime as "
+                             "streamssl serve --model FILE.onnx (no PyTorch in the server; default torch)")
+    parser.add_argument("--int8", action="store_true", help="with --backend runtime: export the int8 model")
     parser.add_argument("--audio", choices=("speech", "tones"), default="speech",
                         help="speech: utterances of --corpus; tones: the tone corpus's words (default speech)")
     parser.add_argument("--corpus", type=Path, default=ROOT / "runs" / "demo" / "corpus" / "test.jsonl",
@@ -337,7 +347,17 @@ def main() -> None:
         rows = []
         for chunk_ms in args.chunks_ms:
             for clients in args.clients:
-                row = measure(checkpoint, chunk_ms, clients, audios, expected, args.backend)
+                source = checkpoint
+                if args.backend == "runtime":
+                    source = Path(scratch) / f"model-{chunk_ms:g}ms.onnx"
+                    if not source.exists():
+                        from streamssl.export import export_model
+                        from streamssl.train.checkpoint import load_checkpoint
+
+                        export_model(load_checkpoint(checkpoint, kind="finetune").model, chunk_ms, source,
+                                     int8=args.int8)
+                row = measure(source, chunk_ms, clients, audios, expected, args.backend)
+                row["int8"] = args.int8
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     header = ["backend", "chunk ms", "clients", "declared ms", "transcripts = offline", "word delay p50 / p95 ms (client)",

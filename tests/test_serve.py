@@ -556,6 +556,17 @@ def piece_similarities(captured: np.ndarray, played: np.ndarray, piece: int) -> 
     return np.array(best)
 
 
+def matching_share(captured: np.ndarray, played: np.ndarray) -> float:
+    """The share of ``captured``'s inner 100 ms pieces that are ``played``'s audio (similarity above 0.9).
+
+    The first and last pieces are left out: the fake microphone starts and stops on a timer, so those two
+    hold a partial buffer. Clean captures score about 0.96 on noise-only pieces (resampling trims the noise
+    floor's top octave) and above 0.99 on speech; a page that zeroes a third of every buffer scores about
+    0.8 on every piece, and one that sends another rate far less."""
+    similarities = piece_similarities(captured, played, RATE // 10)[1:-1]
+    return float(np.mean(similarities > 0.9))
+
+
 def test_piece_similarities_tell_a_skip_in_the_capture_from_a_page_that_mangles_audio():
     played = talk(["CAT DOG SUN"], gap_s=1.5, lead_s=0.5, seed=3)
     rotated = np.roll(played, 12345)
@@ -563,13 +574,12 @@ def test_piece_similarities_tell_a_skip_in_the_capture_from_a_page_that_mangles_
     zeroed = rotated.copy()
     for start in range(0, zeroed.size, 3 * 128):
         zeroed[start:start + 128] = 0.0
-    piece = RATE // 10
-    assert np.mean(piece_similarities(rotated, played, piece) > 0.95) == 1.0
-    assert np.mean(piece_similarities(skipped, played, piece) > 0.95) >= 0.9
-    assert np.mean(piece_similarities(zeroed, played, piece) > 0.95) == 0.0
+    assert matching_share(rotated, played) == 1.0
+    assert matching_share(skipped, played) >= 0.9
+    assert matching_share(zeroed, played) == 0.0
     # A page that reports 44.1 kHz for 48 kHz audio: everything 9 % slower and lower.
     mislabelled = soxr.resample(rotated, 44100, 48000)
-    assert np.mean(piece_similarities(mislabelled, played, piece) > 0.95) < 0.2
+    assert matching_share(mislabelled, played) < 0.2
 
 
 @pytest.mark.slow
@@ -643,13 +653,10 @@ def test_microphone_page_in_headless_chromium_shows_the_offline_transcript(check
     # The file after Chromium's and the server's resampling, piece by piece: Chromium's file-backed fake
     # microphone runs on a timer and, on a loaded machine, once skipped part of the file (global similarity
     # 0.58 with the sizes equal), so one alignment for the whole capture cannot be required. A page that drops
-    # or zeroes buffers, or sends another rate, fails nearly every 100 ms piece. In 8 clean runs the noise-only
-    # pieces scored about 0.96 (resampling trims the noise floor's top octave), one or two pieces 0.75-0.88 (one
-    # where the capture starts).
-    similarities = piece_similarities(captured, played, RATE // 10)
-    matching = float(np.mean(similarities > 0.95))
+    # or zeroes buffers, or sends another rate, fails nearly every 100 ms piece.
+    matching = matching_share(captured, played)
     assert matching >= 0.9, f"the page sent audio that is not the file's: {matching:.0%} of 100 ms pieces " \
-                            f"match it (similarities {np.round(similarities, 3).tolist()})"
+                            f"match it (similarities {np.round(piece_similarities(captured, played, RATE // 10), 3).tolist()})"
     expected = offline_text(recognizer, captured).strip()
     assert expected, "the test model says nothing for the page's audio"
     assert " ".join(state["finals"]).split() == expected.split(), (state, expected)
