@@ -10,13 +10,15 @@ stream`` feeds it, batch 1, greedy CTC, on one thread: once with the export in O
 (:class:`~streamssl.runtime.OnnxModel`, what ``stream --model`` runs; log-mel by kaldi-native-fbank on the
 host), once with the PyTorch model. RTF = process CPU time / audio time (CPU time, so that other jobs on a
 shared machine do not inflate it; wall time beside it). For the runtime, the time per chunk is split into the
-host log-mel, the ONNX Runtime call and the rest (the streaming core and the decoder). Both give the same
-transcript, which the table checks. Writes ``runtime_rtf.json``.
+host log-mel, the ONNX Runtime call and the rest (the streaming core and the decoder), timed inside the
+fastest run itself. The int8 export (``export --int8``) runs beside them (RTF only). The float32 runtime
+and the eager model give the same transcript, which the table checks. Writes ``runtime_rtf.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -43,34 +45,45 @@ def demo_model(checkpoint: str | None):
     return build_model("finetune", config, config.encoder).eval()
 
 
-def run_stream(recognizer: Recognizer, audio: np.ndarray, chunk: int) -> tuple[str, float, float]:
-    """Transcript, CPU seconds and wall seconds of streaming ``audio`` in chunks of ``chunk`` samples."""
-    stream = recognizer.stream()
-    cpu, wall = time.process_time(), time.perf_counter()
-    for start in range(0, audio.size, chunk):
-        stream.accept(audio[start:start + chunk])
-    text = stream.finish().text
-    return text, time.process_time() - cpu, time.perf_counter() - wall
+class PartClock:
+    """Process CPU time spent inside the host log-mel (``OnnxModel._inputs_of``) and the ONNX Runtime call
+    (``OnnxModel._run``) of ``model`` while it is installed, so that a timed run splits itself: the streaming
+    core's and decoder's share is that run's time less these two."""
+
+    def __init__(self, model: OnnxModel):
+        self.model = model
+        self.seconds = {"log_mel": 0.0, "onnx_run": 0.0}
+
+    def _timed(self, name: str, function):
+        def timed(*args):
+            began = time.process_time()
+            try:
+                return function(*args)
+            finally:
+                self.seconds[name] += time.process_time() - began
+        return timed
+
+    def __enter__(self) -> "PartClock":
+        self.model._inputs_of = self._timed("log_mel", type(self.model)._inputs_of.__get__(self.model))
+        self.model._run = self._timed("onnx_run", type(self.model)._run.__get__(self.model))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.model._inputs_of, self.model._run
 
 
-def runtime_parts(model: OnnxModel, audio: np.ndarray, chunk: int) -> dict[str, float]:
-    """CPU microseconds per chunk of the host log-mel and of the ONNX Runtime call, stepping the export
-    directly (the streaming core's share is the recogniser's time less these)."""
-    state = model.init_state(1)
-    log_mel_s = run_s = 0.0
-    chunks = 0
-    for start in range(0, audio.size - chunk + 1, chunk):
-        piece = audio[None, start:start + chunk]
-        counts = np.array([chunk], dtype=np.int64)
-        flush = np.zeros(1, dtype=bool)
-        began = time.process_time()
-        inputs, state = model._inputs_of(piece, counts, flush, state)
-        middle = time.process_time()
-        _, _, state = model._run(inputs, state)
-        log_mel_s += middle - began
-        run_s += time.process_time() - middle
-        chunks += 1
-    return {"log_mel_us": 1e6 * log_mel_s / chunks, "onnx_run_us": 1e6 * run_s / chunks}
+def run_stream(recognizer: Recognizer, audio: np.ndarray, chunk: int) -> tuple[str, float, float, dict[str, float]]:
+    """Transcript, CPU seconds and wall seconds of streaming ``audio`` in chunks of ``chunk`` samples, and for
+    an ONNX model the CPU seconds of its log-mel and ONNX Runtime parts in that same run."""
+    clock = PartClock(recognizer.model) if isinstance(recognizer.model, OnnxModel) else None
+    with clock if clock is not None else contextlib.nullcontext():
+        stream = recognizer.stream()
+        cpu, wall = time.process_time(), time.perf_counter()
+        for start in range(0, audio.size, chunk):
+            stream.accept(audio[start:start + chunk])
+        text = stream.finish().text
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return text, cpu, wall, dict(clock.seconds) if clock is not None else {}
 
 
 def main() -> None:
@@ -92,21 +105,28 @@ def main() -> None:
         for chunk_ms in args.chunks_ms:
             path = Path(folder) / f"model_{chunk_ms:g}.onnx"
             export_model(model, chunk_ms, path)
-            runtime = Recognizer(OnnxModel(path, threads=1), chunk_ms=chunk_ms)
-            eager = Recognizer(model, chunk_ms=chunk_ms)
-            chunk = runtime.chunk_samples
-            run_stream(runtime, audio[:chunk * 10], chunk)
-            run_stream(eager, audio[:chunk * 10], chunk)
+            export_model(model, chunk_ms, path.with_suffix(".int8.onnx"), int8=True)
+            recognizers = {"runtime": Recognizer(OnnxModel(path, threads=1), chunk_ms=chunk_ms),
+                           "runtime_int8": Recognizer(OnnxModel(path.with_suffix(".int8.onnx"), threads=1),
+                                                      chunk_ms=chunk_ms),
+                           "eager": Recognizer(model, chunk_ms=chunk_ms)}
+            chunk = recognizers["runtime"].chunk_samples
+            for recognizer in recognizers.values():
+                run_stream(recognizer, audio[:chunk * 10], chunk)
             measured = {}
-            for name, recognizer in (("runtime", runtime), ("eager", eager)):
+            for name, recognizer in recognizers.items():
                 runs = [run_stream(recognizer, audio, chunk) for _ in range(args.repeats)]
-                measured[name] = {"text": runs[0][0], "rtf_cpu": min(cpu for _, cpu, _ in runs) / args.seconds,
-                                  "rtf_wall": min(wall for _, _, wall in runs) / args.seconds}
-            parts = runtime_parts(runtime.model, audio, chunk)
-            chunk_us = 1e6 * measured["runtime"]["rtf_cpu"] * chunk_ms / 1000
+                fastest = min(runs, key=lambda run: run[1])
+                measured[name] = {"text": runs[0][0], "rtf_cpu": fastest[1] / args.seconds,
+                                  "rtf_wall": min(wall for _, _, wall, _ in runs) / args.seconds,
+                                  "parts_s": fastest[3]}
+            chunks = -(-audio.size // chunk)
+            parts = {f"{part}_us": 1e6 * seconds / chunks for part, seconds in measured["runtime"]["parts_s"].items()}
+            chunk_us = 1e6 * measured["runtime"]["rtf_cpu"] * args.seconds / chunks
             row = {"chunk_ms": chunk_ms, "runtime_rtf_cpu": measured["runtime"]["rtf_cpu"],
                    "runtime_rtf_wall": measured["runtime"]["rtf_wall"], "eager_rtf_cpu": measured["eager"]["rtf_cpu"],
                    "eager_rtf_wall": measured["eager"]["rtf_wall"],
+                   "runtime_int8_rtf_cpu": measured["runtime_int8"]["rtf_cpu"],
                    "runtime_chunk_us": chunk_us, **parts,
                    "core_and_decoder_us": chunk_us - parts["log_mel_us"] - parts["onnx_run_us"],
                    "same_transcript": measured["runtime"]["text"] == measured["eager"]["text"]}
@@ -116,9 +136,10 @@ def main() -> None:
         "model": args.checkpoint or "finetune --preset cpu-small (untrained)", "seconds": args.seconds,
         "threads": 1, "load_average_1min": load, "repeats": args.repeats, "rows": rows})
 
-    header = ["chunk", "runtime RTF (CPU)", "eager RTF (CPU)", "runtime / eager", "runtime per chunk",
+    header = ["chunk", "runtime RTF (CPU)", "runtime int8 RTF (CPU)", "eager RTF (CPU)", "runtime / eager", "runtime per chunk",
               "log-mel", "ONNX Runtime", "core + decoder", "same transcript"]
-    table = [[f"{r['chunk_ms']:g} ms", f"{r['runtime_rtf_cpu']:.4f}", f"{r['eager_rtf_cpu']:.4f}",
+    table = [[f"{r['chunk_ms']:g} ms", f"{r['runtime_rtf_cpu']:.4f}", f"{r['runtime_int8_rtf_cpu']:.4f}",
+              f"{r['eager_rtf_cpu']:.4f}",
               f"{r['runtime_rtf_cpu'] / r['eager_rtf_cpu']:.2f}", f"{r['runtime_chunk_us']:.0f} us",
               f"{r['log_mel_us']:.0f} us", f"{r['onnx_run_us']:.0f} us", f"{r['core_and_decoder_us']:.0f} us",
               "yes" if r["same_transcript"] else "NO"] for r in rows]

@@ -131,8 +131,8 @@ def offline_transcripts(checkpoint: Path, audios: list[np.ndarray]) -> list[str]
 
 
 # ------------------------------------------------------------------------------------------ server process
-# argv: checkpoint (an export for backend runtime), chunk ms, backend, max streams. Prints the port, then, once
-# stdin closes, its counters.
+# argv: checkpoint (an export for backend runtime), chunk ms, backend, max streams, model threads. Prints the port,
+# then, once stdin closes, its counters.
 SERVER_CODE = """
 import asyncio, json, sys
 from streamssl.serve import ServeConfig, StreamingServer
@@ -140,10 +140,10 @@ from streamssl.streaming import Recognizer
 
 async def main():
     if sys.argv[3] == "runtime":
-        recognizer = Recognizer.from_export(sys.argv[1], chunk_ms=float(sys.argv[2]))
+        recognizer = Recognizer.from_export(sys.argv[1], chunk_ms=float(sys.argv[2]), threads=int(sys.argv[5]))
     else:
         import torch
-        torch.set_num_threads(1)
+        torch.set_num_threads(int(sys.argv[5]))
         recognizer = Recognizer.from_checkpoint(sys.argv[1], chunk_ms=float(sys.argv[2]), backend=sys.argv[3])
     assert sys.argv[3] != "runtime" or "torch" not in sys.modules, "the runtime server imported torch"
     async with StreamingServer(recognizer, ServeConfig(max_streams=int(sys.argv[4])), port=0) as server:
@@ -233,17 +233,18 @@ async def run_point(port: int, audios: list[np.ndarray], clients: int) -> list[d
                                   for i in range(clients)))
 
 
-def start_server(checkpoint: Path, chunk_ms: float, backend: str, max_streams: int) -> tuple[subprocess.Popen, dict]:
+def start_server(checkpoint: Path, chunk_ms: float, backend: str, max_streams: int, threads: int = 1
+                 ) -> tuple[subprocess.Popen, dict]:
     """The server process and its first line (port, declared latency)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     server = subprocess.Popen([sys.executable, "-c", SERVER_CODE, str(checkpoint), str(chunk_ms), backend,
-                               str(max_streams)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                               str(max_streams), str(threads)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     return server, json.loads(server.stdout.readline())
 
 
 def measure(checkpoint: Path, chunk_ms: float, clients: int, audios: list[np.ndarray], expected: list[str],
-            backend: str = "torch") -> dict:
-    server, hello = start_server(checkpoint, chunk_ms, backend, clients)
+            backend: str = "torch", threads: int = 1) -> dict:
+    server, hello = start_server(checkpoint, chunk_ms, backend, clients, threads)
     try:
         load_before = os.getloadavg()[0]
         cpu_before, client_cpu_before, wall_before = process_cpu_s(server.pid), time.process_time(), time.perf_counter()
@@ -318,6 +319,7 @@ def main() -> None:
                         help="the server's model runtime: torch or onnx as streamssl serve --backend, runtime as "
                              "streamssl serve --model FILE.onnx (no PyTorch in the server; default torch)")
     parser.add_argument("--int8", action="store_true", help="with --backend runtime: export the int8 model")
+    parser.add_argument("--threads", type=int, default=1, help="the server's model threads (serve --threads; default 1)")
     parser.add_argument("--audio", choices=("speech", "tones"), default="speech",
                         help="speech: utterances of --corpus; tones: the tone corpus's words (default speech)")
     parser.add_argument("--corpus", type=Path, default=ROOT / "runs" / "demo" / "corpus" / "test.jsonl",
@@ -356,14 +358,14 @@ def main() -> None:
 
                         export_model(load_checkpoint(checkpoint, kind="finetune").model, chunk_ms, source,
                                      int8=args.int8)
-                row = measure(source, chunk_ms, clients, audios, expected, args.backend)
-                row["int8"] = args.int8
+                row = measure(source, chunk_ms, clients, audios, expected, args.backend, args.threads)
+                row.update(int8=args.int8, threads=args.threads)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    header = ["backend", "chunk ms", "clients", "declared ms", "transcripts = offline", "word delay p50 / p95 ms (client)",
+    header = ["backend", "threads", "chunk ms", "clients", "declared ms", "transcripts = offline", "word delay p50 / p95 ms (client)",
               "word delay p50 / p95 ms (server)", "p95 ≤ declared + 100", "server cores", "client cores",
               "streams per tick", "model calls per tick", "worker CPU s: model / messages", "load (1 min)"]
-    table = [[r["backend"], f"{r['chunk_ms']:g}", r["clients"], f"{r['declared_ms']:g}", f"{r['correct']}/{r['clients']}",
+    table = [[r["backend"] + (" int8" if r["int8"] else ""), r["threads"], f"{r['chunk_ms']:g}", r["clients"], f"{r['declared_ms']:g}", f"{r['correct']}/{r['clients']}",
               f"{r['client_word_delay_p50_ms']:.0f} / {r['client_word_delay_p95_ms']:.0f}",
               f"{r['server_word_delay_p50_ms']:.0f} / {r['server_word_delay_p95_ms']:.0f}",
               "yes" if r["goal_met"] else "no", f"{r['server_cores']:.2f}", f"{r['client_cores']:.2f}",

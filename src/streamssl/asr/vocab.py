@@ -33,7 +33,29 @@ def split_word_start(symbol: str, boundary: str) -> tuple[bool, str]:
     return False, symbol
 
 
-class CharVocab:
+class _Vocab:
+    """What both vocabularies share: ``symbols`` (blank first), their ``index`` and the words of a token
+    sequence, split at ``word_boundary``."""
+
+    symbols: list[str]
+    index: dict[str, int]
+    word_boundary: str
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    @property
+    def blank(self) -> int:
+        return 0
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids``: blanks dropped, symbols joined, single spaces between words (a model may emit
+        a boundary twice in a row, or at the start or end; the streaming engine's words are the same split)."""
+        text = "".join(self.symbols[i] for i in ids if i != self.blank)
+        return " ".join(word for word in text.split(self.word_boundary) if word)
+
+
+class CharVocab(_Vocab):
     """CTC output symbols: blank (index 0), space (the word boundary), apostrophe, ``A``-``Z``.
 
     Transcripts follow the LibriSpeech convention (upper case, apostrophes, single spaces).
@@ -48,13 +70,6 @@ class CharVocab:
             raise ValueError(f"a vocabulary starts with {BLANK!r} and has no duplicates, got {self.symbols}")
         self.index = {s: i for i, s in enumerate(self.symbols)}
 
-    def __len__(self) -> int:
-        return len(self.symbols)
-
-    @property
-    def blank(self) -> int:
-        return 0
-
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; raises ``ValueError`` naming a character outside the vocabulary."""
         try:
@@ -62,12 +77,6 @@ class CharVocab:
         except KeyError as error:
             raise ValueError(f"character {error.args[0]!r} of {text!r} is not in the vocabulary "
                              f"({''.join(self.symbols[1:])!r}); normalise transcripts first") from None
-
-    def decode(self, ids: list[int]) -> str:
-        """The text of ``ids``: blanks dropped, words separated by single boundaries (a model may emit the
-        boundary twice in a row, or at the start or end)."""
-        text = "".join(self.symbols[i] for i in ids if i != self.blank)
-        return self.word_boundary.join(word for word in text.split(self.word_boundary) if word)
 
     @property
     def letters(self) -> str:
@@ -84,7 +93,7 @@ class CharVocab:
         return self.encode(word) + [self.separator]
 
 
-class SentencePieceVocab:
+class SentencePieceVocab(_Vocab):
     """CTC output symbols: blank (index 0), then the pieces of a sentencepiece model (its ``<unk>``
     first), so piece ``i`` of the model is token ``i + 1``.
 
@@ -114,13 +123,6 @@ class SentencePieceVocab:
                              f"no duplicates, got {self.symbols[:10]}...")
         self.index = {s: i for i, s in enumerate(self.symbols)}
 
-    def __len__(self) -> int:
-        return len(self.symbols)
-
-    @property
-    def blank(self) -> int:
-        return 0
-
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; raises ``ValueError`` naming a character the pieces cannot spell."""
         if self._processor is None:
@@ -133,12 +135,6 @@ class SentencePieceVocab:
             raise ValueError(f"characters {missing} of {text!r} are not in the sentencepiece vocabulary "
                              f"(letters {self.letters!r}); normalise transcripts first")
         return ids
-
-    def decode(self, ids: list[int]) -> str:
-        """The text of ``ids``: blanks dropped, pieces joined, single spaces between words (the streaming
-        engine's words are the same split)."""
-        text = "".join(self.symbols[i] for i in ids if i != self.blank)
-        return " ".join(word for word in text.split(self.word_boundary) if word)
 
     @property
     def letters(self) -> str:
