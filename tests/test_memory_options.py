@@ -53,7 +53,11 @@ def test_accumulated_batches_make_the_update_of_their_union(kind, preset, corpus
     assert sorted(grads) == sorted(expected) and len(expected) > 0.8 * len(list(large.model.parameters()))
     for name, grad in expected.items():
         assert grad.abs().max() > 0, name
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=f"{name}: gradients differ")
+        # Summation order differs between one batch and two, and by CPU kind: float32 rounding up to about
+        # 2.4e-6 of a tensor's largest entry (measured on an AVX2 machine; elements near zero then fail a
+        # purely relative bound). A wrong weighting of the parts moves whole gradients, not rounding.
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=f"{name}: gradients differ")
     moved = [k for k, v in large.model.state_dict().items() if not torch.equal(v, initial[k])]
     assert len(moved) > 0.8 * len(initial)
 
