@@ -64,8 +64,8 @@ class PartClock:
         return timed
 
     def __enter__(self) -> "PartClock":
-        self.model._inputs_of = self._timed("log_mel", type(self.model)._inputs_of.__get__(self.model))
-        self.model._run = self._timed("onnx_run", type(self.model)._run.__get__(self.model))
+        self.model._inputs_of = self._timed("log_mel", self.model._inputs_of)
+        self.model._run = self._timed("onnx_run", self.model._run)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -318,7 +318,9 @@ def main() -> None:
     parser.add_argument("--backend", choices=("torch", "onnx", "runtime"), default="torch",
                         help="the server's model runtime: torch or onnx as streamssl serve --backend, runtime as "
                              "streamssl serve --model FILE.onnx (no PyTorch in the server; default torch)")
-    parser.add_argument("--int8", action="store_true", help="with --backend runtime: export the int8 model")
+    parser.add_argument("--int8", action="store_true",
+                        help="with --backend runtime: export the int8 model (its transcripts are still compared "
+                             "with the float32 model's offline decoding)")
     parser.add_argument("--threads", type=int, default=1, help="the server's model threads (serve --threads; default 1)")
     parser.add_argument("--audio", choices=("speech", "tones"), default="speech",
                         help="speech: utterances of --corpus; tones: the tone corpus's words (default speech)")
@@ -328,6 +330,8 @@ def main() -> None:
     parser.add_argument("--name", default="serve_load")
     add_common_options(parser)
     args = parse_args(parser, smoke=dict(clients=[2], seconds=1.0, train_steps=2, audio="tones"))
+    if args.int8 and args.backend != "runtime":
+        parser.error("--int8 goes with --backend runtime (the server that loads an export)")
     import torch
 
     # One thread here as in the server: on a small shared machine more threads only spin.

