@@ -1,7 +1,7 @@
 """The best streaming recogniser this CPU recipe can train: LLSA at 160 ms declared encoder look-ahead,
 with full attention (offline) beside it, on a synthetic corpus with many voices and noise.
 
-    python recipes/synthetic/asr.py --out runs/synthetic-asr --hours 5 [--steps 6000] [--mixers llsa full] \
+    python recipes/synthetic/asr.py --out runs/synthetic-asr [--hours 10] [--steps 7000] [--mixers llsa full] \
         [--lm runs/lm/sotu3wf.arpa]
 
 1. synthesise ``--hours`` of eSpeak NG speech (general English text, every English voice x variant,
@@ -102,7 +102,7 @@ def write_table(path: Path, rows: list[dict], hours: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hours", type=float, default=5.0, help="synthetic corpus size")
+    parser.add_argument("--hours", type=float, default=10.0, help="synthetic corpus size")
     parser.add_argument("--mixers", nargs="+", default=["llsa", "full"])
     parser.add_argument("--steps", type=int, help="override asr.yaml's training steps")
     parser.add_argument("--lm", help="an ARPA word LM (streamssl lm build) for the lexicon + LM column")
