@@ -551,9 +551,7 @@ class LexiconDecoder:
         if best is None:
             # no hypothesis agrees any more: keep the stable words and show what the best one says after them
             self.fallbacks += 1
-            # The stable words' spelling can be shorter than their labels (a word whose frames were trimmed),
-            # even empty: then every word of the best hypothesis is shown.
-            last = self._stable_words[b][-1].last_frame if self._stable_words[b] else -1
+            last = self._stable_words[b][-1].last_frame
             overall = max(paths, key=lambda p: p.score)
             words = self._stable_words[b] + [w for w in self._words_of(b, overall) if w.first_frame > last]
         elif len(best.word_ids) < len(stable):  # it has not written every stable word yet
