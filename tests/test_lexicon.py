@@ -86,6 +86,31 @@ def test_chunked_decoding_equals_whole(margin, cuts, seed):
         assert all(0 <= w.first_frame <= w.last_frame < lengths[b] and 0 < w.confidence <= 1 for w in words)
 
 
+@pytest.mark.parametrize("margin", [math.inf, 0.0])
+def test_a_confident_model_that_ends_words_one_frame_before_a_push_ends(margin):
+    # Every other token 27 nats below the spelt one: each alternative leaves the beam (threshold 20) at
+    # once, so all hypotheses agree on a word one frame after its space; the history is prunable there,
+    # with no frame after the prune point, which once left the beam unreadable (an IndexError).
+    frames = torch.full((24, len(VOCAB)), 1e-12 / (len(VOCAB) - 1))
+    for position, char in enumerate("HELLO WORLD "):
+        frames[2 * position, VOCAB.index[char]] = 1 - 1e-12
+        frames[2 * position + 1, VOCAB.blank] = 1 - 1e-12
+    log_probs = frames.log()[None]
+    config = BeamSearchConfig(stable_margin=margin)
+    whole = LexiconDecoder(VOCAB, 1, config)
+    whole.push(log_probs)
+    assert [w.text for w in whole.hypothesis(0)[0]] == ["HELLO", "WORLD"]
+    whole.finish()
+    per_frame = LexiconDecoder(VOCAB, 1, config)
+    for t in range(log_probs.shape[1]):
+        per_frame.push(log_probs[:, t:t + 1])
+        if t == 11:  # the frame after HELLO's space: the word is final
+            assert per_frame.hypothesis(0) == (per_frame.hypothesis(0)[0][:1], 1)
+    per_frame.finish()
+    assert per_frame.texts() == whole.texts() == ["HELLO WORLD"] and per_frame.fallbacks == 0
+    assert per_frame.hypothesis(0) == whole.hypothesis(0)
+
+
 def test_a_margin_makes_words_stable_sooner_and_keeps_them(tmp_path):
     from streamssl.asr.lm import estimate, sentences_of, write_arpa
 

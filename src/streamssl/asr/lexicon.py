@@ -521,12 +521,13 @@ class LexiconDecoder:
     def _prune(self, b: int, paths: list[_Path], best: _Path, stable: int) -> list[_Path]:
         """Prune after the last stable word that every hypothesis has, written no later than the best one
         did, and no later word before it (flashlight prunes back to the frame after a word of the best path),
-        if frames follow it."""
+        if frames follow that frame: flashlight keeps the frame it prunes back to as its buffer's start, and
+        a buffer of only a start has no hypotheses to read until the next frame is decoded."""
         buffer_end = len(best.tokens) - 1
         cut = 0
         for j in range(min(stable, len(best.word_ids)), 0, -1):
             at = best.emitted_at[j - 1]
-            if at + 1 <= buffer_end and all(
+            if at + 1 < buffer_end and all(
                     p.word_ids[:j] == best.word_ids[:j] and p.emitted_at[j - 1] <= at
                     and (len(p.emitted_at) == j or p.emitted_at[j] > at) for p in paths):
                 cut = j
