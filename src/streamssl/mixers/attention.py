@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from streamssl.mixers.attention_core import (KeySource, biased_attention, blocked_band_attention,
-                                             dense_band_attention, hidden_bias)
+                                             dense_band_attention, visible_bias)
 from streamssl.mixers.base import Block, LayerMixer, LayerStack, MixerStack, register_mixer
-from streamssl.mixers.window import (Chunk, batch_dim, key_mask, keep_last, output_mask, positions, size,
-                                     streaming_state)
+from streamssl.mixers.window import Chunk, batch_dim, keep_last, output_mask, size, streaming_state, window_mask
 
 
 @streaming_state
@@ -118,13 +120,19 @@ class SelfAttention(LayerMixer):
 
     def _step_bias(self, chunk: Chunk, width: int, n: int, dtype: torch.dtype) -> Tensor:
         """``(B, 1, n, width)``: the step's band and key validity as an attention bias. Query slot ``o`` is at
-        position ``end - R - n + o``, key slot ``i`` at ``end - width + i``."""
-        rel = (positions(chunk.end, width).unsqueeze(1)
-               - positions(chunk.end - self.right_frames, n).unsqueeze(2))                # (B, n, width)
-        visible = (rel <= self.right_frames) & key_mask(chunk.end, width, n, chunk).unsqueeze(1)
-        if self.left_frames is not None:
-            visible = visible & (rel >= -self.left_frames)
-        return hidden_bias(~visible, dtype).unsqueeze(1)
+        position ``end - R - n + o``, key slot ``i`` at ``end - width + i``: their distance, hence the band,
+        does not depend on ``end``, only which keys exist does."""
+        band = _band(width, n, self.left_frames, self.right_frames, chunk.end.device)
+        return visible_bias(band & window_mask(chunk, ((width, 0),), n).unsqueeze(1), dtype).unsqueeze(1)
+
+
+@lru_cache(maxsize=None)
+def _band(width: int, n: int, left: int | None, right: int, device: torch.device) -> Tensor:
+    """``(n, width)`` bool: which keys of :meth:`SelfAttention._step_bias`'s window each query may see
+    (numpy, so that a step being traced records a constant, not the arithmetic)."""
+    rel = (np.arange(width) - width)[None, :] - (np.arange(n) - right - n)[:, None]
+    visible = (rel <= right) & (True if left is None else rel >= -left)
+    return torch.from_numpy(visible).to(device)
 
 
 def attention_blocks(config, form: str, right: list[int | None], left: int | None) -> list[Block]:
@@ -261,21 +269,9 @@ class LLSAStack(MixerStack):
         stream's (``width_c`` ending at ``end``). A causal query sees the causal keys of ``[t - L, t]``; a
         look-ahead query its own stream's ``[t - L, t]`` and the causal stream's ``[t + 1, t + right]``.
         """
-        end = chunk.end
-        key_pos = torch.cat([positions(end - lag_in, width_a), positions(end, width_c)], dim=1)
-        valid = torch.cat([key_mask(end - lag_in, width_a, n, chunk), key_mask(end, width_c, n, chunk)], dim=1)
-        query_pos = torch.cat([positions(end, n)[:, :n_c], positions(end - lag_out, n)], dim=1)
-        rel = key_pos.unsqueeze(1) - query_pos.unsqueeze(2)                                   # (B, Tq, Tk)
-        past = rel <= 0
-        if self.left_frames is not None:
-            past = past & (rel >= -self.left_frames)
-        future = (rel >= 1) & (rel <= right)
-        lookahead_key = (torch.arange(width_a + width_c, device=end.device) < width_a).view(1, 1, -1)
-        lookahead_query = (torch.arange(n_c + n, device=end.device) >= n_c).view(1, -1, 1)
-        # Boolean logic, not torch.where: ONNX Runtime has no Where over booleans.
-        causal_key = (lookahead_query & future) | (~lookahead_query & past)
-        visible = (lookahead_key & lookahead_query & past) | (~lookahead_key & causal_key)
-        return hidden_bias(~(visible & valid.unsqueeze(1)), dtype).unsqueeze(1)
+        band = _llsa_band(lag_in, lag_out, n, n_c, width_a, width_c, self.left_frames, right, chunk.end.device)
+        valid = window_mask(chunk, ((width_a, lag_in), (width_c, 0)), n)
+        return visible_bias(band & valid.unsqueeze(1), dtype).unsqueeze(1)
 
     def step(self, x: Tensor, chunk: Chunk, state: "LLSAState") -> tuple[Tensor, Tensor, "LLSAState"]:
         c = a = x
@@ -285,6 +281,23 @@ class LLSAStack(MixerStack):
             c, a, st = self._layer_step(layer, c, a, chunk, lags[layer], lags[layer + 1], st)
             layers.append(st)
         return a, output_mask(chunk.lagged(lags[-1]), size(a, 1)), LLSAState(layers)
+
+
+@lru_cache(maxsize=None)
+def _llsa_band(lag_in: int, lag_out: int, n: int, n_c: int, width_a: int, width_c: int, left: int | None,
+               right: int, device: torch.device) -> Tensor:
+    """``(n_c + n, width_a + width_c)`` bool: the bands of :meth:`LLSAStack._step_bias`. Positions are taken
+    from ``end``; a query's distance to a key, hence what it may see, does not depend on ``end`` (numpy,
+    so that a step being traced records a constant)."""
+    key_pos = np.concatenate([np.arange(width_a) - lag_in - width_a, np.arange(width_c) - width_c])
+    query_pos = np.concatenate([np.arange(n_c) - n, np.arange(n) - lag_out - n])
+    rel = key_pos[None, :] - query_pos[:, None]                                               # (Tq, Tk)
+    past = (rel <= 0) & (True if left is None else rel >= -left)
+    future = (rel >= 1) & (rel <= right)
+    lookahead_key = (np.arange(width_a + width_c) < width_a)[None, :]
+    lookahead_query = (np.arange(n_c + n) >= n_c)[:, None]
+    causal_key = np.where(lookahead_query, future, past)
+    return torch.from_numpy(np.where(lookahead_key, lookahead_query & past, causal_key)).to(device)
 
 
 @streaming_state

@@ -22,21 +22,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def hidden_bias(hide: Tensor, dtype: torch.dtype) -> Tensor:
-    """The additive attention bias of a mask: 0 where a key is visible, the dtype's most negative finite
-    value where ``hide`` (as the dense form, so a row that sees no key averages instead of giving NaN)."""
-    return torch.zeros(hide.shape, dtype=dtype, device=hide.device).masked_fill(hide, torch.finfo(dtype).min)
+def visible_bias(visible: Tensor, dtype: torch.dtype) -> Tensor:
+    """The additive attention bias of a mask: 0 where ``visible``, the dtype's most negative finite value
+    elsewhere (as the dense form, so a row that sees no key averages instead of giving NaN). One ``where``
+    on two cached scalars: an exported step gets one node, not the shape arithmetic of a filled tensor."""
+    zero, lowest = _bias_values(dtype, visible.device)
+    return torch.where(visible, zero, lowest)
+
+
+@lru_cache(maxsize=None)
+def _bias_values(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    # from numpy, so that a step being traced records constants
+    return tuple(torch.from_numpy(np.array(value)).to(device, dtype) for value in (0.0, torch.finfo(dtype).min))
 
 
 def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """``softmax(q k^T / sqrt(dh) + bias) v`` as one fused call: the streaming steps' attention, whose
-    masks are made once per step (:func:`hidden_bias`) and shared by the layers.
+    masks are made once per step (:func:`visible_bias`) and shared by the layers.
 
     Args:
         q: ``(B, H, Tq, dh)``; k, v: ``(B, H, Tk, dh)``; bias: broadcastable to ``(B, H, Tq, Tk)``.

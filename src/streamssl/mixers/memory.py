@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from streamssl.mixers.attention import SelfAttention
-from streamssl.mixers.attention_core import KeySource, biased_attention, dense_band_attention, hidden_bias
+from streamssl.mixers.attention_core import KeySource, biased_attention, dense_band_attention, visible_bias
 from streamssl.mixers.base import Block, MixerStack, register_mixer
 from streamssl.mixers.window import Chunk, keep_last, push, streaming_state, take_index
 
@@ -399,7 +399,7 @@ class EmformerStack(MemoryStack):
             summary_row = torch.arange(r + c + 1, device=valid.device).view(-1, 1) == r + c
             memory_key = torch.arange(valid.shape[2], device=valid.device) < memory_valid.shape[1]
             valid = valid & ~(summary_row & memory_key)
-        return hidden_bias(~valid, dtype).unsqueeze(1)
+        return visible_bias(valid, dtype).unsqueeze(1)
 
     def _context_layout(self, first: Tensor, n_segments: int, cached: int, valid_end: Tensor) -> tuple[Tensor, Tensor]:
         """Where each segment's left context and centre lie among a layer's main-sequence keys (the ``cached``

@@ -16,8 +16,10 @@ and a step be exported at a fixed chunk size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils._pytree import register_dataclass
@@ -158,6 +160,27 @@ def key_mask(end: Tensor, width: int, n: int, chunk: Chunk) -> Tensor:
     """``(B, width)``: the window slots that hold frames which exist (position in ``[0, valid_end)``)."""
     pos = positions(end, width)
     return (pos >= 0) & (pos < chunk.valid_end.view(-1, 1)) & fresh(width, n, chunk.count)
+
+
+def window_mask(chunk: Chunk, windows: tuple[tuple[int, int], ...], n: int) -> Tensor:
+    """``(B, sum of widths)``: :func:`key_mask` of several :func:`push` windows side by side, window
+    ``(width, lag)`` holding ``width`` slots whose newest is at ``chunk.end - lag - 1``.
+
+    A slot at offset ``o`` from ``end`` (position ``end - o``) exists if ``o <= end`` and
+    ``o > end - valid_end``; the offsets and slot numbers are constants, so a step compares three
+    per-stream numbers with them instead of building positions per window."""
+    offsets, slots = _window_slots(windows, chunk.end.device)
+    end = chunk.end.view(-1, 1)
+    exists = (offsets <= end) & (offsets > (chunk.end - chunk.valid_end).view(-1, 1))
+    return exists & (slots >= (n - chunk.count).view(-1, 1))
+
+
+@lru_cache(maxsize=None)
+def _window_slots(windows: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """The offsets from ``end`` and the slot numbers within their window of :func:`window_mask`'s slots."""
+    offsets = np.array([lag + width - i for width, lag in windows for i in range(width)], dtype=np.int64)
+    slots = np.array([i for width, _ in windows for i in range(width)], dtype=np.int64)
+    return torch.from_numpy(offsets).to(device), torch.from_numpy(slots).to(device)
 
 
 def take(window: Tensor, start: Tensor, width: int, dim: int = 1) -> Tensor:
