@@ -105,7 +105,8 @@ def test_a_confident_model_that_ends_words_one_frame_before_a_push_ends(margin):
     for t in range(log_probs.shape[1]):
         per_frame.push(log_probs[:, t:t + 1])
         if t == 11:  # the frame after HELLO's space: the word is final
-            assert per_frame.hypothesis(0) == (per_frame.hypothesis(0)[0][:1], 1)
+            words, stable = per_frame.hypothesis(0)
+            assert [w.text for w in words] == ["HELLO"] and stable == 1
     per_frame.finish()
     assert per_frame.texts() == whole.texts() == ["HELLO WORLD"] and per_frame.fallbacks == 0
     assert per_frame.hypothesis(0) == whole.hypothesis(0)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from streamssl.mixers.attention_core import (KeySource, biased_attention, blocked_band_attention,
                                              dense_band_attention, visible_bias)
 from streamssl.mixers.base import Block, LayerMixer, LayerStack, MixerStack, register_mixer
-from streamssl.mixers.window import Chunk, batch_dim, keep_last, output_mask, size, streaming_state, window_mask
+from streamssl.mixers.window import Chunk, batch_dim, keep_last, key_mask, output_mask, size, streaming_state
 
 
 @streaming_state
@@ -123,7 +123,7 @@ class SelfAttention(LayerMixer):
         position ``end - R - n + o``, key slot ``i`` at ``end - width + i``: their distance, hence the band,
         does not depend on ``end``, only which keys exist does."""
         band = _band(width, n, self.left_frames, self.right_frames, chunk.end.device)
-        return visible_bias(band & window_mask(chunk, ((width, 0),), n).unsqueeze(1), dtype).unsqueeze(1)
+        return visible_bias(band & key_mask(chunk, ((width, 0),), n).unsqueeze(1), dtype).unsqueeze(1)
 
 
 @lru_cache(maxsize=None)
@@ -270,7 +270,7 @@ class LLSAStack(MixerStack):
         look-ahead query its own stream's ``[t - L, t]`` and the causal stream's ``[t + 1, t + right]``.
         """
         band = _llsa_band(lag_in, lag_out, n, n_c, width_a, width_c, self.left_frames, right, chunk.end.device)
-        valid = window_mask(chunk, ((width_a, lag_in), (width_c, 0)), n)
+        valid = key_mask(chunk, ((width_a, lag_in), (width_c, 0)), n)
         return visible_bias(band & valid.unsqueeze(1), dtype).unsqueeze(1)
 
     def step(self, x: Tensor, chunk: Chunk, state: "LLSAState") -> tuple[Tensor, Tensor, "LLSAState"]:

@@ -247,7 +247,7 @@ class SummaryMixer(LayerMixer):
         if self.s_local is not None:
             values = push(state.l, self.s_local(u), chunk.count)
             width = values.shape[1]
-            prefix, counts = masked_prefix_sums(values, key_mask(chunk.end, width, n, chunk))
+            prefix, counts = masked_prefix_sums(values, key_mask(chunk, ((width, 0),), n))
             centre = width - n - lag
             parts += [slot_means(prefix, counts, centre - w_left, centre + w_right, n, u.dtype)
                       for w_left, w_right in self.windows]
@@ -255,7 +255,7 @@ class SummaryMixer(LayerMixer):
 
         values = push(state.s, self.s(u), chunk.count)
         width = values.shape[1]
-        prefix, counts = masked_prefix_sums(values, key_mask(chunk.end, width, n, chunk))
+        prefix, counts = masked_prefix_sums(values, key_mask(chunk, ((width, 0),), n))
         centre = width - n - lag
         s_before = None
         if self.left_frames is None:

@@ -146,25 +146,10 @@ def push(cache: Tensor, new: Tensor, count: Tensor, dim: int = 1) -> Tensor:
     return _select_rows(joined, _push_rows(count, n, tuple(size(joined, d) for d in range(1, dim + 1))), dim)
 
 
-def positions(end: Tensor, width: int) -> Tensor:
-    """``(B, width)`` absolute positions of a right-aligned window whose newest slot is ``end - 1``."""
-    return end.view(-1, 1) - width + torch.arange(width, device=end.device)
-
-
-def fresh(width: int, n: int, count: Tensor) -> Tensor:
-    """``(B, width)``: False for the slots of a :func:`push` window older than its cache."""
-    return torch.arange(width, device=count.device) >= (n - count).view(-1, 1)
-
-
-def key_mask(end: Tensor, width: int, n: int, chunk: Chunk) -> Tensor:
-    """``(B, width)``: the window slots that hold frames which exist (position in ``[0, valid_end)``)."""
-    pos = positions(end, width)
-    return (pos >= 0) & (pos < chunk.valid_end.view(-1, 1)) & fresh(width, n, chunk.count)
-
-
-def window_mask(chunk: Chunk, windows: tuple[tuple[int, int], ...], n: int) -> Tensor:
-    """``(B, sum of widths)``: :func:`key_mask` of several :func:`push` windows side by side, window
-    ``(width, lag)`` holding ``width`` slots whose newest is at ``chunk.end - lag - 1``.
+def key_mask(chunk: Chunk, windows: tuple[tuple[int, int], ...], n: int) -> Tensor:
+    """``(B, sum of widths)``: the slots of :func:`push` windows, side by side, that hold frames which exist
+    (position in ``[0, valid_end)``, not older than the cache). Window ``(width, lag)`` holds ``width`` slots
+    whose newest is at ``chunk.end - lag - 1``; ``n``: the new slots each window got this step.
 
     A slot at offset ``o`` from ``end`` (position ``end - o``) exists if ``o <= end`` and
     ``o > end - valid_end``; the offsets and slot numbers are constants, so a step compares three
@@ -177,7 +162,7 @@ def window_mask(chunk: Chunk, windows: tuple[tuple[int, int], ...], n: int) -> T
 
 @lru_cache(maxsize=None)
 def _window_slots(windows: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """The offsets from ``end`` and the slot numbers within their window of :func:`window_mask`'s slots."""
+    """The offsets from ``end`` and the slot numbers within their window of :func:`key_mask`'s slots."""
     offsets = np.array([lag + width - i for width, lag in windows for i in range(width)], dtype=np.int64)
     slots = np.array([i for width, _ in windows for i in range(width)], dtype=np.int64)
     return torch.from_numpy(offsets).to(device), torch.from_numpy(slots).to(device)
@@ -211,7 +196,7 @@ def output_mask(chunk: Chunk, n: int) -> Tensor:
 
     ``chunk`` is already lagged to the layer's output: slot ``o`` is at position ``end - n + o``.
     """
-    return key_mask(chunk.end, n, n, chunk)
+    return key_mask(chunk, ((n, 0),), n)
 
 
 def streaming_state(cls: type) -> type:
