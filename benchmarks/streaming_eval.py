@@ -58,7 +58,7 @@ def timed(model, utterances, beam, batch_size: int) -> tuple[list[str], dict]:
                             device=torch.device("cpu"))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     hyps = [h for _, _, h in result.hypotheses]
-    return hyps, {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "rtf_cpu": round(cpu / result.audio_seconds, 4),
+    return hyps, {"wall_s": round(wall, 1), "cpu_s": round(cpu, 3), "rtf_cpu": round(cpu / result.audio_seconds, 4),
                   "wer": round(result.wer, 4), "cer": round(result.cer, 4)}
 
 
